@@ -1,0 +1,57 @@
+"""Djinn: pause a language model's forward pass at any layer, inspect and steer it, and resume.
+
+    import djinn_kernel as dj
+    model = dj.load("tiny-llama")
+    session = model.session()
+    session.break_at(2)
+    run = session.generate("Hello", max_new_tokens=8)
+    run.pause.activation, run.pause.scale(0.9), run.resume()
+
+Importing this package starts nothing (no threads, no CUDA, no daemon).
+"""
+
+from .api import Model, Pause, Run, Session, load, local_engine
+from .edits import Ablate, AddVector, Edit, Replace, Scale, SetPositions
+from .errors import (
+    DaemonConnectionError,
+    DjinnError,
+    ExecutionError,
+    InvalidArgumentError,
+    InvalidTargetError,
+    InvalidTensorError,
+    ModelNotFoundError,
+    NotPausedError,
+    OutOfMemoryError,
+    RunFinishedError,
+    SessionBusyError,
+    SessionClosedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ablate",
+    "AddVector",
+    "DaemonConnectionError",
+    "DjinnError",
+    "Edit",
+    "ExecutionError",
+    "InvalidArgumentError",
+    "InvalidTargetError",
+    "InvalidTensorError",
+    "Model",
+    "ModelNotFoundError",
+    "NotPausedError",
+    "OutOfMemoryError",
+    "Pause",
+    "Replace",
+    "Run",
+    "RunFinishedError",
+    "Scale",
+    "Session",
+    "SessionBusyError",
+    "SessionClosedError",
+    "SetPositions",
+    "load",
+    "local_engine",
+]

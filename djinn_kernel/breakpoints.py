@@ -1,0 +1,124 @@
+"""Breakpoint specifications and the pure bookkeeping that decides whether a hook firing should pause.
+
+A breakpoint names a module path and a side (``output``: after the module ran, the value it returns;
+``input``: before it runs, its first positional argument). It hits every time that module runs, in prefill
+(token step 0) and in every decode step, unless limited by ``tokens`` (token steps to stop at) or ``max_hits``
+(stop at most this many times; ``once`` is ``max_hits=1``). This module holds no threads and no tensors, so the
+rules are tested without a model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgumentError
+
+SIDES = ("output", "input")
+
+
+def parse_tokens(tokens: int | range | tuple[int, int] | str | None) -> range | None:
+    """Normalise a token-step limit: ``5``, ``range(2, 6)``, ``(2, 5)`` or ``"2-5"`` (both ends inclusive)."""
+    if tokens is None:
+        return None
+    if isinstance(tokens, range):
+        result = tokens
+    elif isinstance(tokens, bool):
+        raise InvalidArgumentError(f"tokens must be an int, a range, (first, last) or 'first-last', not {tokens!r}")
+    elif isinstance(tokens, int):
+        result = range(tokens, tokens + 1)
+    elif isinstance(tokens, str):
+        first, sep, last = tokens.partition("-")
+        if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
+            raise InvalidArgumentError(f"tokens {tokens!r} is not 'N' or 'FIRST-LAST' (e.g. '0-4')")
+        result = range(int(first), int(last if sep else first) + 1)
+    elif isinstance(tokens, tuple) and len(tokens) == 2 and all(isinstance(t, int) for t in tokens):
+        result = range(tokens[0], tokens[1] + 1)
+    else:
+        raise InvalidArgumentError(f"tokens must be an int, a range, (first, last) or 'first-last', not {tokens!r}")
+    if len(result) == 0 or result.start < 0:
+        raise InvalidArgumentError(f"token range {tokens!r} is empty or negative; token steps start at 0 (prefill)")
+    return result
+
+
+@dataclass
+class Breakpoint:
+    """One breakpoint of a session. ``hits`` counts the pauses it caused, across runs of the session."""
+
+    id: int
+    path: str
+    layer: int | None
+    side: str = "output"
+    tokens: range | None = None
+    max_hits: int | None = None
+    enabled: bool = True
+    hits: int = 0
+
+    def wants(self, path: str, side: str, token_step: int) -> bool:
+        if not self.enabled or path != self.path or side != self.side:
+            return False
+        if self.tokens is not None and token_step not in self.tokens:
+            return False
+        return self.max_hits is None or self.hits < self.max_hits
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "path": self.path,
+            "layer": self.layer,
+            "side": self.side,
+            "tokens": None if self.tokens is None else [self.tokens.start, self.tokens.stop - 1],
+            "max_hits": self.max_hits,
+            "hits": self.hits,
+            "enabled": self.enabled,
+        }
+
+
+@dataclass
+class BreakpointTable:
+    """A session's breakpoints. ``match`` returns the ones that fire and counts the hit."""
+
+    _items: dict[int, Breakpoint] = field(default_factory=dict)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def add(
+        self,
+        path: str,
+        layer: int | None,
+        side: str = "output",
+        tokens: int | range | tuple[int, int] | str | None = None,
+        max_hits: int | None = None,
+    ) -> Breakpoint:
+        if side not in SIDES:
+            raise InvalidArgumentError(f"side must be one of {SIDES}, not {side!r}")
+        if max_hits is not None and (isinstance(max_hits, bool) or not isinstance(max_hits, int) or max_hits < 1):
+            raise InvalidArgumentError(f"max_hits must be a positive integer, not {max_hits!r}")
+        bp = Breakpoint(next(self._ids), path, layer, side, parse_tokens(tokens), max_hits)
+        self._items[bp.id] = bp
+        return bp
+
+    def remove(self, bp_id: int | None = None) -> list[int]:
+        """Delete one breakpoint by id, or all of them when ``bp_id`` is None; returns the ids removed."""
+        if bp_id is None:
+            removed = list(self._items)
+            self._items.clear()
+            return removed
+        if bp_id not in self._items:
+            raise InvalidArgumentError(f"no breakpoint {bp_id}; existing: {sorted(self._items) or 'none'}")
+        del self._items[bp_id]
+        return [bp_id]
+
+    def paths(self) -> set[tuple[str, str]]:
+        return {(bp.path, bp.side) for bp in self._items.values()}
+
+    def match(self, path: str, side: str, token_step: int) -> list[Breakpoint]:
+        hit = [bp for bp in self._items.values() if bp.wants(path, side, token_step)]
+        for bp in hit:
+            bp.hits += 1
+        return hit
+
+    def __iter__(self):
+        return iter(list(self._items.values()))
+
+    def __len__(self) -> int:
+        return len(self._items)

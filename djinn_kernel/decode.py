@@ -1,0 +1,84 @@
+"""The token loop: prefill, then one forward per new token, with the session's KV cache.
+
+Kept separate and small so that a faster loop (static cache, CUDA graphs, batched decode) can replace it
+without touching breakpoints: the only contract is that ``on_step(t)`` is called before forward number ``t``
+(0 = prefill) and that every forward runs on the calling thread, where the run's hooks are bound.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    stopped_by_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when ``temperature == 0``; otherwise softmax sampling with an explicit seed, so runs repeat."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 0
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.temperature == 0:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """``logits`` is ``[batch, vocab]``; returns ``[batch]`` token ids."""
+        if generator is None:
+            return logits.argmax(dim=-1)
+        scaled = logits.float() / self.temperature
+        if self.top_k is not None:
+            kth = torch.topk(scaled, self.top_k, dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _supports_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def decode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    cache: object,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    sampling: Sampling,
+    on_step: Callable[[int], None],
+    keep_logits: bool = False,
+    on_token: Callable[[int], None] | None = None,
+) -> DecodeResult:
+    """Generate up to ``max_new_tokens`` for one sequence. ``input_ids`` is ``[1, prompt_len]``."""
+    result = DecodeResult()
+    extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    generator = sampling.generator(input_ids.device)
+    ids = input_ids
+    for step in range(max_new_tokens):
+        on_step(step)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
+        logits = out.logits[:, -1, :]  # [1, vocab]
+        if keep_logits:
+            result.logits.append(logits[0].detach().to("cpu", copy=True))
+        token = sampling.pick(logits, generator)  # [1]
+        token_id = int(token[0])
+        result.tokens.append(token_id)
+        if on_token is not None:
+            on_token(token_id)
+        if token_id in eos_ids:
+            result.stopped_by_eos = True
+            break
+        ids = token.view(1, 1)
+    return result

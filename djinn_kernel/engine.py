@@ -1,0 +1,676 @@
+"""The engine: models loaded once, sessions that own runs, and runs that pause inside their forward pass.
+
+Threads and ownership:
+- A session's forwards run on that session's executor thread (one worker). The run binds itself to that
+  thread (``hooks.bind``) so the shared hooks route activations to it and to no other session.
+- The driver (the in-process API, or the daemon) calls engine methods from other threads. A session's lock
+  serialises its drivers; the ``Handoff`` orders driver and executor (see handoff.py).
+- A paused value (``PauseState.current``) is touched only by the driver, and only while the executor is blocked
+  in ``Handoff.pause``. When the run resumes the executor takes it back; the driver's ``PauseState`` is stale.
+
+The engine speaks in ids, plain dicts and tensors, so the in-process API and the daemon share it unchanged.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import itertools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import models
+from .anatomy import Anatomy, inspect_model, resolve_target
+from .breakpoints import SIDES, BreakpointTable
+from .decode import Sampling, decode
+from .edits import AddVector, Edit, check_tensor
+from .errors import (
+    DjinnError,
+    ExecutionError,
+    InvalidArgumentError,
+    InvalidTargetError,
+    ModelNotFoundError,
+    NotPausedError,
+    RunFinishedError,
+    SessionBusyError,
+    SessionClosedError,
+)
+from .handoff import Command, Event, Handoff
+from .hooks import HookDispatcher, bind
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    name: str
+    model: nn.Module
+    tokenizer: object
+    anatomy: Anatomy
+    dispatcher: HookDispatcher
+    chat: bool
+    eos_ids: tuple[int, ...]
+    source: str
+    device: torch.device
+    weight_bytes: int
+
+    def describe(self) -> dict[str, object]:
+        config = getattr(self.model, "config", None)
+        return {
+            "id": self.id,
+            "name": self.name,
+            "source": self.source,
+            "architecture": type(self.model).__name__,
+            "num_layers": self.anatomy.num_layers,
+            "layer_paths": list(self.anatomy.layer_paths),
+            "hidden_size": getattr(config, "hidden_size", None),
+            "vocab_size": getattr(config, "vocab_size", None),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "weight_bytes": self.weight_bytes,
+            "chat": self.chat,
+        }
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    storages = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+class RunState(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ENDED = (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED)
+
+
+@dataclass
+class PauseState:
+    """Where a run stopped, and the activation there (``original`` as produced, ``current`` after edits)."""
+
+    number: int
+    path: str
+    layer: int | None
+    side: str
+    token_step: int
+    reason: str
+    breakpoint_ids: list[int]
+    original: torch.Tensor
+    current: torch.Tensor
+    edits: int = 0
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "number": self.number,
+            "path": self.path,
+            "layer": self.layer,
+            "side": self.side,
+            "token_step": self.token_step,
+            "reason": self.reason,
+            "breakpoints": self.breakpoint_ids,
+            "shape": list(self.current.shape),
+            "dtype": str(self.current.dtype).removeprefix("torch."),
+            "device": str(self.current.device),
+            "edits": self.edits,
+        }
+
+
+class _Aborted(BaseException):
+    """Raised inside a hook to unwind a forward whose run was cancelled (not an error of the model)."""
+
+
+@dataclass
+class Steering:
+    id: int
+    path: str
+    layer: int | None
+    side: str
+    edit: Edit
+
+    def describe(self) -> dict[str, object]:
+        return {"id": self.id, "path": self.path, "layer": self.layer, "side": self.side, "kind": self.edit.kind}
+
+
+class Run:
+    """One generate call of a session. It is the hook sink while its forwards run on the executor thread."""
+
+    def __init__(
+        self,
+        run_id: int,
+        session: SessionState,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        sampling: Sampling,
+        keep_logits: bool,
+    ) -> None:
+        self.id = run_id
+        self.session = session
+        self.input_ids = input_ids
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
+        self.keep_logits = keep_logits
+        self.handoff = Handoff()
+        self.state = RunState.RUNNING
+        self.token_step = 0
+        self.tokens: list[int] = []
+        self.logits: list[torch.Tensor] = []
+        self.pause: PauseState | None = None
+        self.error: BaseException | None = None
+        self.cache: object | None = None
+        self._pauses = itertools.count(1)
+        self._stepping = False
+        self._finishing = False
+        self._aborting = False
+
+    # executor side ---------------------------------------------------------------------------------------
+    def execute(self) -> None:
+        from transformers import DynamicCache
+
+        loaded = self.session.model
+        try:
+            self.cache = DynamicCache(config=loaded.model.config)
+            with bind(self), torch.inference_mode():
+                result = decode(
+                    loaded.model,
+                    self.input_ids,
+                    self.cache,
+                    self.max_new_tokens,
+                    set(loaded.eos_ids),
+                    self.sampling,
+                    on_step=self._on_step,
+                    keep_logits=self.keep_logits,
+                    on_token=self.tokens.append,
+                )
+            self.logits = result.logits
+            self.handoff.post(Event.FINISHED)
+        except _Aborted:
+            self.handoff.post(Event.CANCELLED)
+        except BaseException as exc:  # noqa: BLE001 - any failure of the forward ends this run only
+            self.handoff.post(Event.FAILED, exc)
+
+    def _on_step(self, step: int) -> None:
+        if self._aborting:
+            raise _Aborted
+        self.token_step = step
+
+    def on_activation(self, path: str, side: str, value: torch.Tensor) -> torch.Tensor | None:
+        if self._aborting:
+            raise _Aborted
+        changed = False
+        for steer in self.session.steering_at(path, side):
+            value = steer.edit.apply(value)
+            changed = True
+        layer = self.session.model.anatomy.layer_index(path)
+        if not self._finishing:
+            hits = self.session.breakpoints.match(path, side, self.token_step)
+            stepped = self._stepping and side == "output" and layer is not None
+            if hits or stepped:
+                new = self._pause(path, layer, side, value, "breakpoint" if hits else "step", [b.id for b in hits])
+                if new is not None:
+                    value, changed = new, True
+        return value if changed else None
+
+    def _pause(
+        self, path: str, layer: int | None, side: str, value: torch.Tensor, reason: str, ids: list[int]
+    ) -> torch.Tensor | None:
+        self._stepping = False
+        pause = PauseState(next(self._pauses), path, layer, side, self.token_step, reason, ids, value, value)
+        command = self.handoff.pause(pause)
+        if command is Command.ABORT:
+            raise _Aborted
+        self._stepping = command is Command.STEP
+        self._finishing = command is Command.FINISH
+        return pause.current if pause.edits else None
+
+    # driver side -----------------------------------------------------------------------------------------
+    def abort_flag(self) -> None:
+        self._aborting = True
+
+    def snapshot(self) -> dict[str, object]:
+        loaded = self.session.model
+        return {
+            "run_id": self.id,
+            "session_id": self.session.id,
+            "state": self.state.value,
+            "pause": None if self.pause is None else self.pause.describe(),
+            "token_step": self.token_step,
+            "prompt_tokens": int(self.input_ids.shape[-1]),
+            "tokens": list(self.tokens),
+            "text": loaded.tokenizer.decode(self.tokens, skip_special_tokens=True),
+            "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
+        }
+
+
+@dataclass
+class SessionState:
+    id: int
+    owner: str
+    model: LoadedModel
+    executor: concurrent.futures.ThreadPoolExecutor
+    breakpoints: BreakpointTable = field(default_factory=BreakpointTable)
+    steering: dict[int, Steering] = field(default_factory=dict)
+    run: Run | None = None
+    closed: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    _steer_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _run_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def steering_at(self, path: str, side: str) -> list[Steering]:
+        return [s for s in self.steering.values() if s.path == path and s.side == side]
+
+    def state(self) -> str:
+        if self.closed:
+            return "closed"
+        return "idle" if self.run is None or self.run.state in ENDED else self.run.state.value
+
+
+class Engine:
+    """Loads models once and runs every session's forward passes. Thread-safe; see the module docstring."""
+
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self._progress = progress
+        self._models: dict[str, LoadedModel] = {}
+        self._sessions: dict[int, SessionState] = {}
+        self._session_ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._load_lock = threading.Lock()
+
+    # models ---------------------------------------------------------------------------------------------
+    def load_model(self, name: str, dtype: str = "auto") -> dict[str, object]:
+        """Load ``name`` once; later calls (from any client) return the same model at once."""
+        with self._load_lock:
+            if name in self._models:
+                return self._models[name].describe()
+            source = models.resolve(name, dtype=dtype, progress=self._progress)
+            model = source.model.to(self.device)
+            anatomy = inspect_model(model)
+            dispatcher = HookDispatcher(model)
+            for path in anatomy.layer_paths:
+                dispatcher.ensure(path)
+            loaded = LoadedModel(
+                id=name,
+                name=name,
+                model=model,
+                tokenizer=source.tokenizer,
+                anatomy=anatomy,
+                dispatcher=dispatcher,
+                chat=source.chat,
+                eos_ids=source.eos_ids,
+                source=source.source,
+                device=self.device,
+                weight_bytes=_weight_bytes(model),
+            )
+            with self._lock:
+                self._models[name] = loaded
+            return loaded.describe()
+
+    def _model(self, model_id: str) -> LoadedModel:
+        with self._lock:
+            loaded = self._models.get(model_id)
+        if loaded is None:
+            raise ModelNotFoundError(f"model {model_id!r} is not loaded; load it first (djinn_kernel.load({model_id!r}))")
+        return loaded
+
+    def module_paths(self, model_id: str) -> list[str]:
+        return [name for name, _ in self._model(model_id).model.named_modules() if name]
+
+    def models(self) -> list[dict[str, object]]:
+        with self._lock:
+            return [m.describe() for m in self._models.values()]
+
+    # sessions -------------------------------------------------------------------------------------------
+    def open_session(self, model_id: str, owner: str = "local") -> int:
+        loaded = self._model(model_id)
+        with self._lock:
+            sid = next(self._session_ids)
+            executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"djinn-session-{sid}")
+            self._sessions[sid] = SessionState(sid, owner, loaded, executor)
+        return sid
+
+    def _session(self, sid: int) -> SessionState:
+        with self._lock:
+            session = self._sessions.get(sid)
+        if session is None:
+            raise SessionClosedError(f"session {sid} does not exist or was closed; open a new one with model.session()")
+        return session
+
+    def close_session(self, sid: int) -> None:
+        """Cancel the session's run if one is live, stop its thread and drop every tensor it held."""
+        session = self._session(sid)
+        if session.run is not None:
+            session.run.abort_flag()
+        with session.lock:
+            run = session.run
+            if run is not None and run.state not in ENDED:
+                self._cancel(run)
+            session.closed = True
+            session.run = None
+            with self._lock:
+                self._sessions.pop(sid, None)
+        session.executor.shutdown(wait=True)
+
+    def sessions(self, owner: str | None = None) -> list[dict[str, object]]:
+        with self._lock:
+            chosen = [s for s in self._sessions.values() if owner is None or s.owner == owner]
+        return [self.describe_session(s.id) for s in chosen]
+
+    def describe_session(self, sid: int) -> dict[str, object]:
+        session = self._session(sid)
+        run = session.run
+        return {
+            "id": session.id,
+            "owner": session.owner,
+            "model": session.model.id,
+            "state": session.state(),
+            "breakpoints": [bp.describe() for bp in session.breakpoints],
+            "steering": [s.describe() for s in session.steering.values()],
+            "run": None if run is None else run.snapshot(),
+        }
+
+    # breakpoints and steering ---------------------------------------------------------------------------
+    def _target(self, session: SessionState, target: int | str, side: str) -> tuple[str, int | None]:
+        if side not in SIDES:
+            raise InvalidArgumentError(f"side must be one of {SIDES}, not {side!r}")
+        loaded = session.model
+        path = resolve_target(loaded.model, loaded.anatomy, target)
+        loaded.dispatcher.ensure(path)
+        return path, loaded.anatomy.layer_index(path)
+
+    def add_breakpoint(
+        self,
+        sid: int,
+        target: int | str,
+        side: str = "output",
+        tokens: object = None,
+        max_hits: int | None = None,
+    ) -> dict[str, object]:
+        session = self._session(sid)
+        with session.lock:
+            path, layer = self._target(session, target, side)
+            return session.breakpoints.add(path, layer, side, tokens, max_hits).describe()
+
+    def remove_breakpoint(self, sid: int, bp_id: int | None = None) -> list[int]:
+        session = self._session(sid)
+        with session.lock:
+            return session.breakpoints.remove(bp_id)
+
+    def add_steering(self, sid: int, target: int | str, edit: Edit, side: str = "output") -> dict[str, object]:
+        if not isinstance(edit, Edit):
+            raise InvalidArgumentError(f"steering needs an Edit (e.g. AddVector), not {type(edit).__name__}")
+        session = self._session(sid)
+        with session.lock:
+            path, layer = self._target(session, target, side)
+            if isinstance(edit, AddVector):
+                self._check_vector(session, edit.vector, layer)
+            steer = Steering(next(session._steer_ids), path, layer, side, edit)
+            session.steering[steer.id] = steer
+            return steer.describe()
+
+    @staticmethod
+    def _check_vector(session: SessionState, vector: object, layer: int | None) -> None:
+        """Fail at ``steer`` time, not mid-generation, when a layer's width is known from the config."""
+        hidden = getattr(session.model.model.config, "hidden_size", None)
+        if layer is None or hidden is None:
+            return
+        like = next(session.model.model.parameters())
+        check_tensor(vector, like=torch.empty((hidden,), dtype=like.dtype, device=like.device), what="steering vector")
+
+    def remove_steering(self, sid: int, steer_id: int | None = None) -> list[int]:
+        session = self._session(sid)
+        with session.lock:
+            if steer_id is None:
+                removed = list(session.steering)
+                session.steering.clear()
+                return removed
+            if steer_id not in session.steering:
+                raise InvalidArgumentError(f"no steering {steer_id}; existing: {sorted(session.steering) or 'none'}")
+            del session.steering[steer_id]
+            return [steer_id]
+
+    # runs -----------------------------------------------------------------------------------------------
+    def encode_prompt(self, loaded: LoadedModel, prompt: str | list[int], chat: bool | None) -> torch.Tensor:
+        if isinstance(prompt, str):
+            if chat if chat is not None else loaded.chat:
+                messages = [{"role": "user", "content": prompt}]
+                ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+            else:
+                ids = loaded.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = loaded.model.get_input_embeddings().num_embeddings
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise InvalidArgumentError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+            ids = list(prompt)
+        else:
+            raise InvalidArgumentError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
+        if len(ids) == 0:
+            raise InvalidArgumentError("the prompt is empty")
+        return torch.tensor([ids], dtype=torch.long, device=loaded.device)
+
+    def generate(
+        self,
+        sid: int,
+        prompt: str | list[int],
+        max_new_tokens: int = 32,
+        chat: bool | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        keep_logits: bool = False,
+    ) -> dict[str, object]:
+        """Start a run; return its snapshot at the first pause, or at the end when nothing pauses it."""
+        session = self._session(sid)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < 1e4:
+            raise InvalidArgumentError(f"temperature must be a number >= 0, not {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InvalidArgumentError(f"top_k must be a positive integer or None, not {top_k!r}")
+        with session.lock:
+            if session.run is not None and session.run.state not in ENDED:
+                raise SessionBusyError(
+                    f"session {sid} has a {session.run.state.value} run; resume it to the end (run.finish()) or "
+                    f"cancel it (run.cancel()) before starting another"
+                )
+            input_ids = self.encode_prompt(session.model, prompt, chat)
+            run = Run(
+                next(session._run_ids),
+                session,
+                input_ids,
+                max_new_tokens,
+                Sampling(float(temperature), top_k, int(seed)),
+                bool(keep_logits),
+            )
+            session.run = run
+            seen = run.handoff.seq
+            session.executor.submit(run.execute)
+            return self._await(run, seen)
+
+    def _live_run(self, session: SessionState) -> Run:
+        run = session.run
+        if run is None:
+            raise NotPausedError(f"session {session.id} has no run; start one with session.generate(prompt)")
+        if run.state in ENDED:
+            raise RunFinishedError(
+                f"run {run.id} of session {session.id} has {run.state.value}; start a new one with session.generate()"
+            )
+        return run
+
+    def _paused_run(self, session: SessionState) -> tuple[Run, PauseState]:
+        run = self._live_run(session)
+        if run.state is not RunState.PAUSED or run.pause is None:
+            raise NotPausedError(f"run {run.id} of session {session.id} is {run.state.value}, not paused")
+        return run, run.pause
+
+    def resume(self, sid: int, mode: str = "continue") -> dict[str, object]:
+        """Resume a paused run: ``continue`` to the next hit, ``step`` to the next layer, ``finish`` to the end."""
+        commands = {"continue": Command.CONTINUE, "step": Command.STEP, "finish": Command.FINISH}
+        if mode not in commands:
+            raise InvalidArgumentError(f"resume mode must be one of {sorted(commands)}, not {mode!r}")
+        session = self._session(sid)
+        with session.lock:
+            run, _ = self._paused_run(session)
+            seen = run.handoff.seq
+            run.state, run.pause = RunState.RUNNING, None
+            run.handoff.send(commands[mode])
+            return self._await(run, seen)
+
+    def cancel(self, sid: int) -> dict[str, object]:
+        """End the session's run. Safe from any thread: a run mid-forward stops at its next layer."""
+        session = self._session(sid)
+        if session.run is not None:
+            session.run.abort_flag()
+        with session.lock:
+            run = session.run
+            if run is None:
+                raise NotPausedError(f"session {sid} has no run to cancel")
+            if run.state not in ENDED:
+                self._cancel(run)
+            return run.snapshot()
+
+    def _cancel(self, run: Run) -> None:
+        seen = run.handoff.seq
+        run.abort_flag()
+        if run.state is RunState.PAUSED:
+            run.state, run.pause = RunState.RUNNING, None
+            run.handoff.send(Command.ABORT)
+        self._await(run, seen, raise_failure=False)
+
+    def _await(self, run: Run, seen: int, raise_failure: bool = True) -> dict[str, object]:
+        posted = run.handoff.wait(seen)
+        while posted.event is Event.PAUSED and run._aborting:
+            seen = posted.seq
+            run.handoff.send(Command.ABORT)
+            posted = run.handoff.wait(seen)
+        if posted.event is Event.PAUSED:
+            run.state, run.pause = RunState.PAUSED, posted.payload
+        elif posted.event is Event.FINISHED:
+            run.state = RunState.FINISHED
+        elif posted.event is Event.CANCELLED:
+            run.state = RunState.CANCELLED
+        else:
+            run.state, run.error = RunState.FAILED, posted.payload
+            if raise_failure:
+                self._raise_failure(run)
+        if run.state in ENDED:
+            run.cache = None
+        return run.snapshot()
+
+    @staticmethod
+    def _raise_failure(run: Run) -> None:
+        exc = run.error
+        if isinstance(exc, DjinnError):
+            raise type(exc)(f"run {run.id} stopped at token step {run.token_step}: {exc}") from exc
+        raise ExecutionError(
+            f"the forward pass failed at token step {run.token_step} ({type(exc).__name__}: {exc}); the run ended, "
+            f"the session is still usable"
+        ) from exc
+
+    def run_snapshot(self, sid: int) -> dict[str, object] | None:
+        session = self._session(sid)
+        return None if session.run is None else session.run.snapshot()
+
+    def run_logits(self, sid: int) -> torch.Tensor:
+        """The kept per-step logits ``[steps, vocab]`` of the session's last run (``keep_logits=True``)."""
+        session = self._session(sid)
+        run = session.run
+        if run is None or not run.keep_logits:
+            raise InvalidArgumentError("logits were not kept; pass keep_logits=True to generate()")
+        if run.state not in ENDED:
+            raise NotPausedError("logits are available once the run has finished")
+        return torch.stack(run.logits) if run.logits else torch.empty(0)
+
+    # the paused activation ------------------------------------------------------------------------------
+    def activation(self, sid: int, original: bool = False) -> torch.Tensor:
+        session = self._session(sid)
+        with session.lock:
+            _, pause = self._paused_run(session)
+            return pause.original if original else pause.current
+
+    def edit(self, sid: int, edit: Edit) -> dict[str, object]:
+        """Apply an edit to the paused activation; it takes effect on resume. A failed edit changes nothing."""
+        if not isinstance(edit, Edit):
+            raise InvalidArgumentError(f"expected an Edit (Replace, Scale, AddVector, Ablate, SetPositions), not {edit!r}")
+        session = self._session(sid)
+        with session.lock:
+            _, pause = self._paused_run(session)
+            with torch.inference_mode():
+                pause.current = edit.apply(pause.current)
+            pause.edits += 1
+            return pause.describe()
+
+    def reset_edits(self, sid: int) -> dict[str, object]:
+        session = self._session(sid)
+        with session.lock:
+            _, pause = self._paused_run(session)
+            pause.current, pause.edits = pause.original, 0
+            return pause.describe()
+
+    def logit_lens(self, sid: int, k: int = 5, position: int = -1) -> list[dict[str, object]]:
+        """Top-k next-token guesses from the paused activation, through the final norm and the unembedding.
+
+        Meaningful at a decoder layer's output (the residual stream); elsewhere the width may not match.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidArgumentError(f"k must be a positive integer, not {k!r}")
+        session = self._session(sid)
+        with session.lock:
+            _, pause = self._paused_run(session)
+            loaded = session.model
+            anatomy = loaded.anatomy
+            if anatomy.unembed_path is None:
+                raise InvalidTargetError("this model has no output embedding Djinn can find, so no logit lens")
+            head = loaded.model.get_submodule(anatomy.unembed_path)
+            h = pause.current
+            if h.dim() < 2 or h.shape[-1] != head.in_features:
+                raise InvalidTargetError(
+                    f"the logit lens needs a residual-stream activation of width {head.in_features}; this pause "
+                    f"at {pause.path} ({pause.side}) has shape {tuple(h.shape)}"
+                )
+            n = h.shape[-2]
+            if isinstance(position, bool) or not isinstance(position, int) or not -n <= position < n:
+                raise InvalidArgumentError(f"position {position!r} is outside the {n} positions of this activation")
+            with torch.inference_mode():
+                row = h.reshape(-1, n, h.shape[-1])[0, position].reshape(1, 1, -1)
+                if anatomy.final_norm_path is not None:
+                    row = loaded.model.get_submodule(anatomy.final_norm_path)(row)
+                logits = head(row)[0, -1]
+                probs = logits.float().softmax(-1)
+                top = torch.topk(probs, min(k, probs.shape[-1]))
+            return [
+                {
+                    "token_id": int(i),
+                    "token": loaded.tokenizer.decode([int(i)]),
+                    "prob": float(p),
+                    "logit": float(logits[int(i)]),
+                }
+                for p, i in zip(top.values.tolist(), top.indices.tolist())
+            ]
+
+    def shutdown(self) -> None:
+        for sid in [s["id"] for s in self.sessions()]:
+            try:
+                self.close_session(sid)
+            except SessionClosedError:
+                continue

@@ -1,0 +1,75 @@
+"""One exception hierarchy for everything Djinn reports to a user.
+
+Every error a caller can cause is a ``DjinnError`` subclass whose message says what to do next. Errors raised
+inside a session never poison other sessions: the session that failed stays usable. The daemon maps these
+classes across the wire by name (``ERRORS_BY_NAME``), so a remote caller catches the same types as a local one.
+"""
+
+from __future__ import annotations
+
+
+class DjinnError(Exception):
+    """Base class of every error Djinn raises on purpose."""
+
+
+class ModelNotFoundError(DjinnError):
+    """A model name or path that cannot be loaded offline."""
+
+
+class InvalidTargetError(DjinnError):
+    """A breakpoint or steering target (layer index or module path) that the model does not have."""
+
+
+class InvalidTensorError(DjinnError):
+    """A replacement or steering tensor of the wrong shape, dtype or device, or with NaN/Inf values."""
+
+
+class InvalidArgumentError(DjinnError):
+    """A bad argument that is neither a target nor a tensor (e.g. a negative token count)."""
+
+
+class SessionBusyError(DjinnError):
+    """A request that needs an idle session while its run is still paused or running."""
+
+
+class RunFinishedError(DjinnError):
+    """A resume, step or edit on a run that has already finished."""
+
+
+class NotPausedError(DjinnError):
+    """An edit or inspection that needs a paused run while the run is not paused."""
+
+
+class SessionClosedError(DjinnError):
+    """Use of a session after it was closed (by the user, or because its client went away)."""
+
+
+class ExecutionError(DjinnError):
+    """The model's forward pass itself raised; the run ended, the session is still usable."""
+
+
+class OutOfMemoryError(DjinnError):
+    """Neither the GPU budget nor the host pool can hold what a request needs right now."""
+
+
+class DaemonConnectionError(DjinnError):
+    """The daemon cannot be reached, refused the credentials, or speaks another protocol version."""
+
+
+ERRORS_BY_NAME: dict[str, type[DjinnError]] = {
+    cls.__name__: cls
+    for cls in (
+        DjinnError,
+        ModelNotFoundError,
+        InvalidTargetError,
+        InvalidTensorError,
+        InvalidArgumentError,
+        SessionBusyError,
+        RunFinishedError,
+        NotPausedError,
+        SessionClosedError,
+        ExecutionError,
+        OutOfMemoryError,
+        DaemonConnectionError,
+    )
+}

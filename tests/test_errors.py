@@ -1,0 +1,168 @@
+"""Bad input gives a clear DjinnError, never a hang or a deep traceback, and the session stays usable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import djinn_kernel as dj
+from conftest import PROMPT, reference
+
+
+def assert_still_usable(session, model):
+    session.delete()
+    session.unsteer()
+    tokens, _ = reference(model)
+    assert session.generate(PROMPT, 8).tokens == tokens
+
+
+def test_nonexistent_layer_and_path(session, model):
+    with pytest.raises(dj.InvalidTargetError, match=r"layer 99 does not exist.*0\.\.3"):
+        session.break_at(99)
+    with pytest.raises(dj.InvalidTargetError, match="did you mean"):
+        session.break_at(model.info["layer_paths"][1] + ".mpl")
+    with pytest.raises(dj.InvalidTargetError):
+        session.break_at(1.5)
+    with pytest.raises(dj.InvalidArgumentError, match="side"):
+        session.break_at(1, side="middle")
+    with pytest.raises(dj.InvalidArgumentError, match="tokens"):
+        session.break_at(1, tokens="a-b")
+    with pytest.raises(dj.InvalidArgumentError, match="max_hits"):
+        session.break_at(1, max_hits=0)
+    assert session.breakpoints == []
+    assert_still_usable(session, model)
+
+
+def test_negative_layer_counts_from_end(session, model):
+    session.break_at(-1, once=True)
+    run = session.generate(PROMPT, 2)
+    assert run.pause.layer == model.num_layers - 1
+    run.finish()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda a: a[..., :-1], "shape"),
+        (lambda a: a.to(torch.float64), "dtype"),
+        (lambda a: torch.empty_like(a, device="meta"), "device"),
+        (lambda a: a.clone().index_fill_(-1, torch.tensor([0]), float("nan")), "NaN or Inf"),
+        (lambda a: a.clone().index_fill_(-1, torch.tensor([3]), float("inf")), "NaN or Inf"),
+        (lambda a: a.tolist(), "torch.Tensor"),
+    ],
+)
+def test_bad_replacement_is_refused_and_changes_nothing(session, model, make, message):
+    tokens, logits = reference(model)
+    session.break_at(1, tokens=0)
+    run = session.generate(PROMPT, 8, keep_logits=True)
+    with pytest.raises(dj.InvalidTensorError, match=message):
+        run.pause.replace(make(run.pause.activation))
+    assert run.pause.info["edits"] == 0
+    run.resume()
+    assert run.tokens == tokens and torch.equal(run.logits, logits)
+    assert_still_usable(session, model)
+
+
+def test_bad_edit_arguments(session, model):
+    session.break_at(1, tokens=0)
+    run = session.generate(PROMPT, 2)
+    with pytest.raises(dj.InvalidArgumentError, match="finite"):
+        run.pause.scale(float("nan"))
+    with pytest.raises(dj.InvalidArgumentError, match="position"):
+        run.pause.scale(2.0, positions=[1000])
+    with pytest.raises(dj.InvalidTensorError, match="shape"):
+        run.pause.add(torch.ones(model.hidden_size + 1))
+    with pytest.raises(dj.InvalidTensorError, match="zero vector"):
+        run.pause.ablate(torch.zeros(model.hidden_size))
+    with pytest.raises(dj.InvalidArgumentError, match="k must be"):
+        run.pause.logit_lens(k=0)
+    run.finish()
+    assert_still_usable(session, model)
+
+
+def test_resume_on_finished_run(session, model):
+    run = session.generate(PROMPT, 2)
+    assert run.state == "finished"
+    for action in (run.resume, run.step, run.finish):
+        with pytest.raises(dj.RunFinishedError, match="generate"):
+            action()
+    assert_still_usable(session, model)
+
+
+def test_generate_on_paused_session(session, model):
+    session.break_at(0)
+    run = session.generate(PROMPT, 4)
+    with pytest.raises(dj.SessionBusyError, match="paused run"):
+        session.generate(PROMPT, 4)
+    assert run.paused
+    run.finish()
+    assert_still_usable(session, model)
+
+
+def test_edit_without_pause(session):
+    run = session.generate(PROMPT, 2)
+    with pytest.raises(dj.RunFinishedError):
+        session._backend.edit(session.id, dj.Scale(2.0))
+    assert run.pause is None
+
+
+def test_unknown_model(engine):
+    with pytest.raises(dj.ModelNotFoundError, match="never downloads"):
+        dj.load("no-such-model-xyz", backend=engine)
+    with pytest.raises(dj.ModelNotFoundError):
+        dj.load("", backend=engine)
+
+
+def test_bad_generate_arguments(session, model):
+    for kwargs, message in [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+    ]:
+        with pytest.raises(dj.InvalidArgumentError, match=message):
+            session.generate(PROMPT, **kwargs)
+    with pytest.raises(dj.InvalidArgumentError, match="outside the vocabulary"):
+        session.generate([10**9], 2)
+    with pytest.raises(dj.InvalidArgumentError, match="empty"):
+        session.generate("", 2)
+    with pytest.raises(dj.InvalidArgumentError, match="prompt"):
+        session.generate(3.5, 2)
+    assert_still_usable(session, model)
+
+
+def test_steering_vector_checked_at_steer_time(session, model):
+    with pytest.raises(dj.InvalidTensorError, match="shape"):
+        session.steer(1, torch.ones(model.hidden_size + 3))
+    with pytest.raises(dj.InvalidTensorError, match="NaN"):
+        session.steer(1, torch.full((model.hidden_size,), float("nan")))
+    assert session.steering == []
+    assert_still_usable(session, model)
+
+
+def test_failure_inside_forward_ends_only_that_run(session, model):
+    """A steering edit that only turns out wrong mid-forward fails its run with a Djinn error, nothing else."""
+    path = "model.layers.0.mlp.up_proj" if model.name == "tiny-llama" else "transformer.h.0.mlp.c_fc"
+    session.steer(path, torch.ones(model.hidden_size))
+    other = model.session()
+    try:
+        other.break_at(2, once=True)
+        paused = other.generate(PROMPT, 4)
+        with pytest.raises(dj.InvalidTensorError, match="token step 0"):
+            session.generate(PROMPT, 4)
+        assert session.run.state == "failed" and "steering vector" in session.run.refresh()._snapshot["error"]
+        assert paused.paused
+        paused.finish()
+        assert paused.state == "finished"
+    finally:
+        other.close()
+    assert_still_usable(session, model)
+
+
+def test_model_exception_becomes_execution_error(engine):
+    gpt2 = dj.load("tiny-gpt2", backend=engine)
+    too_long = [5 + i % 50 for i in range(300)]  # more positions than GPT-2's 256 learned ones
+    with gpt2.session() as session:
+        with pytest.raises(dj.ExecutionError, match="still usable"):
+            session.generate(too_long, 2)
+        assert session.run.state == "failed"
+        assert_still_usable(session, gpt2)
