@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="pause, inspect and steer the default model (a scripted session)")
     demo.add_argument("--model", default="smollm2-135m", help="model name or folder (default: smollm2-135m)")
     demo.add_argument("--layer", type=int, default=None, help="layer to pause at (default: the middle one)")
-    demo.add_argument("--alpha", type=float, default=6.0, help="steering strength (default: 6)")
+    demo.add_argument("--alpha", type=float, default=0.75, help="steering strength as a fraction of the residual norm (default: 0.75)")
     demo.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: 40)")
     demo.set_defaults(func=_demo)
     return parser

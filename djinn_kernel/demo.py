@@ -38,7 +38,7 @@ def _side_by_side(left: str, right: str, titles: tuple[str, str]) -> str:
 
 
 def run_demo(
-    model_name: str = "smollm2-135m", layer: int | None = None, alpha: float = 6.0, max_new_tokens: int = 40
+    model_name: str = "smollm2-135m", layer: int | None = None, alpha: float = 0.75, max_new_tokens: int = 40
 ) -> dict[str, object]:
     """Load, generate, pause mid-model, inspect, steer, resume; print and return what happened."""
     start = time.perf_counter()
@@ -66,12 +66,13 @@ def run_demo(
             print(f"         {row['prob']:6.1%}  {row['token']!r}")
         run.finish()
 
-        steer = _mean_activation(session, layer, TOWARD) - _mean_activation(session, layer, AWAY)
-        steer = (steer / steer.norm()).to(h.dtype)
+        # Direction from the contrast, sized like the last token's residual, so alpha is a fraction of it.
+        diff = _mean_activation(session, layer, TOWARD) - _mean_activation(session, layer, AWAY)
+        steer = (diff / diff.norm() * h[0, -1].float().norm()).to(h.dtype)
         session.break_at(layer, tokens=0)
         run = session.generate(QUESTION, max_new_tokens)
-        run.pause.add(steer, alpha * float(h[0, -1].float().norm()) / 4)
-        session.steer(layer, steer, alpha * float(h[0, -1].float().norm()) / 4)
+        run.pause.add(steer, alpha)  # the prompt, at this pause
+        session.steer(layer, steer, alpha)  # and every token generated after it
         print(f"[djinn] steering layer {layer} toward 'ocean' minus 'city' (alpha {alpha}); resuming")
         run.finish()
         steered = run.text

@@ -14,8 +14,10 @@ The engine speaks in ids, plain dicts and tensors, so the in-process API and the
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import enum
 import itertools
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,10 +43,35 @@ from .errors import (
 )
 from .handoff import Command, Event, Handoff
 from .hooks import HookDispatcher, bind
+from .memory import GiB, LRUPolicy, MemoryManager
 
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_memory(device: torch.device, budget: int | None = None, host: int | None = None) -> MemoryManager:
+    """A manager whose budget is what the device has free less a margin, and a host pool of half the RAM."""
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = max(free - 2 * GiB, 0)
+        else:
+            budget = 1 << 62
+    if host is None:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return MemoryManager(device, budget, host, LRUPolicy())
+
+
+def cache_tensors(cache: object) -> list[torch.Tensor]:
+    """The KV tensors of a transformers cache (``cache.layers[i].keys/values`` in transformers 5)."""
+    out = []
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+    return out
 
 
 @dataclass
@@ -60,6 +87,7 @@ class LoadedModel:
     source: str
     device: torch.device
     weight_bytes: int
+    kv_bytes_per_token: int
 
     def describe(self) -> dict[str, object]:
         config = getattr(self.model, "config", None)
@@ -75,8 +103,22 @@ class LoadedModel:
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "device": str(self.device),
             "weight_bytes": self.weight_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
             "chat": self.chat,
         }
+
+
+def _kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of K and V one token adds to the cache, from the config (0 when the config does not say)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not layers or not heads:
+        return 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize
 
 
 def _weight_bytes(model: nn.Module) -> int:
@@ -206,6 +248,8 @@ class Run:
         if self._aborting:
             raise _Aborted
         self.token_step = step
+        if step > 0:
+            self.session.memory.on_growth(self.session.id)
 
     def on_activation(self, path: str, side: str, value: torch.Tensor) -> torch.Tensor | None:
         if self._aborting:
@@ -240,6 +284,13 @@ class Run:
     def abort_flag(self) -> None:
         self._aborting = True
 
+    def gpu_tensors(self) -> list[torch.Tensor]:
+        """Every device tensor this run holds beyond the shared weights: the KV cache and the paused activation."""
+        tensors = cache_tensors(self.cache) if self.cache is not None else []
+        if self.pause is not None:
+            tensors += [self.pause.original, self.pause.current]
+        return tensors
+
     def snapshot(self) -> dict[str, object]:
         loaded = self.session.model
         return {
@@ -261,6 +312,7 @@ class SessionState:
     owner: str
     model: LoadedModel
     executor: concurrent.futures.ThreadPoolExecutor
+    memory: MemoryManager
     breakpoints: BreakpointTable = field(default_factory=BreakpointTable)
     steering: dict[int, Steering] = field(default_factory=dict)
     run: Run | None = None
@@ -272,10 +324,17 @@ class SessionState:
     def steering_at(self, path: str, side: str) -> list[Steering]:
         return [s for s in self.steering.values() if s.path == path and s.side == side]
 
+    def gpu_tensors(self) -> list[torch.Tensor]:
+        return [] if self.run is None else self.run.gpu_tensors()
+
     def state(self) -> str:
         if self.closed:
             return "closed"
-        return "idle" if self.run is None or self.run.state in ENDED else self.run.state.value
+        if self.run is None or self.run.state in ENDED:
+            return "idle"
+        if self.run.state is RunState.PAUSED and self.memory.session(self.id).is_paged:
+            return "paged"
+        return self.run.state.value
 
 
 class Engine:
@@ -285,8 +344,10 @@ class Engine:
         self,
         device: str | torch.device | None = None,
         progress: Callable[[str], None] | None = None,
+        memory: MemoryManager | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
+        self.memory = memory if memory is not None else default_memory(self.device)
         self._progress = progress
         self._models: dict[str, LoadedModel] = {}
         self._sessions: dict[int, SessionState] = {}
@@ -318,6 +379,7 @@ class Engine:
                 source=source.source,
                 device=self.device,
                 weight_bytes=_weight_bytes(model),
+                kv_bytes_per_token=_kv_bytes_per_token(model),
             )
             with self._lock:
                 self._models[name] = loaded
@@ -343,7 +405,10 @@ class Engine:
         with self._lock:
             sid = next(self._session_ids)
             executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"djinn-session-{sid}")
-            self._sessions[sid] = SessionState(sid, owner, loaded, executor)
+            session = SessionState(sid, owner, loaded, executor, self.memory)
+            self._sessions[sid] = session
+            self.memory.register(sid, session.gpu_tensors)
+            self.memory.set_pageable(sid, True)
         return sid
 
     def _session(self, sid: int) -> SessionState:
@@ -366,6 +431,7 @@ class Engine:
             session.run = None
             with self._lock:
                 self._sessions.pop(sid, None)
+            self.memory.release(sid)
         session.executor.shutdown(wait=True)
 
     def sessions(self, owner: str | None = None) -> list[dict[str, object]]:
@@ -384,6 +450,7 @@ class Engine:
             "breakpoints": [bp.describe() for bp in session.breakpoints],
             "steering": [s.describe() for s in session.steering.values()],
             "run": None if run is None else run.snapshot(),
+            "memory": self.memory.session_stats(sid),
         }
 
     # breakpoints and steering ---------------------------------------------------------------------------
@@ -494,6 +561,8 @@ class Engine:
                     f"cancel it (run.cancel()) before starting another"
                 )
             input_ids = self.encode_prompt(session.model, prompt, chat)
+            need = session.model.kv_bytes_per_token * (input_ids.shape[-1] + max_new_tokens)
+            self.memory.make_room(need, for_sid=sid)
             run = Run(
                 next(session._run_ids),
                 session,
@@ -502,10 +571,45 @@ class Engine:
                 Sampling(float(temperature), top_k, int(seed)),
                 bool(keep_logits),
             )
+            self.memory.set_pageable(sid, False)
             session.run = run
             seen = run.handoff.seq
             session.executor.submit(run.execute)
             return self._await(run, seen)
+
+    @contextlib.contextmanager
+    def _resident(self, session: SessionState):
+        """Hold the session's memory lock with its state on the device: nothing pages it out meanwhile."""
+        with self.memory.session(session.id).lock:
+            self.memory.page_in(session.id)
+            yield
+
+    def page_out(self, sid: int) -> dict[str, object]:
+        """Page a paused (or idle) session's state to the host now; it comes back on the next use."""
+        session = self._session(sid)
+        with session.lock:
+            transfer = self.memory.page_out(sid)
+            return {"bytes": 0 if transfer is None else transfer.nbytes, **self.memory.session_stats(sid)}
+
+    def page_in(self, sid: int) -> dict[str, object]:
+        session = self._session(sid)
+        with session.lock:
+            transfer = self.memory.page_in(sid)
+            return {"bytes": 0 if transfer is None else transfer.nbytes, **self.memory.session_stats(sid)}
+
+    def status(self) -> dict[str, object]:
+        """Everything a dashboard needs: models, sessions with their memory, device and pool totals."""
+        device: dict[str, object] = {"type": self.device.type}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            device.update(
+                name=torch.cuda.get_device_name(self.device),
+                total=total,
+                free=free,
+                allocated=torch.cuda.memory_allocated(self.device),
+                reserved=torch.cuda.memory_reserved(self.device),
+            )
+        return {"device": device, "memory": self.memory.stats(), "models": self.models(), "sessions": self.sessions()}
 
     def _live_run(self, session: SessionState) -> Run:
         run = session.run
@@ -531,9 +635,11 @@ class Engine:
         session = self._session(sid)
         with session.lock:
             run, _ = self._paused_run(session)
-            seen = run.handoff.seq
-            run.state, run.pause = RunState.RUNNING, None
-            run.handoff.send(commands[mode])
+            with self._resident(session):
+                self.memory.set_pageable(sid, False)
+                seen = run.handoff.seq
+                run.state, run.pause = RunState.RUNNING, None
+                run.handoff.send(commands[mode])
             return self._await(run, seen)
 
     def cancel(self, sid: int) -> dict[str, object]:
@@ -575,6 +681,7 @@ class Engine:
                 self._raise_failure(run)
         if run.state in ENDED:
             run.cache = None
+        self.memory.set_pageable(run.session.id, run.state is not RunState.RUNNING)
         return run.snapshot()
 
     @staticmethod
@@ -604,7 +711,7 @@ class Engine:
     # the paused activation ------------------------------------------------------------------------------
     def activation(self, sid: int, original: bool = False) -> torch.Tensor:
         session = self._session(sid)
-        with session.lock:
+        with session.lock, self._resident(session):
             _, pause = self._paused_run(session)
             return pause.original if original else pause.current
 
@@ -613,7 +720,7 @@ class Engine:
         if not isinstance(edit, Edit):
             raise InvalidArgumentError(f"expected an Edit (Replace, Scale, AddVector, Ablate, SetPositions), not {edit!r}")
         session = self._session(sid)
-        with session.lock:
+        with session.lock, self._resident(session):
             _, pause = self._paused_run(session)
             with torch.inference_mode():
                 pause.current = edit.apply(pause.current)
@@ -622,7 +729,7 @@ class Engine:
 
     def reset_edits(self, sid: int) -> dict[str, object]:
         session = self._session(sid)
-        with session.lock:
+        with session.lock, self._resident(session):
             _, pause = self._paused_run(session)
             pause.current, pause.edits = pause.original, 0
             return pause.describe()
@@ -635,7 +742,7 @@ class Engine:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidArgumentError(f"k must be a positive integer, not {k!r}")
         session = self._session(sid)
-        with session.lock:
+        with session.lock, self._resident(session):
             _, pause = self._paused_run(session)
             loaded = session.model
             anatomy = loaded.anatomy

@@ -1,0 +1,177 @@
+"""The memory manager: host pool bookkeeping, exact storage-level paging, LRU under pressure, clear OOM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import djinn_kernel as dj
+from conftest import PROMPT, drain, reference
+from djinn_kernel.engine import Engine
+from djinn_kernel.memory import GiB, MiB, HostPool, LRUPolicy, MemoryManager, parse_bytes
+
+
+@pytest.mark.parametrize("text, value", [("16GiB", 16 * GiB), ("512MiB", 512 * MiB), ("2G", 2 * GiB), ("1e3", 1000), (7, 7)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1GiB", True, None])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(dj.InvalidArgumentError):
+        parse_bytes(bad)
+
+
+def test_host_pool_first_fit_coalesce_and_growth():
+    pool = HostPool(capacity=1000, chunk_bytes=400)
+    a, b, c = pool.alloc(100), pool.alloc(200), pool.alloc(100)
+    assert (a.chunk, a.offset, b.offset, c.offset) == (0, 0, 100, 300) and pool.reserved == 400
+    pool.free(b)
+    assert pool.alloc(150).offset == 100, "first fit reuses the hole"
+    d = pool.alloc(300)  # no hole of 300 left in chunk 0: a new chunk
+    assert d.chunk == 1 and pool.reserved == 800 and pool.used == 650
+    for e in (a, c, d):
+        pool.free(e)
+    assert pool.alloc(300).chunk == 0 or pool.used == 450
+    with pytest.raises(dj.OutOfMemoryError, match="host pool is full"):
+        pool.alloc(10_000)
+
+
+def test_host_pool_reserve_up_front():
+    pool = HostPool(capacity=1000, chunk_bytes=300, reserve=700)
+    assert pool.reserved == 900 and pool.used == 0
+
+
+def test_extent_views_write_through():
+    pool = HostPool(capacity=100, chunk_bytes=100)
+    e = pool.alloc(10)
+    e.view.fill_(7)
+    assert pool._chunks[0][:10].eq(7).all()
+
+
+def paging_engine(budget: int = 1 << 40, host: int = 1 << 30, eager: bool = False) -> Engine:
+    memory = MemoryManager(torch.device("cpu"), budget, host, LRUPolicy(eager=eager), chunk_bytes=1 * MiB)
+    return Engine(device="cpu", memory=memory)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_eager_paging_at_every_pause_is_exact(name):
+    engine = paging_engine(eager=True)
+    model = dj.load(name, backend=engine)
+    tokens, logits = reference(model)
+    with model.session() as s:
+        s.break_at(1)
+        s.break_at(3, side="input")
+        run = s.generate(PROMPT, 8, keep_logits=True)
+        pauses = 0
+        while run.paused:
+            stats = s.status()
+            assert stats["state"] == "paged"
+            assert stats["memory"]["gpu_bytes"] == 0 and stats["memory"]["host_bytes"] > 0
+            pauses += 1
+            run.resume()
+        assert pauses == 16
+        assert run.tokens == tokens and torch.equal(run.logits, logits)
+    stats = engine.memory.stats()
+    assert stats["page_outs"] == 16 and stats["page_ins"] == 16
+    assert stats["host_pool"]["used"] == 0, "every extent went back to the pool"
+    engine.shutdown()
+
+
+def test_page_out_frees_every_session_byte_and_restores_bits():
+    engine = paging_engine()
+    model = dj.load("tiny-llama", backend=engine)
+    with model.session() as s:
+        s.break_at(2, tokens=5)
+        run = s.generate(PROMPT, 8)
+        before = s.status()["memory"]["gpu_bytes"]
+        activation = run.pause.activation.clone()
+        kv = [t.clone() for t in engine._session(s.id).gpu_tensors()]
+        kv_bytes = sum(t.numel() * t.element_size() for t in engine._session(s.id).run.gpu_tensors()[:-2])
+        assert before >= kv_bytes > 0
+        moved = engine.page_out(s.id)
+        assert moved["bytes"] == before and moved["gpu_bytes"] == 0 and moved["host_bytes"] == before
+        assert all(t.untyped_storage().nbytes() == 0 for t in engine._session(s.id).gpu_tensors())
+        back = engine.page_in(s.id)
+        assert back["bytes"] == before and back["gpu_bytes"] == before and back["host_bytes"] == 0
+        assert all(torch.equal(a, b) for a, b in zip(kv, engine._session(s.id).gpu_tensors()))
+        engine.page_out(s.id)
+        assert torch.equal(run.pause.activation, activation), "inspecting a paged pause pages it back in"
+        run.finish()
+    engine.shutdown()
+
+
+def test_lru_under_pressure_is_exact():
+    probe = paging_engine()
+    model = dj.load("tiny-llama", backend=probe)
+    tokens, logits = reference(model, max_new_tokens=12)
+    per_token = model.info["kv_bytes_per_token"]
+    prompt_len = len(engine_prompt(probe, model))
+    probe.shutdown()
+
+    # Room for about one and a half sessions' worth of KV at full length: the others must be paged out.
+    budget = int(per_token * (prompt_len + 12) * 1.5)
+    engine = paging_engine(budget=budget)
+    model = dj.load("tiny-llama", backend=engine)
+    sessions = [model.session() for _ in range(3)]
+    runs = []
+    for i, s in enumerate(sessions):
+        s.break_at(i + 1, tokens=10)
+        runs.append(s.generate(PROMPT, 12, keep_logits=True))
+        assert runs[-1].paused
+    states = [s.status()["state"] for s in sessions]
+    assert states[:2] == ["paged", "paged"] and states[2] == "paused", "least recently used went first"
+    assert engine.memory.resident_total() <= budget
+    for run in runs:
+        run.resume()
+        assert run.state == "finished" and run.tokens == tokens and torch.equal(run.logits, logits)
+        assert engine.memory.resident_total() <= budget
+    for s in sessions:
+        s.close()
+    engine.shutdown()
+
+
+def engine_prompt(engine: Engine, model: dj.Model) -> list[int]:
+    return engine.encode_prompt(engine._model(model.info["id"]), PROMPT, chat=False)[0].tolist()
+
+
+def test_full_host_pool_refuses_new_request_and_keeps_paused_sessions():
+    probe = paging_engine()
+    model = dj.load("tiny-llama", backend=probe)
+    tokens, logits = reference(model)
+    per_token = model.info["kv_bytes_per_token"]
+    probe.shutdown()
+
+    engine = paging_engine(budget=per_token * 30, host=per_token * 2)
+    model = dj.load("tiny-llama", backend=engine)
+    a, b = model.session(), model.session()
+    a.break_at(1, tokens=4)
+    run_a = a.generate(PROMPT, 8, keep_logits=True)
+    assert run_a.paused
+    with pytest.raises(dj.OutOfMemoryError, match="host pool is full"):
+        b.generate(PROMPT, 8)
+    assert a.status()["state"] == "paused" and engine.memory.pool.used == 0
+    run_a.resume()
+    assert run_a.tokens == tokens and torch.equal(run_a.logits, logits)
+    b.break_at(0, once=True)
+    assert b.generate(PROMPT, 2).paused, "once room is back, the refused session works"
+    a.close()
+    b.close()
+    engine.shutdown()
+
+
+def test_close_returns_host_extent():
+    engine = paging_engine(eager=True)
+    model = dj.load("tiny-gpt2", backend=engine)
+    s = model.session()
+    s.break_at(0)
+    s.generate(PROMPT, 4)
+    assert engine.memory.pool.used > 0
+    s.close()
+    assert engine.memory.pool.used == 0 and engine.memory.resident_total() == 0
+    engine.shutdown()
+
+
+def test_drain_helper_runs(llama_session):
+    llama_session.break_at(0, once=True)
+    assert len(drain(llama_session.generate(PROMPT, 2))) == 1
