@@ -89,6 +89,9 @@ class LoadedModel:
     weight_bytes: int
     kv_bytes_per_token: int
 
+    def decode(self, tokens: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
+
     def describe(self) -> dict[str, object]:
         config = getattr(self.model, "config", None)
         return {
@@ -301,7 +304,7 @@ class Run:
             "token_step": self.token_step,
             "prompt_tokens": int(self.input_ids.shape[-1]),
             "tokens": list(self.tokens),
-            "text": loaded.tokenizer.decode(self.tokens, skip_special_tokens=True),
+            "text": loaded.decode(self.tokens),
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
         }
 
@@ -362,28 +365,43 @@ class Engine:
             if name in self._models:
                 return self._models[name].describe()
             source = models.resolve(name, dtype=dtype, progress=self._progress)
-            model = source.model.to(self.device)
-            anatomy = inspect_model(model)
-            dispatcher = HookDispatcher(model)
-            for path in anatomy.layer_paths:
-                dispatcher.ensure(path)
-            loaded = LoadedModel(
-                id=name,
-                name=name,
-                model=model,
-                tokenizer=source.tokenizer,
-                anatomy=anatomy,
-                dispatcher=dispatcher,
-                chat=source.chat,
-                eos_ids=source.eos_ids,
-                source=source.source,
-                device=self.device,
-                weight_bytes=_weight_bytes(model),
-                kv_bytes_per_token=_kv_bytes_per_token(model),
-            )
-            with self._lock:
-                self._models[name] = loaded
-            return loaded.describe()
+            return self._register(name, source)
+
+    def register_model(
+        self, name: str, model: nn.Module, tokenizer: object = None, eos_ids: tuple[int, ...] = ()
+    ) -> dict[str, object]:
+        """Serve a model built in code (e.g. a seeded random model of a real shape, created on the GPU).
+
+        Without a tokenizer, prompts must be token-id lists and runs report no text.
+        """
+        with self._load_lock:
+            if name in self._models:
+                raise InvalidArgumentError(f"a model named {name!r} is already loaded; pick another name")
+            return self._register(name, models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code"))
+
+    def _register(self, name: str, source: models.ModelSource) -> dict[str, object]:
+        model = source.model.to(self.device)
+        anatomy = inspect_model(model)
+        dispatcher = HookDispatcher(model)
+        for path in anatomy.layer_paths:
+            dispatcher.ensure(path)
+        loaded = LoadedModel(
+            id=name,
+            name=name,
+            model=model,
+            tokenizer=source.tokenizer,
+            anatomy=anatomy,
+            dispatcher=dispatcher,
+            chat=source.chat,
+            eos_ids=source.eos_ids,
+            source=source.source,
+            device=self.device,
+            weight_bytes=_weight_bytes(model),
+            kv_bytes_per_token=_kv_bytes_per_token(model),
+        )
+        with self._lock:
+            self._models[name] = loaded
+        return loaded.describe()
 
     def _model(self, model_id: str) -> LoadedModel:
         with self._lock:
@@ -516,6 +534,8 @@ class Engine:
     # runs -----------------------------------------------------------------------------------------------
     def encode_prompt(self, loaded: LoadedModel, prompt: str | list[int], chat: bool | None) -> torch.Tensor:
         if isinstance(prompt, str):
+            if loaded.tokenizer is None:
+                raise InvalidArgumentError(f"model {loaded.name!r} has no tokenizer: pass the prompt as token ids")
             if chat if chat is not None else loaded.chat:
                 messages = [{"role": "user", "content": prompt}]
                 ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -768,7 +788,7 @@ class Engine:
             return [
                 {
                     "token_id": int(i),
-                    "token": loaded.tokenizer.decode([int(i)]),
+                    "token": loaded.decode([int(i)]),
                     "prob": float(p),
                     "logit": float(logits[int(i)]),
                 }

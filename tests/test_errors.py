@@ -166,3 +166,19 @@ def test_model_exception_becomes_execution_error(engine):
             session.generate(too_long, 2)
         assert session.run.state == "failed"
         assert_still_usable(session, gpt2)
+
+
+def test_model_built_in_code_without_tokenizer(engine):
+    from djinn_kernel.builtin import build_builtin
+
+    net, _, _ = build_builtin("tiny-llama")
+    info = engine.register_model("code-llama", net)
+    assert info["source"] == "in code" and info["num_layers"] == 4
+    with pytest.raises(dj.InvalidArgumentError, match="already loaded"):
+        engine.register_model("code-llama", net)
+    model = dj.Model(engine, info)
+    with model.session() as s:
+        with pytest.raises(dj.InvalidArgumentError, match="token ids"):
+            s.generate("text", 2)
+        run = s.generate([5, 6, 7], 3)
+        assert len(run.tokens) == 3 and run.text is None
