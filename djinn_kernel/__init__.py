@@ -10,7 +10,7 @@
 Importing this package starts nothing (no threads, no CUDA, no daemon).
 """
 
-from .api import Model, Pause, Run, Session, load, local_engine
+from .api import Model, Pause, Run, Session, connect, default_backend, load, local_engine
 from .edits import Ablate, AddVector, Edit, Replace, Scale, SetPositions
 from .errors import (
     DaemonConnectionError,
@@ -49,6 +49,8 @@ __all__ = [
     "RunFinishedError",
     "Scale",
     "Session",
+    "connect",
+    "default_backend",
     "SessionBusyError",
     "SessionClosedError",
     "SetPositions",

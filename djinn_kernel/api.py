@@ -1,12 +1,13 @@
 """The Python API: thin handles (``Model``, ``Session``, ``Run``, ``Pause``) over a backend.
 
-The backend is the ``Engine`` itself in-process, or a daemon client with the same methods; the handles never
+The backend is the ``Engine`` itself in-process, or a ``DaemonClient`` with the same methods; the handles never
 hold weights or engine state, only ids and the last snapshot the backend returned. Magics and widgets are built
 on these handles and nothing else.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -17,21 +18,45 @@ from .engine import Engine
 from .errors import DjinnError, NotPausedError
 
 _engine: Engine | None = None
-_engine_lock = threading.Lock()
+_backend: Any = None
+_lock = threading.Lock()
 
 
 def local_engine() -> Engine:
     """The in-process engine, created on first use (importing Djinn starts nothing)."""
     global _engine
-    with _engine_lock:
+    with _lock:
         if _engine is None:
             _engine = Engine()
         return _engine
 
 
+def connect(endpoint: str | None = None, token: str | None = None, *, start: bool = True) -> Any:
+    """Use a daemon from now on: the local one (started if needed) or ``tcp://host:port`` with its token.
+
+    Later ``load()`` calls go to it; the returned client can also be passed as ``backend=`` explicitly.
+    """
+    global _backend
+    from .client import connect as connect_client
+
+    client = connect_client(endpoint, token, start=start)
+    with _lock:
+        _backend = client
+    return client
+
+
+def default_backend() -> Any:
+    """The daemon after ``connect()`` (or with ``DJINN_MODE=daemon``), else the in-process engine."""
+    if _backend is not None:
+        return _backend
+    if os.environ.get("DJINN_MODE", "inprocess") == "daemon":
+        return connect()
+    return local_engine()
+
+
 def load(name: str, *, dtype: str = "auto", backend: Any = None) -> Model:
     """Load a model by built-in name, folder or cached hub id, once per backend, and return a handle to it."""
-    backend = backend if backend is not None else local_engine()
+    backend = backend if backend is not None else default_backend()
     return Model(backend, backend.load_model(name, dtype=dtype))
 
 

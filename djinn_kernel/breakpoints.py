@@ -32,7 +32,7 @@ def parse_tokens(tokens: int | range | tuple[int, int] | str | None) -> range | 
         if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
             raise InvalidArgumentError(f"tokens {tokens!r} is not 'N' or 'FIRST-LAST' (e.g. '0-4')")
         result = range(int(first), int(last if sep else first) + 1)
-    elif isinstance(tokens, tuple) and len(tokens) == 2 and all(isinstance(t, int) for t in tokens):
+    elif isinstance(tokens, (tuple, list)) and len(tokens) == 2 and all(isinstance(t, int) for t in tokens):
         result = range(tokens[0], tokens[1] + 1)
     else:
         raise InvalidArgumentError(f"tokens must be an int, a range, (first, last) or 'first-last', not {tokens!r}")

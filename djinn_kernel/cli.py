@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 
 from .errors import DjinnError
 
@@ -12,6 +15,113 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(model_name=args.model, layer=args.layer, alpha=args.alpha, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .daemon import Daemon, install_signal_handlers
+    from .engine import Engine, default_device, default_memory
+    from .memory import LRUPolicy, parse_bytes
+    from .runtime import DaemonInfo, clear_info, ipc_endpoint, new_key, read_info, runtime_dir, write_info
+
+    folder = runtime_dir()
+    running = read_info(folder)
+    if running is not None:
+        print(f"djinn: a daemon is already running (pid {running.pid}, {', '.join(running.endpoints)})", file=sys.stderr)
+        return 1
+    device = torch_device(args.device) if args.device else default_device()
+    memory = default_memory(
+        device,
+        budget=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
+        host=parse_bytes(args.host_memory) if args.host_memory else None,
+    )
+    memory.policy = LRUPolicy(eager=args.page_on_pause)
+    if args.host_reserve:
+        memory.pool.reserve(parse_bytes(args.host_reserve))
+    key, key_file = new_key(folder)
+    endpoints = [ipc_endpoint(folder), *args.listen]
+    daemon = Daemon(Engine(device=device, memory=memory, progress=_progress), key, endpoints)
+    install_signal_handlers(daemon)
+    write_info(folder, DaemonInfo(os.getpid(), endpoints, str(key_file)))
+    print(f"djinn daemon pid {os.getpid()} on {device}, session budget {_size(memory.budget)}, listening on:")
+    for endpoint in endpoints:
+        print(f"  {endpoint}")
+    if args.listen:
+        print(f"token for tcp clients: {key.decode()}")
+    sys.stdout.flush()
+    try:
+        daemon.serve_forever()
+    finally:
+        clear_info(folder, os.getpid())
+    return 0
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .client import connect
+
+    client = connect(start=False, name="djinn status")
+    status = client.status()
+    client.close()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    """A plain-text table of the daemon's device, models and sessions."""
+    gib = 2**30
+    mem, dev = status["memory"], status["device"]
+    lines = [f"daemon pid {status['daemon']['pid']} on {dev.get('name', dev['type'])}"]
+    if "total" in dev:
+        lines.append(f"device memory: {(dev['total'] - dev['free']) / gib:.2f} of {dev['total'] / gib:.2f} GiB used")
+    pool = mem["host_pool"]
+    lines.append(
+        f"session budget {_size(mem['budget'])}, sessions on device {mem['session_gpu_bytes'] / gib:.3f} GiB, "
+        f"host pool {pool['used'] / gib:.3f} of {pool['reserved'] / gib:.3f} GiB reserved"
+        f" ({'pinned' if pool['pinned'] else 'pageable'}), page-outs {mem['page_outs']}, page-ins {mem['page_ins']}"
+    )
+    for m in status["models"]:
+        lines.append(f"model {m['name']}: {m['num_layers']} layers, {m['weight_bytes'] / gib:.3f} GiB weights, {m['dtype']}")
+    lines.append(f"{'session':>8} {'owner':<12} {'model':<16} {'state':<9} {'gpu MiB':>9} {'host MiB':>9}")
+    for s in status["sessions"]:
+        lines.append(
+            f"{s['id']:>8} {s['owner']:<12} {s['model']:<16} {s['state']:<9} "
+            f"{s['memory']['gpu_bytes'] / 2**20:>9.2f} {s['memory']['host_bytes'] / 2**20:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    return "unlimited" if nbytes >= 1 << 60 else f"{nbytes / 2**30:.2f} GiB"
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from .client import connect
+    from .runtime import pid_alive
+
+    client = connect(start=False, name="djinn stop")
+    pid = client.daemon["pid"]
+    client.shutdown()
+    client.close()
+    deadline = time.monotonic() + args.timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # waiting for another process to exit
+    if pid_alive(pid):
+        print(f"djinn: daemon pid {pid} did not exit within {args.timeout} s", file=sys.stderr)
+        return 1
+    print(f"djinn daemon pid {pid} stopped")
     return 0
 
 
@@ -24,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--alpha", type=float, default=0.75, help="steering strength as a fraction of the residual norm (default: 0.75)")
     demo.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: 40)")
     demo.set_defaults(func=_demo)
+
+    serve = sub.add_parser("serve", help="run the GPU-owning daemon in the foreground")
+    serve.add_argument("--listen", action="append", default=[], metavar="tcp://HOST:PORT",
+                       help="also accept remote clients here (they need the printed token)")
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    serve.add_argument("--gpu-memory", default=None, help="session-state budget, e.g. 16GiB (default: free less 2 GiB)")
+    serve.add_argument("--host-memory", default=None, help="host pool capacity, e.g. 64GiB (default: half the RAM)")
+    serve.add_argument("--host-reserve", default=None, help="pin this much of the host pool at start, e.g. 8GiB")
+    serve.add_argument("--page-on-pause", action="store_true", help="page a session out as soon as it pauses")
+    serve.set_defaults(func=_serve)
+
+    status = sub.add_parser("status", help="show the daemon's models, sessions and memory")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.set_defaults(func=_status)
+
+    stop = sub.add_parser("stop", help="stop the daemon (its sessions are closed)")
+    stop.add_argument("--timeout", type=float, default=30.0)
+    stop.set_defaults(func=_stop)
     return parser
 
 

@@ -56,6 +56,10 @@ class DaemonConnectionError(DjinnError):
     """The daemon cannot be reached, refused the credentials, or speaks another protocol version."""
 
 
+class ProtocolError(DaemonConnectionError):
+    """A message that is unsigned, tampered with, malformed, or of another protocol version."""
+
+
 ERRORS_BY_NAME: dict[str, type[DjinnError]] = {
     cls.__name__: cls
     for cls in (
@@ -71,5 +75,6 @@ ERRORS_BY_NAME: dict[str, type[DjinnError]] = {
         ExecutionError,
         OutOfMemoryError,
         DaemonConnectionError,
+        ProtocolError,
     )
 }

@@ -76,10 +76,13 @@ class HostPool:
         self._free: list[list[tuple[int, int]]] = []  # per chunk, sorted (offset, size) holes
         self._lock = threading.Lock()
         self.used = 0
-        if reserve:
-            with self._lock:
-                while self.reserved < min(reserve, capacity):
-                    self._grow(min(chunk_bytes, capacity - self.reserved))
+        self.reserve(reserve)
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocate (and pin) chunks now, until ``nbytes`` are reserved, so no page-out pays for pinning."""
+        with self._lock:
+            while self.reserved < min(nbytes, self.capacity):
+                self._grow(min(self.chunk_bytes, self.capacity - self.reserved))
 
     @property
     def reserved(self) -> int:

@@ -16,7 +16,7 @@ def test_parse_tokens(given, expected):
     assert parse_tokens(given) == expected
 
 
-@pytest.mark.parametrize("bad", ["x", "3-", "-1", (4, 2), True, 1.5, [1, 2], range(3, 3)])
+@pytest.mark.parametrize("bad", ["x", "3-", "-1", (4, 2), True, 1.5, [1, 2, 3], range(3, 3)])
 def test_parse_tokens_rejects(bad):
     with pytest.raises(InvalidArgumentError):
         parse_tokens(bad)

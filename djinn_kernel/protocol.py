@@ -1,0 +1,216 @@
+"""The wire format between clients (kernels) and the daemon. Nothing on the wire is ever unpickled.
+
+A message is a list of ZeroMQ frames:
+
+    [type: 1 byte] [header: UTF-8 JSON] [signature: hex HMAC-SHA256] [buffer 0] [buffer 1] ...
+
+- ``type`` is a ``MsgType`` (request, reply, error).
+- ``header`` is a JSON object with ``"v"`` (``PROTOCOL_VERSION``), ``"id"`` (the request id a reply answers),
+  and for a request ``"op"`` plus ``"args"``; for a reply ``"result"``; for an error ``"error": {"type",
+  "message"}``. Values that JSON cannot hold are encoded as tagged objects: a tensor is
+  ``{"__tensor__": i, "dtype": "bfloat16", "shape": [..]}`` whose bytes are raw buffer ``i``; an activation
+  edit is ``{"__edit__": kind, "fields": {..}}``.
+- ``signature`` is HMAC-SHA256 over the type, the header and every buffer, keyed with the daemon's secret (the
+  token for ``tcp://``; a key in a file only the user can read for ``ipc://``). It is checked with
+  ``hmac.compare_digest`` before anything is decoded, so an unauthenticated peer cannot make the daemon parse
+  a single byte of JSON.
+- Tensors travel as their raw bytes (C-contiguous, little-endian as in memory), so every dtype, bf16
+  included, round-trips bit for bit.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import torch
+
+from .edits import Edit, edit_from_parts
+from .errors import ERRORS_BY_NAME, DjinnError, InvalidArgumentError, ProtocolError
+
+PROTOCOL_VERSION = 1
+
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in (
+        "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
+        "float8_e4m3fn", "float8_e5m2",
+    )
+    if hasattr(torch, name)
+}
+
+
+class MsgType(enum.IntEnum):
+    REQUEST = 1
+    REPLY = 2
+    ERROR = 3
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _encode_value(value: Any, buffers: list[memoryview]) -> Any:
+    if isinstance(value, torch.Tensor):
+        name = str(value.dtype).removeprefix("torch.")
+        if name not in DTYPES:
+            raise InvalidArgumentError(f"tensors of dtype {value.dtype} cannot be sent; supported: {', '.join(DTYPES)}")
+        buffers.append(_tensor_bytes(value))
+        return {"__tensor__": len(buffers) - 1, "dtype": name, "shape": list(value.shape)}
+    if isinstance(value, Edit):
+        fields = {k: _encode_value(v, buffers) for k, v in {**value.scalars(), **value.tensors()}.items()}
+        return {"__edit__": value.kind, "fields": fields}
+    if isinstance(value, dict):
+        return {str(k): _encode_value(v, buffers) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode_value(v, buffers) for v in value]
+    if isinstance(value, range):
+        return [value.start, value.stop - 1] if value.step == 1 else list(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise InvalidArgumentError(f"a {type(value).__name__} cannot be sent to the daemon")
+
+
+def _decode_value(value: Any, buffers: list[bytes | memoryview]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return _decode_tensor(value, buffers)
+        if "__edit__" in value:
+            fields = value.get("fields")
+            if not isinstance(fields, dict):
+                raise ProtocolError("an edit without fields")
+            decoded = {k: _decode_value(v, buffers) for k, v in fields.items()}
+            tensors = {k: v for k, v in decoded.items() if isinstance(v, torch.Tensor)}
+            scalars = {k: v for k, v in decoded.items() if k not in tensors}
+            return edit_from_parts(str(value["__edit__"]), scalars, tensors)
+        return {k: _decode_value(v, buffers) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_value(v, buffers) for v in value]
+    return value
+
+
+def _decode_tensor(spec: dict[str, Any], buffers: list[bytes | memoryview]) -> torch.Tensor:
+    index, dtype_name, shape = spec.get("__tensor__"), spec.get("dtype"), spec.get("shape")
+    if not isinstance(index, int) or not 0 <= index < len(buffers):
+        raise ProtocolError(f"tensor refers to buffer {index!r}, but the message has {len(buffers)}")
+    if dtype_name not in DTYPES:
+        raise ProtocolError(f"unsupported tensor dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"bad tensor shape {shape!r}")
+    dtype = DTYPES[dtype_name]
+    raw = buffers[index]
+    numel = 1
+    for d in shape:
+        numel *= d
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(raw) != numel * itemsize:
+        raise ProtocolError(f"tensor {dtype_name}{shape} needs {numel * itemsize} bytes, buffer has {len(raw)}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)
+
+
+def sign(key: bytes, frames: list[bytes | memoryview]) -> bytes:
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for frame in frames:
+        mac.update(frame)
+    return mac.hexdigest().encode()
+
+
+def encode(msg_type: MsgType, header: dict[str, Any], key: bytes) -> list[bytes | memoryview]:
+    """Frames for one message; tensors and edits anywhere in ``header`` become raw buffers."""
+    buffers: list[memoryview] = []
+    body = _encode_value({**header, "v": PROTOCOL_VERSION}, buffers)
+    head = [bytes([msg_type]), json.dumps(body, separators=(",", ":"), allow_nan=False).encode()]
+    return [*head, sign(key, [*head, *buffers]), *buffers]
+
+
+def decode(frames: list[bytes | memoryview], key: bytes) -> tuple[MsgType, dict[str, Any]]:
+    """Verify the signature, then parse; raises ``ProtocolError`` for anything not exactly right."""
+    if len(frames) < 3:
+        raise ProtocolError(f"a message has at least 3 frames, got {len(frames)}")
+    kind, head, signature, *buffers = frames
+    if not hmac.compare_digest(bytes(signature), sign(key, [kind, head, *buffers])):
+        raise ProtocolError("bad signature: the client and daemon keys differ (wrong token?)")
+    if len(kind) != 1 or kind[0] not in MsgType._value2member_map_:
+        raise ProtocolError(f"unknown message type {bytes(kind)!r}")
+    try:
+        header = json.loads(bytes(head))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {header.get('v')!r}, this side speaks {PROTOCOL_VERSION}: upgrade djinn-kernel on both "
+            f"sides (or stop the old daemon with `djinn stop`)"
+        )
+    return MsgType(kind[0]), _decode_value(header, buffers)
+
+
+def error_body(exc: BaseException) -> dict[str, str]:
+    """How an exception travels: Djinn errors by class name, anything else as a generic DjinnError."""
+    name = type(exc).__name__ if isinstance(exc, DjinnError) and type(exc).__name__ in ERRORS_BY_NAME else "DjinnError"
+    message = str(exc) if isinstance(exc, DjinnError) else f"internal error in the daemon: {type(exc).__name__}: {exc}"
+    return {"type": name, "message": message}
+
+
+def raise_error(body: dict[str, Any]) -> None:
+    cls = ERRORS_BY_NAME.get(str(body.get("type")), DjinnError)
+    raise cls(str(body.get("message", "")))
+
+
+# The operations a client may request, with their argument names in call order. The daemon refuses any other
+# op or argument before touching the engine; the client maps positional calls onto these names. ``sid`` always
+# names a session, which the daemon checks belongs to the calling client.
+OPS: dict[str, tuple[str, ...]] = {
+    "heartbeat": (),
+    "goodbye": (),
+    "hello": ("name", "pid"),
+    "load_model": ("name", "dtype"),
+    "models": (),
+    "module_paths": ("model_id",),
+    "open_session": ("model_id",),
+    "close_session": ("sid",),
+    "sessions": (),
+    "describe_session": ("sid",),
+    "add_breakpoint": ("sid", "target", "side", "tokens", "max_hits"),
+    "remove_breakpoint": ("sid", "bp_id"),
+    "add_steering": ("sid", "target", "edit", "side"),
+    "remove_steering": ("sid", "steer_id"),
+    "generate": ("sid", "prompt", "max_new_tokens", "chat", "temperature", "top_k", "seed", "keep_logits"),
+    "resume": ("sid", "mode"),
+    "cancel": ("sid",),
+    "run_snapshot": ("sid",),
+    "run_logits": ("sid",),
+    "activation": ("sid", "original"),
+    "edit": ("sid", "edit"),
+    "reset_edits": ("sid",),
+    "logit_lens": ("sid", "k", "position"),
+    "page_out": ("sid",),
+    "page_in": ("sid",),
+    "status": (),
+    "shutdown": (),
+}
+
+
+def bind_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Name a call's positional arguments after ``OPS[op]``; refuse unknown ops and arguments."""
+    names = OPS.get(op)
+    if names is None:
+        raise InvalidArgumentError(f"unknown operation {op!r}")
+    if len(args) > len(names):
+        raise InvalidArgumentError(f"{op} takes at most {len(names)} arguments ({', '.join(names)})")
+    bound = dict(zip(names, args))
+    for name, value in kwargs.items():
+        if name not in names:
+            raise InvalidArgumentError(f"{op} has no argument {name!r}; it takes {', '.join(names) or 'none'}")
+        if name in bound:
+            raise InvalidArgumentError(f"{op} got {name!r} twice")
+        bound[name] = value
+    return bound
