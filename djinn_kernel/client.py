@@ -157,6 +157,8 @@ def start_local_daemon(folder: Path, args: list[str] | None = None, timeout: flo
                 stderr=log,
                 start_new_session=True,
             )
+        # Reap it when it exits, so this process never keeps a zombie that looks alive to `djinn stop`.
+        threading.Thread(target=proc.wait, name="djinn-daemon-reaper", daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = read_info(folder)

@@ -83,6 +83,8 @@ class Daemon:
                 while replies in ready and replies.poll(0):
                     router.send_multipart(replies.recv_multipart(), copy=False)
                 self._expire()
+            while replies.poll(100):  # the last replies, the answer to `shutdown` among them
+                router.send_multipart(replies.recv_multipart(), copy=False)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self.engine.shutdown()
@@ -149,6 +151,8 @@ class Daemon:
         except BaseException as exc:  # noqa: BLE001 - every failure becomes this request's error reply
             frames = encode(MsgType.ERROR, {"id": request_id, "error": error_body(exc)}, self.key)
         self._push().send_multipart([identity, *frames], copy=False)
+        if header.get("op") == "shutdown":
+            self.stop()  # after the reply is queued, so the caller learns that the daemon is going
 
     def _dispatch(self, client: Client, op: object, args: object) -> Any:
         if not isinstance(op, str) or op not in OPS:
@@ -161,7 +165,6 @@ class Daemon:
             client.name, client.pid = str(args.get("name", "?")), args.get("pid")
             return {**self.describe(), "lease": self.lease}
         if op == "shutdown":
-            self.stop()
             return {"stopping": True}
         if op == "open_session":
             sid = self.engine.open_session(args.get("model_id"), owner=client.label)

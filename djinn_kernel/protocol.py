@@ -9,7 +9,7 @@ A message is a list of ZeroMQ frames:
   and for a request ``"op"`` plus ``"args"``; for a reply ``"result"``; for an error ``"error": {"type",
   "message"}``. Values that JSON cannot hold are encoded as tagged objects: a tensor is
   ``{"__tensor__": i, "dtype": "bfloat16", "shape": [..]}`` whose bytes are raw buffer ``i``; an activation
-  edit is ``{"__edit__": kind, "fields": {..}}``.
+  edit is ``{"__edit__": kind, "fields": {..}}``; a NaN or infinite float is ``{"__float__": "nan"}``.
 - ``signature`` is HMAC-SHA256 over the type, the header and every buffer, keyed with the daemon's secret (the
   token for ``tcp://``; a key in a file only the user can read for ``ipc://``). It is checked with
   ``hmac.compare_digest`` before anything is decoded, so an unauthenticated peer cannot make the daemon parse
@@ -24,12 +24,13 @@ import enum
 import hashlib
 import hmac
 import json
+import math
 from typing import Any
 
 import torch
 
 from .edits import Edit, edit_from_parts
-from .errors import ERRORS_BY_NAME, DjinnError, InvalidArgumentError, ProtocolError
+from .errors import ERRORS_BY_NAME, DjinnError, InvalidArgumentError, InvalidTensorError, ProtocolError
 
 PROTOCOL_VERSION = 1
 
@@ -56,6 +57,8 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def _encode_value(value: Any, buffers: list[memoryview]) -> Any:
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise InvalidTensorError("a tensor on device meta holds no data and cannot be sent; pass a CPU tensor")
         name = str(value.dtype).removeprefix("torch.")
         if name not in DTYPES:
             raise InvalidArgumentError(f"tensors of dtype {value.dtype} cannot be sent; supported: {', '.join(DTYPES)}")
@@ -70,6 +73,8 @@ def _encode_value(value: Any, buffers: list[memoryview]) -> Any:
         return [_encode_value(v, buffers) for v in value]
     if isinstance(value, range):
         return [value.start, value.stop - 1] if value.step == 1 else list(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}  # strict JSON has no NaN/Inf; the daemon still sees (and refuses) them
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise InvalidArgumentError(f"a {type(value).__name__} cannot be sent to the daemon")
@@ -79,6 +84,10 @@ def _decode_value(value: Any, buffers: list[bytes | memoryview]) -> Any:
     if isinstance(value, dict):
         if "__tensor__" in value:
             return _decode_tensor(value, buffers)
+        if "__float__" in value:
+            if value["__float__"] not in ("nan", "inf", "-inf"):
+                raise ProtocolError(f"bad non-finite float {value['__float__']!r}")
+            return float(value["__float__"])
         if "__edit__" in value:
             fields = value.get("fields")
             if not isinstance(fields, dict):

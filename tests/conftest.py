@@ -1,6 +1,13 @@
-"""Shared fixtures: one in-process engine per test module and the two tiny offline models."""
+"""Shared fixtures: one backend per test module and the two tiny offline models.
+
+The backend is an in-process engine, or with ``DJINN_TEST_BACKEND=daemon`` a client of a real daemon process,
+so the engine's tests also run over the wire. Tests marked ``inprocess`` reach into engine internals (the
+underlying nn.Module, hooks) and are skipped against the daemon.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -8,10 +15,30 @@ import djinn_kernel as dj
 from djinn_kernel.engine import Engine
 
 PROMPT = "Hello, world"
+BACKEND = os.environ.get("DJINN_TEST_BACKEND", "inprocess")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "inprocess: needs the in-process engine's internals")
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND == "daemon":
+        skip = pytest.mark.skip(reason="reaches into engine internals; covered by the in-process run")
+        for item in items:
+            if "inprocess" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
+def engine():
+    if BACKEND == "daemon":
+        from daemon_util import DaemonProcess
+
+        daemon = DaemonProcess()
+        yield daemon.client()
+        daemon.stop()
+        return
     eng = Engine(device="cpu")
     yield eng
     eng.shutdown()

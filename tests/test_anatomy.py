@@ -9,6 +9,7 @@ from djinn_kernel.anatomy import inspect_model, resolve_target
 from djinn_kernel.errors import InvalidTargetError
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize(
     "name, layers, norm, head",
     [("tiny-llama", "model.layers", "model.norm", "lm_head"), ("tiny-gpt2", "transformer.h", "transformer.ln_f", "lm_head")],

@@ -168,6 +168,7 @@ def test_model_exception_becomes_execution_error(engine):
         assert_still_usable(session, gpt2)
 
 
+@pytest.mark.inprocess
 def test_model_built_in_code_without_tokenizer(engine):
     from djinn_kernel.builtin import build_builtin
 

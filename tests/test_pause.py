@@ -9,6 +9,7 @@ import djinn_kernel as dj
 from conftest import PROMPT, drain, reference, torch_model
 
 
+@pytest.mark.inprocess
 def test_pause_blocks_later_layers(engine, session, model):
     net = torch_model(engine, model)
     layers = engine._model(model.info["id"]).anatomy.layer_paths
@@ -54,6 +55,7 @@ def test_module_path_breakpoint_is_exact(session, model):
     assert torch.equal(run.logits, logits) and run.tokens == tokens
 
 
+@pytest.mark.inprocess
 def test_activation_matches_hidden_states(engine, session, model):
     net = torch_model(engine, model)
     ids = engine.encode_prompt(engine._model(model.info["id"]), PROMPT, chat=False)
@@ -68,6 +70,7 @@ def test_activation_matches_hidden_states(engine, session, model):
         run.finish()
 
 
+@pytest.mark.inprocess
 def test_tokens_match_hugging_face_generate(engine, model):
     tokens, _ = reference(model, max_new_tokens=10)
     net = torch_model(engine, model)
