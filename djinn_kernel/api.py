@@ -86,6 +86,10 @@ class Model:
     def module_paths(self) -> list[str]:
         return self._backend.module_paths(self.info["id"])
 
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each token id as text, decoded on its own (labels for plots)."""
+        return self._backend.token_strings(self.info["id"], list(token_ids))
+
     def __repr__(self) -> str:
         return f"<djinn Model {self.name}: {self.num_layers} layers, {self.info['dtype']} on {self.info['device']}>"
 
@@ -233,8 +237,16 @@ class Run:
         return self._snapshot["text"]
 
     @property
+    def prompt_ids(self) -> list[int]:
+        return list(self._snapshot["prompt_ids"])
+
+    @property
     def token_step(self) -> int:
         return self._snapshot["token_step"]
+
+    @property
+    def error(self) -> str | None:
+        return self._snapshot["error"]
 
     @property
     def logits(self) -> torch.Tensor:

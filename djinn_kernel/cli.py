@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         memory.pool.reserve(parse_bytes(args.host_reserve))
     key, key_file = new_key(folder)
     endpoints = [ipc_endpoint(folder), *args.listen]
-    engine = Engine(device=device, memory=memory, progress=_progress)
+    engine = Engine(device=device, memory=memory, progress=_progress, deterministic=args.deterministic)
     daemon = Daemon(engine, key, endpoints, lease=args.client_lease)
     install_signal_handlers(daemon)
     write_info(folder, DaemonInfo(os.getpid(), endpoints, str(key_file)))
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host-memory", default=None, help="host pool capacity, e.g. 64GiB (default: half the RAM)")
     serve.add_argument("--host-reserve", default=None, help="pin this much of the host pool at start, e.g. 8GiB")
     serve.add_argument("--page-on-pause", action="store_true", help="page a session out as soon as it pauses")
+    serve.add_argument("--deterministic", action="store_true",
+                       help="math attention only, so runs repeat bit for bit on a GPU (slower)")
     serve.add_argument("--client-lease", type=float, default=5.0,
                        help="seconds without a heartbeat before a client's sessions are reclaimed (default: 5)")
     serve.set_defaults(func=_serve)

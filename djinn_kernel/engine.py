@@ -43,7 +43,7 @@ from .errors import (
 )
 from .handoff import Command, Event, Handoff
 from .hooks import HookDispatcher, bind
-from .memory import GiB, LRUPolicy, MemoryManager
+from .memory import GiB, LRUPolicy, MemoryManager, Transfer
 
 
 def default_device() -> torch.device:
@@ -303,6 +303,7 @@ class Run:
             "pause": None if self.pause is None else self.pause.describe(),
             "token_step": self.token_step,
             "prompt_tokens": int(self.input_ids.shape[-1]),
+            "prompt_ids": self.input_ids[0].tolist(),
             "tokens": list(self.tokens),
             "text": loaded.decode(self.tokens),
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
@@ -348,8 +349,17 @@ class Engine:
         device: str | torch.device | None = None,
         progress: Callable[[str], None] | None = None,
         memory: MemoryManager | None = None,
+        deterministic: bool = False,
     ) -> None:
+        """``deterministic=True`` restricts CUDA attention to the math kernel: the fused kernels are not bitwise
+        repeatable across runs on the H100 (measured: two plain runs differ in the last bits), so exact
+        comparisons between runs on a GPU need it. It sets process-wide torch flags."""
         self.device = torch.device(device) if device is not None else default_device()
+        if deterministic and self.device.type == "cuda":
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            torch.backends.cuda.enable_math_sdp(True)
         self.memory = memory if memory is not None else default_memory(self.device)
         self._progress = progress
         self._models: dict[str, LoadedModel] = {}
@@ -412,6 +422,15 @@ class Engine:
 
     def module_paths(self, model_id: str) -> list[str]:
         return [name for name, _ in self._model(model_id).model.named_modules() if name]
+
+    def token_strings(self, model_id: str, token_ids: list[int]) -> list[str]:
+        """Each token id decoded on its own: labels for heatmap rows and token tables."""
+        loaded = self._model(model_id)
+        if not isinstance(token_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+            raise InvalidArgumentError("token_ids must be a list of integers")
+        if loaded.tokenizer is None:
+            return [f"#{t}" for t in token_ids]
+        return [loaded.tokenizer.decode([t]) for t in token_ids]
 
     def models(self) -> list[dict[str, object]]:
         with self._lock:
@@ -608,14 +627,23 @@ class Engine:
         """Page a paused (or idle) session's state to the host now; it comes back on the next use."""
         session = self._session(sid)
         with session.lock:
-            transfer = self.memory.page_out(sid)
-            return {"bytes": 0 if transfer is None else transfer.nbytes, **self.memory.session_stats(sid)}
+            return self._transfer_report(sid, self.memory.page_out(sid))
 
     def page_in(self, sid: int) -> dict[str, object]:
         session = self._session(sid)
         with session.lock:
-            transfer = self.memory.page_in(sid)
-            return {"bytes": 0 if transfer is None else transfer.nbytes, **self.memory.session_stats(sid)}
+            return self._transfer_report(sid, self.memory.page_in(sid))
+
+    def _transfer_report(self, sid: int, transfer: Transfer | None) -> dict[str, object]:
+        moved = {"bytes": 0, "copies": 0, "seconds": 0.0, "wall_seconds": 0.0}
+        if transfer is not None:
+            moved = {
+                "bytes": transfer.nbytes,
+                "copies": transfer.copies,
+                "seconds": transfer.seconds,
+                "wall_seconds": transfer.wall_seconds,
+            }
+        return {**moved, **self.memory.session_stats(sid)}
 
     def status(self) -> dict[str, object]:
         """Everything a dashboard needs: models, sessions with their memory, device and pool totals."""

@@ -2,7 +2,7 @@
 
 Invariants:
 - Paging is storage-level. A session's tensors (KV cache, the paused activation) are copied storage by
-  storage into one contiguous host extent, then each storage is ``resize_(0)``-ed. Every view of it (the
+  storage, each into its own contiguous host extent, then each storage is ``resize_(0)``-ed. Every view of it (the
   paused forward's local variables included) stays valid and sees the same bytes after ``resize_`` back and
   the copy home. Nothing is lost: the host extent is freed only after the copy back has completed.
 - Only a session whose executor is blocked (paused) or has no run may be paged; a running forward is never
@@ -104,9 +104,10 @@ class HostPool:
                         if holes[h][1] == 0:
                             del holes[h]
                         return self._extent(index, offset, nbytes)
-            grow = max(self.chunk_bytes, nbytes)
+            # Whole chunks, a power of two when larger: torch's pinned allocator rounds up to one anyway.
+            grow = self.chunk_bytes if nbytes <= self.chunk_bytes else 1 << (nbytes - 1).bit_length()
             if self.reserved + grow > self.capacity:
-                grow = nbytes
+                grow = max(self.capacity - self.reserved, nbytes)
             if self.reserved + grow > self.capacity:
                 raise OutOfMemoryError(
                     f"the host pool is full ({self.used / GiB:.2f} of {self.capacity / GiB:.2f} GiB used) and cannot "
@@ -162,30 +163,31 @@ class SessionMemory:
     tensors: Callable[[], list[torch.Tensor]]
     pageable: bool = False
     last_used: float = field(default_factory=time.monotonic)
-    paged: list[tuple[torch.UntypedStorage, int, int]] = field(default_factory=list)  # storage, offset, nbytes
-    extent: Extent | None = None
+    paged: list[tuple[torch.UntypedStorage, Extent]] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
     def is_paged(self) -> bool:
-        return self.extent is not None
+        return bool(self.paged)
 
     def resident_bytes(self) -> int:
         return sum(s.nbytes() for s in unique_storages(self.tensors()))
 
     def host_bytes(self) -> int:
-        return 0 if self.extent is None else self.extent.nbytes
+        return sum(extent.nbytes for _, extent in self.paged)
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """What one page-out or page-in moved and how long it took (wall clock, copies complete)."""
+    """What one page-out or page-in moved: ``seconds`` is the copies alone (CUDA events on the copy stream,
+    after it waited for compute); ``wall_seconds`` adds bookkeeping, allocation and the wait for compute."""
 
     sid: int
     direction: str
     nbytes: int
     copies: int
     seconds: float
+    wall_seconds: float
 
     @property
     def bandwidth(self) -> float:
@@ -250,9 +252,9 @@ class MemoryManager:
             session = self._sessions.pop(sid, None)
         if session is not None:
             with session.lock:
-                if session.extent is not None:
-                    self.pool.free(session.extent)
-                session.extent, session.paged = None, []
+                for _, extent in session.paged:
+                    self.pool.free(extent)
+                session.paged = []
 
     def session(self, sid: int) -> SessionMemory:
         with self._lock:
@@ -306,16 +308,19 @@ class MemoryManager:
             if total == 0:
                 return None
             start = time.perf_counter()
-            extent = self.pool.alloc(total)
-            offset, plan = 0, []
-            for storage in storages:
-                plan.append((storage, offset, storage.nbytes()))
-                offset += storage.nbytes()
-            self._copy([(extent.view[o : o + n], _bytes_view(s)) for s, o, n in plan], self._out_stream if self._cuda else None)
-            for storage, _, _ in plan:
+            plan: list[tuple[torch.UntypedStorage, Extent]] = []
+            try:
+                for storage in storages:
+                    plan.append((storage, self.pool.alloc(storage.nbytes())))
+            except OutOfMemoryError:
+                for _, extent in plan:
+                    self.pool.free(extent)
+                raise
+            seconds = self._copy([(e.view, _bytes_view(s)) for s, e in plan], self._out_stream if self._cuda else None)
+            for storage, _ in plan:
                 storage.resize_(0)
-            session.extent, session.paged = extent, plan
-            transfer = Transfer(sid, "out", total, len(plan), time.perf_counter() - start)
+            session.paged = plan
+            transfer = Transfer(sid, "out", total, len(plan), seconds, time.perf_counter() - start)
             self.transfers.append(transfer)
             self.page_outs += 1
             return transfer
@@ -327,36 +332,43 @@ class MemoryManager:
             if not session.is_paged:
                 session.last_used = time.monotonic()
                 return None
-            assert session.extent is not None
-            self.make_room(session.extent.nbytes, for_sid=sid)
+            total = session.host_bytes()
+            self.make_room(total, for_sid=sid)
             start = time.perf_counter()
-            for storage, _, nbytes in session.paged:
-                storage.resize_(nbytes)
-            extent = session.extent
-            copies = [(_bytes_view(s), extent.view[o : o + n]) for s, o, n in session.paged]
-            self._copy(copies, self._in_stream if self._cuda else None)
-            self.pool.free(extent)
-            transfer = Transfer(sid, "in", extent.nbytes, len(copies), time.perf_counter() - start)
-            session.extent, session.paged = None, []
+            for storage, extent in session.paged:
+                storage.resize_(extent.nbytes)
+            copies = [(_bytes_view(s), e.view) for s, e in session.paged]
+            seconds = self._copy(copies, self._in_stream if self._cuda else None)
+            for _, extent in session.paged:
+                self.pool.free(extent)
+            transfer = Transfer(sid, "in", total, len(copies), seconds, time.perf_counter() - start)
+            session.paged = []
             session.last_used = time.monotonic()
             self.transfers.append(transfer)
             self.page_ins += 1
             return transfer
 
-    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stream: torch.cuda.Stream | None) -> None:
-        """Copy ``src -> dst`` for each pair; on CUDA on ``stream``, ordered after compute and before it."""
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stream: torch.cuda.Stream | None) -> float:
+        """Copy ``src -> dst`` for each pair; on CUDA on ``stream``, ordered after compute and before it.
+
+        Returns the seconds the copies themselves took.
+        """
         if stream is None:
+            start = time.perf_counter()
             for dst, src in pairs:
                 dst.copy_(src)
-            return
+            return time.perf_counter() - start
         compute = torch.cuda.current_stream(self.device)
         stream.wait_stream(compute)
+        begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
+            begin.record(stream)
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
-            done = stream.record_event()
+            done.record(stream)
         compute.wait_event(done)
         done.synchronize()
+        return begin.elapsed_time(done) / 1000
 
     # status ---------------------------------------------------------------------------------------------
     def session_stats(self, sid: int) -> dict[str, object]:

@@ -184,6 +184,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "load_model": ("name", "dtype"),
     "models": (),
     "module_paths": ("model_id",),
+    "token_strings": ("model_id", "token_ids"),
     "open_session": ("model_id",),
     "close_session": ("sid",),
     "sessions": (),

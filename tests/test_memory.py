@@ -35,6 +35,8 @@ def test_host_pool_first_fit_coalesce_and_growth():
     assert pool.alloc(300).chunk == 0 or pool.used == 450
     with pytest.raises(dj.OutOfMemoryError, match="host pool is full"):
         pool.alloc(10_000)
+    big = HostPool(capacity=4096, chunk_bytes=400)
+    assert big.alloc(600).nbytes == 600 and big.reserved == 1024, "an oversized request grows by a power of two"
 
 
 def test_host_pool_reserve_up_front():
