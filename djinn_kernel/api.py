@@ -178,7 +178,16 @@ class Session:
         return self._run
 
     def status(self) -> dict[str, Any]:
+        """State, breakpoints, steering, the current run and memory (bytes on the GPU and on the host)."""
         return self._backend.describe_session(self.id)
+
+    def page_out(self) -> dict[str, Any]:
+        """Move this paused (or idle) session's GPU state to host memory now; it returns on the next use."""
+        return self._backend.page_out(self.id)
+
+    def page_in(self) -> dict[str, Any]:
+        """Bring paged state back ahead of time (a resume does this by itself)."""
+        return self._backend.page_in(self.id)
 
     def close(self) -> None:
         self._backend.close_session(self.id)
@@ -200,6 +209,7 @@ class Run:
         self._backend = backend
         self.session = session
         self._snapshot = snapshot
+        self._pause: Pause | None = None
 
     def _update(self, snapshot: dict[str, Any]) -> Run:
         self._snapshot = snapshot
@@ -223,8 +233,13 @@ class Run:
 
     @property
     def pause(self) -> Pause | None:
+        """The current pause; the same object for as long as the run stays at this pause."""
         info = self._snapshot["pause"]
-        return None if info is None else Pause(self, info)
+        if info is None:
+            return None
+        if self._pause is None or self._pause.info["number"] != info["number"]:
+            self._pause = Pause(self, info)
+        return self._pause
 
     @property
     def tokens(self) -> list[int]:

@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .daemon import Daemon, install_signal_handlers
     from .engine import Engine, default_device, default_memory
     from .memory import LRUPolicy, parse_bytes
+    from .report import format_size
     from .runtime import DaemonInfo, clear_info, ipc_endpoint, new_key, read_info, runtime_dir, write_info
 
     folder = runtime_dir()
@@ -44,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     daemon = Daemon(engine, key, endpoints, lease=args.client_lease)
     install_signal_handlers(daemon)
     write_info(folder, DaemonInfo(os.getpid(), endpoints, str(key_file)))
-    print(f"djinn daemon pid {os.getpid()} on {device}, session budget {_size(memory.budget)}, listening on:")
+    print(f"djinn daemon pid {os.getpid()} on {device}, session budget {format_size(memory.budget)}, listening on:")
     for endpoint in endpoints:
         print(f"  {endpoint}")
     if args.listen:
@@ -69,6 +70,7 @@ def _progress(message: str) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     from .client import connect
+    from .report import format_status
 
     client = connect(start=False, name="djinn status")
     status = client.status()
@@ -78,34 +80,6 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     print(format_status(status))
     return 0
-
-
-def format_status(status: dict) -> str:
-    """A plain-text table of the daemon's device, models and sessions."""
-    gib = 2**30
-    mem, dev = status["memory"], status["device"]
-    lines = [f"daemon pid {status['daemon']['pid']} on {dev.get('name', dev['type'])}"]
-    if "total" in dev:
-        lines.append(f"device memory: {(dev['total'] - dev['free']) / gib:.2f} of {dev['total'] / gib:.2f} GiB used")
-    pool = mem["host_pool"]
-    lines.append(
-        f"session budget {_size(mem['budget'])}, sessions on device {mem['session_gpu_bytes'] / gib:.3f} GiB, "
-        f"host pool {pool['used'] / gib:.3f} of {pool['reserved'] / gib:.3f} GiB reserved"
-        f" ({'pinned' if pool['pinned'] else 'pageable'}), page-outs {mem['page_outs']}, page-ins {mem['page_ins']}"
-    )
-    for m in status["models"]:
-        lines.append(f"model {m['name']}: {m['num_layers']} layers, {m['weight_bytes'] / gib:.3f} GiB weights, {m['dtype']}")
-    lines.append(f"{'session':>8} {'owner':<12} {'model':<16} {'state':<9} {'gpu MiB':>9} {'host MiB':>9}")
-    for s in status["sessions"]:
-        lines.append(
-            f"{s['id']:>8} {s['owner']:<12} {s['model']:<16} {s['state']:<9} "
-            f"{s['memory']['gpu_bytes'] / 2**20:>9.2f} {s['memory']['host_bytes'] / 2**20:>9.2f}"
-        )
-    return "\n".join(lines)
-
-
-def _size(nbytes: int) -> str:
-    return "unlimited" if nbytes >= 1 << 60 else f"{nbytes / 2**30:.2f} GiB"
 
 
 def _stop(args: argparse.Namespace) -> int:

@@ -177,3 +177,20 @@ def test_close_returns_host_extent():
 def test_drain_helper_runs(llama_session):
     llama_session.break_at(0, once=True)
     assert len(drain(llama_session.generate(PROMPT, 2))) == 1
+
+
+def test_session_page_out_through_the_api():
+    engine = paging_engine()
+    model = dj.load("tiny-gpt2", backend=engine)
+    tokens, logits = reference(model)
+    with model.session() as s:
+        s.break_at(1, tokens=3)
+        run = s.generate(PROMPT, 8, keep_logits=True)
+        held = s.status()["memory"]["gpu_bytes"]
+        moved = s.page_out()
+        assert moved["bytes"] == held and moved["copies"] >= 1 and s.status()["state"] == "paged"
+        assert s.page_in()["gpu_bytes"] == held and s.status()["state"] == "paused"
+        s.page_out()
+        run.resume()
+        assert run.tokens == tokens and torch.equal(run.logits, logits)
+    engine.shutdown()
