@@ -183,3 +183,20 @@ def test_model_built_in_code_without_tokenizer(engine):
             s.generate("text", 2)
         run = s.generate([5, 6, 7], 3)
         assert len(run.tokens) == 3 and run.text is None
+
+
+@pytest.mark.inprocess
+def test_load_from_a_local_folder(engine, tmp_path):
+    from djinn_kernel.builtin import build_builtin
+
+    net, tokenizer, _ = build_builtin("tiny-gpt2")
+    net.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = dj.load(str(tmp_path), backend=engine)
+    assert model.num_layers == 4 and model.info["source"] == str(tmp_path)
+    tokens, _ = reference(dj.load("tiny-gpt2", backend=engine))
+    with model.session() as s:
+        assert s.generate(PROMPT, 8).tokens == tokens, "same weights from disk, same greedy tokens"
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(dj.ModelNotFoundError, match="not a loadable"):
+        dj.load(str(tmp_path) + "/", backend=engine)
