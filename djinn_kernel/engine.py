@@ -824,8 +824,13 @@ class Engine:
             ]
 
     def shutdown(self) -> None:
+        """Close every session and take the engine's hooks off its models."""
         for sid in [s["id"] for s in self.sessions()]:
             try:
                 self.close_session(sid)
             except SessionClosedError:
                 continue
+        with self._lock:
+            for loaded in self._models.values():
+                loaded.dispatcher.remove()
+            self._models.clear()

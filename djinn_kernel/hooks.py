@@ -58,7 +58,7 @@ class HookDispatcher:
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
-        self._hooked: set[str] = set()
+        self._hooked: dict[str, tuple[object, object]] = {}
         self._lock = threading.Lock()
 
     def ensure(self, path: str) -> None:
@@ -66,9 +66,18 @@ class HookDispatcher:
             if path in self._hooked:
                 return
             module = self._model.get_submodule(path)
-            module.register_forward_hook(self._output_hook(path))
-            module.register_forward_pre_hook(self._input_hook(path), with_kwargs=True)
-            self._hooked.add(path)
+            self._hooked[path] = (
+                module.register_forward_hook(self._output_hook(path)),
+                module.register_forward_pre_hook(self._input_hook(path), with_kwargs=True),
+            )
+
+    def remove(self) -> None:
+        """Take every hook off the model (when its engine shuts down), so another engine can serve it."""
+        with self._lock:
+            for handles in self._hooked.values():
+                for handle in handles:
+                    handle.remove()
+            self._hooked.clear()
 
     @staticmethod
     def _output_hook(path: str):

@@ -194,3 +194,16 @@ def test_session_page_out_through_the_api():
         run.resume()
         assert run.tokens == tokens and torch.equal(run.logits, logits)
     engine.shutdown()
+
+
+def test_a_model_moves_to_a_new_engine_after_shutdown():
+    from djinn_kernel.builtin import build_builtin
+
+    net, _, _ = build_builtin("tiny-llama")
+    for _ in range(2):
+        engine = paging_engine()
+        model = dj.Model(engine, engine.register_model("shared", net))
+        with model.session() as s:
+            s.break_at(1, tokens=0)
+            assert len(drain(s.generate([5, 6, 7], 2))) == 1, "one pause per hit, not one per engine ever made"
+        engine.shutdown()
