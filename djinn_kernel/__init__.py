@@ -30,6 +30,14 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext djinn_kernel``: register the ``%djinn`` magic."""
+    from .magics import DjinnMagics
+
+    ipython.register_magics(DjinnMagics(ipython))
+
+
 __all__ = [
     "Ablate",
     "AddVector",

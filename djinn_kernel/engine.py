@@ -304,6 +304,8 @@ class Run:
             "token_step": self.token_step,
             "prompt_tokens": int(self.input_ids.shape[-1]),
             "prompt_ids": self.input_ids[0].tolist(),
+            "max_new_tokens": self.max_new_tokens,
+            "sampling": {"temperature": self.sampling.temperature, "top_k": self.sampling.top_k, "seed": self.sampling.seed},
             "tokens": list(self.tokens),
             "text": loaded.decode(self.tokens),
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",

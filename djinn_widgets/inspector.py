@@ -1,0 +1,168 @@
+"""``ActivationInspector``: what the paused activation looks like and what it would predict.
+
+Everything shown comes from the public ``Pause`` handle (``activation``, ``logit_lens``) and the model's
+``token_strings``; the widget computes only display statistics (norms, the most variable dims).
+"""
+
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as W
+import torch
+
+from djinn_kernel.errors import DjinnError
+
+from ._render import TextFallback, html_table, new_figure, png, visible
+
+if TYPE_CHECKING:
+    from djinn_kernel.api import Pause
+
+
+class ActivationInspector(TextFallback, W.VBox):
+    """Header, tokens × top-variance dims heatmap, per-token L2 norms and a logit-lens table for one pause.
+
+    Rows of the activation are the tokens that forward processed: every prompt token at the prefill (token
+    step 0), and only the token fed in at a decode step (the last generated one), so ``labels`` follow that.
+    ``refresh()`` re-reads the run's current pause: after edits, or after the run stopped somewhere else.
+    """
+
+    def __init__(self, pause: Pause, k: int = 5, top_dims: int = 64) -> None:
+        self.pause = pause
+        self.k = k
+        self.top_dims = top_dims
+        self.error: str | None = None
+        self.labels: list[str] = []
+        self.norms = torch.empty(0)
+        self.dims = torch.empty(0, dtype=torch.long)
+        self.values = torch.empty(0, 0)  # [tokens, len(dims)], the heatmap's data
+        self.position = -1
+        self._quiet = False
+        self.lens: list[dict[str, Any]] = []
+        self.header = W.HTML()
+        self.heatmap = W.Image(format="png")
+        self.norm_plot = W.Image(format="png")
+        self.position_control = W.Dropdown(description="position")
+        self.lens_table = W.HTML()
+        super().__init__(
+            [
+                self.header,
+                W.HBox([self.heatmap, self.norm_plot]),
+                W.HBox([self.position_control, self.lens_table]),
+            ]
+        )
+        self.position_control.observe(self._on_position, names="value")
+        self.refresh()
+
+    # data -------------------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Recompute everything from the run's current pause; a DjinnError is shown, not raised."""
+        current = self.pause.run.pause
+        if current is not None:
+            self.pause = current
+        try:
+            activation = self.pause.activation
+            rows = activation.reshape(-1, activation.shape[-1]) if activation.dim() > 1 else activation[None]
+            self.labels = self._labels(rows.shape[0])
+        except DjinnError as exc:
+            self._show_error(exc)
+            return
+        self.error = None
+        self.norms = rows.norm(dim=-1)
+        self.dims = self._top_dims(rows.float())
+        self.values = rows.float()[:, self.dims]
+        last = len(self.labels) - 1
+        self._quiet = True  # options= moves the value to 0 first; that is not the user choosing a position
+        try:
+            self.position_control.options = [(f"{i}: {visible(t)}", i) for i, t in enumerate(self.labels)]
+            self.position_control.value = last
+        finally:
+            self._quiet = False
+        self._update_lens(last)
+        self._render()
+
+    def _labels(self, n: int) -> list[str]:
+        """Token strings of the ``n`` rows: the last ``n`` of prompt + tokens generated before this step."""
+        run = self.pause.run
+        ids = (run.prompt_ids + run.tokens[: self.pause.token_step])[-n:]
+        labels = run.session.model.token_strings(ids)
+        return [f"#{i}" for i in range(n - len(labels))] + labels
+
+    def _top_dims(self, rows: torch.Tensor) -> torch.Tensor:
+        """Hidden dims with the largest variance across tokens (largest magnitude when there is one token)."""
+        score = rows.var(dim=0, unbiased=False) if rows.shape[0] > 1 else rows[0].abs()
+        return score.topk(min(self.top_dims, rows.shape[1])).indices
+
+    def _update_lens(self, position: int) -> None:
+        self.position = position
+        try:
+            self.lens = self.pause.logit_lens(self.k, position)
+        except DjinnError as exc:
+            self.lens = []
+            self.lens_table.value = f"<i>no logit lens here: {_esc(exc)}</i>"
+            return
+        self.lens_table.value = html_table(
+            ["#", "token", "id", "prob", "logit"],
+            [
+                (i + 1, visible(r["token"]), r["token_id"], f"{r['prob']:.4f}", f"{r['logit']:.3f}")
+                for i, r in enumerate(self.lens)
+            ],
+        )
+
+    def _on_position(self, change: dict[str, Any]) -> None:
+        if not self._quiet and change["new"] is not None and self.error is None:
+            self._update_lens(change["new"])
+
+    def _show_error(self, exc: DjinnError) -> None:
+        self.error = str(exc)
+        self.header.value = f"<b style='color:#b00'>{_esc(exc)}</b>"
+
+    # view ---------------------------------------------------------------------------------------------------
+    def _where(self) -> str:
+        p = self.pause
+        where = f"layer {p.layer}" if p.layer is not None else p.path
+        step = "prefill" if p.token_step == 0 else f"decode step {p.token_step}"
+        return f"{where} ({p.side}) · {p.path} · {step} · {list(p.shape)} {p.dtype} · {p.info['edits']} edit(s)"
+
+    def _render(self) -> None:
+        self.header.value = f"<b>{_esc(self._where())}</b>"
+        ticks = [visible(t) for t in self.labels]
+        n = len(ticks)
+        height = min(1.2 + 0.22 * n, 9.0)
+
+        fig = new_figure(6.5, height)
+        ax = fig.add_subplot()
+        image = ax.imshow(self.values.numpy(), aspect="auto", cmap="RdBu_r", interpolation="nearest")
+        ax.set_yticks(range(n), ticks, fontsize=7)
+        step = max(1, len(self.dims) // 16)
+        ax.set_xticks(range(0, len(self.dims), step), [str(int(d)) for d in self.dims[::step]], fontsize=6)
+        ax.set_xlabel(f"hidden dim (top {len(self.dims)} by variance across tokens)")
+        fig.colorbar(image, ax=ax)
+        self.heatmap.value = png(fig)
+
+        fig = new_figure(3.0, height)
+        ax = fig.add_subplot()
+        ax.barh(range(n), self.norms.float().numpy(), color="#4c72b0")
+        ax.set_yticks(range(n), ticks, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("L2 norm")
+        self.norm_plot.value = png(fig)
+
+    def __repr__(self) -> str:
+        if not self.labels:
+            return f"<ActivationInspector: {self.error or 'no data'}>"
+        lens = ", ".join(f"{visible(r['token'])!r} {r['prob']:.3f}" for r in self.lens) or "n/a"
+        n = self.norms.float()
+        return (
+            f"<ActivationInspector {self._where()}\n"
+            f"  norms over {len(n)} token(s): min {n.min():.3f} mean {n.mean():.3f} max {n.max():.3f}\n"
+            f"  logit lens top-{self.k} at position {self.position} "
+            f"({visible(self.labels[self.position])!r}): {lens}"
+            + (f"\n  error: {self.error}" if self.error else "")
+            + ">"
+        )
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value))

@@ -1,0 +1,89 @@
+"""``SessionTable``: every session the backend reports, with where its memory is, and totals.
+
+Through a daemon, ``status()`` already reduces other clients' sessions to id, owner, model, state and memory
+(plus ``"mine": False``); the table shows what it is given and never asks for more. The "where" column (the
+run's pause or token count) is filled only for sessions whose status carries their run, i.e. your own.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import ipywidgets as W
+
+from djinn_kernel.errors import DjinnError
+
+from ._render import TextFallback, html_table, mib, text_table
+
+
+class SessionTable(TextFallback, W.VBox):
+    """An HTML table of ``backend.status()["sessions"]`` with a Refresh button; ``refresh()`` re-reads it."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.sessions: list[dict[str, Any]] = []
+        self.error: str | None = None
+        self.html = W.HTML()
+        self.refresh_button = W.Button(description="Refresh", icon="refresh")
+        self.refresh_button.on_click(lambda _: self.refresh())
+        super().__init__([self.refresh_button, self.html])
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            self.sessions = list(self.backend.status()["sessions"])
+        except DjinnError as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.html.value = f"<b style='color:#b00'>{html.escape(self.error)}</b>"
+            return
+        self.error = None
+        self.html.value = html_table(self.headers, self.rows, foot=self.totals)
+
+    @property
+    def headers(self) -> list[str]:
+        mine = ["mine"] if any("mine" in s for s in self.sessions) else []
+        return ["id", "owner", "model", "state", "GPU MiB", "host MiB", "paged", *mine, "where"]
+
+    @property
+    def rows(self) -> list[list[Any]]:
+        show_mine = any("mine" in s for s in self.sessions)
+        rows = []
+        for s in self.sessions:
+            memory = s.get("memory", {})
+            row = [
+                s["id"],
+                s["owner"],
+                s["model"],
+                s["state"],
+                mib(memory.get("gpu_bytes")),
+                mib(memory.get("host_bytes")),
+                memory.get("paged", "—"),
+            ]
+            if show_mine:
+                row.append("yes" if s.get("mine") else "no")
+            rows.append([*row, _where(s.get("run"))])
+        return rows
+
+    @property
+    def totals(self) -> list[Any]:
+        gpu = sum(s.get("memory", {}).get("gpu_bytes", 0) for s in self.sessions)
+        host = sum(s.get("memory", {}).get("host_bytes", 0) for s in self.sessions)
+        paged = sum(bool(s.get("memory", {}).get("paged")) for s in self.sessions)
+        total = [f"{len(self.sessions)} session(s)", "", "", "", mib(gpu), mib(host), f"{paged} paged"]
+        return total + [""] * (len(self.headers) - len(total))
+
+    def __repr__(self) -> str:
+        if self.error:
+            return f"<SessionTable: {self.error}>"
+        return f"<SessionTable\n{text_table(self.headers, [*self.rows, self.totals])}>"
+
+
+def _where(run: dict[str, Any] | None) -> str:
+    """The run's position for sessions whose status includes it; '—' for redacted or idle ones."""
+    if not run:
+        return "—"
+    pause = run.get("pause")
+    if pause:
+        return f"{pause['path']} ({pause['side']}) step {pause['token_step']}"
+    return f"{run['state']}, {len(run.get('tokens', []))} token(s)"

@@ -1,0 +1,195 @@
+"""``SteeringPanel``: try an edit on a paused run, see what it does to the prediction, then commit to it.
+
+Preview applies the edit, reads the logit lens, and resets the pause, so a preview never leaks into the run.
+Apply & resume makes the edit stick, finishes the run, and generates the same prompt (as token ids, so the
+chat template is not applied twice) in a fresh session with no breakpoints and no steering: the unsteered
+baseline the steered text is compared with.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as W
+import torch
+
+from djinn_kernel.errors import DjinnError, InvalidArgumentError, NotPausedError
+
+from ._render import TextFallback, html_table, visible
+
+if TYPE_CHECKING:
+    from djinn_kernel.api import Pause, Run
+
+OPS = ("scale", "add", "ablate")
+
+
+class SteeringPanel(TextFallback, W.VBox):
+    """Op, coefficient, Preview and Apply & resume for ``run``'s current pause.
+
+    ``add`` (``alpha * vector``) and ``ablate`` (project ``vector`` out) need ``vector``, a 1-D tensor of the
+    hidden size; without one only ``scale`` is offered. ``max_new_tokens`` for the baseline defaults to the
+    number of tokens the steered run produced (the run's own limit is not part of its snapshot).
+    DjinnErrors go to ``status`` rather than into the widget callback.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        vector: torch.Tensor | None = None,
+        *,
+        k: int = 5,
+        max_new_tokens: int | None = None,
+    ) -> None:
+        if vector is not None and not isinstance(vector, torch.Tensor):
+            raise TypeError(f"vector must be a torch.Tensor or None, not {type(vector).__name__}")
+        self.run = run
+        self.vector = vector
+        self.k = k
+        self.max_new_tokens = max_new_tokens
+        self.before: list[dict[str, Any]] = []
+        self.after: list[dict[str, Any]] = []
+        self.steered_text: str | None = None
+        self.original_text: str | None = None
+        self.enabled_ops = OPS if vector is not None else ("scale",)
+        self.op = W.Dropdown(options=list(self.enabled_ops), value="scale", description="op")
+        self.coefficient = W.FloatSlider(value=2.0, min=-10.0, max=10.0, step=0.1, description="coef")
+        self.preview_button = W.Button(description="Preview", icon="eye")
+        self.apply_button = W.Button(description="Apply & resume", icon="play", button_style="warning")
+        hint = "" if vector is not None else "<i>add / ablate need a vector: SteeringPanel(run, vector=v)</i>"
+        self.hint = W.HTML(hint)
+        self.status = W.HTML()
+        self.lens_table = W.HTML()
+        self.comparison = W.HTML()
+        self.op.observe(self._on_op, names="value")
+        self.preview_button.on_click(lambda _: self.preview())
+        self.apply_button.on_click(lambda _: self.apply_and_resume())
+        super().__init__(
+            [
+                W.HBox([self.op, self.coefficient]),
+                self.hint,
+                W.HBox([self.preview_button, self.apply_button]),
+                self.status,
+                self.lens_table,
+                self.comparison,
+            ]
+        )
+        self._sync_buttons()
+
+    # actions ------------------------------------------------------------------------------------------------
+    def preview(self) -> None:
+        """Show the top-k logit lens before and after the edit; the pause is left as it was."""
+        try:
+            pause = self._pause()
+            self.before = pause.logit_lens(self.k)
+            # Edits made before the preview are restored after it; reset() alone would drop them too.
+            kept = pause.activation if pause.info["edits"] else None
+            try:
+                self._apply(pause)
+                self.after = pause.logit_lens(self.k)
+            finally:
+                pause.reset()
+                if kept is not None:
+                    pause.replace(kept)
+        except DjinnError as exc:
+            self._error(exc)
+            return
+        self.lens_table.value = self._lens_html()
+        note = ""
+        if self.op.value == "scale" and self.coefficient.value > 0 and _ids(self.before) == _ids(self.after):
+            note = " (the final norm makes the lens blind to a positive scale here; later layers are not)"
+        self.status.value = f"preview of {html.escape(self._describe())}: not applied{note}"
+
+    def apply_and_resume(self) -> None:
+        """Apply the edit, finish the run, and compare its text with an unsteered run of the same prompt."""
+        try:
+            self._apply(self._pause())
+            self.run.finish()
+        except DjinnError as exc:
+            self._error(exc)
+            return
+        finally:
+            self._sync_buttons()
+        if self.run.state != "finished":
+            self.status.value = _red(f"the run {self.run.state}: {self.run.error}")
+            return
+        self.steered_text = self.run.text
+        try:
+            self.original_text = self._baseline()
+        except DjinnError as exc:
+            self._error(exc)
+        self.comparison.value = html_table(
+            ["unsteered", f"steered ({self._describe()})"],
+            [(self.original_text if self.original_text is not None else "—", self.steered_text)],
+        )
+        if self.original_text is not None:
+            self.status.value = f"applied {html.escape(self._describe())} and finished"
+
+    # helpers ------------------------------------------------------------------------------------------------
+    def _pause(self) -> Pause:
+        pause = self.run.pause
+        if pause is None:
+            raise NotPausedError(f"run {self.run.id} is {self.run.state}, not paused: nothing to steer")
+        return pause
+
+    def _apply(self, pause: Pause) -> None:
+        op, coef = self.op.value, float(self.coefficient.value)
+        if op == "scale":
+            pause.scale(coef)
+        elif self.vector is None:
+            raise InvalidArgumentError(f"{op} needs a steering vector: SteeringPanel(run, vector=v)")
+        elif op == "add":
+            pause.add(self.vector, coef)
+        else:
+            pause.ablate(self.vector)
+
+    def _baseline(self) -> str:
+        """The same prompt ids in a new session of the same model, no breakpoints, same number of tokens."""
+        n = self.max_new_tokens or max(1, len(self.run.tokens))
+        with self.run.session.model.session() as session:
+            return session.generate(self.run.prompt_ids, n).text
+
+    def _describe(self) -> str:
+        op = self.op.value
+        return "ablate(vector)" if op == "ablate" else f"{op}({self.coefficient.value:g})"
+
+    def _lens_html(self) -> str:
+        rows = []
+        for i in range(max(len(self.before), len(self.after))):
+            b = self.before[i] if i < len(self.before) else None
+            a = self.after[i] if i < len(self.after) else None
+            rows.append((i + 1, _entry(b), _entry(a)))
+        return html_table(["#", "lens before", f"after {self._describe()}"], rows)
+
+    def _on_op(self, change: dict[str, Any]) -> None:
+        self.coefficient.disabled = change["new"] == "ablate"
+
+    def _sync_buttons(self) -> None:
+        done = not self.run.paused
+        self.preview_button.disabled = self.apply_button.disabled = done
+
+    def _error(self, exc: DjinnError) -> None:
+        self.status.value = _red(f"{type(exc).__name__}: {exc}")
+
+    def __repr__(self) -> str:
+        ops = "/".join(self.enabled_ops)
+        lines = [f"<SteeringPanel run {self.run.id} ({self.run.state}), ops {ops}, edit {self._describe()}"]
+        if self.after:
+            lines.append("  lens before: " + ", ".join(_entry(r) for r in self.before))
+            lines.append("  lens after:  " + ", ".join(_entry(r) for r in self.after))
+        if self.steered_text is not None:
+            lines.append(f"  unsteered: {self.original_text!r}")
+            lines.append(f"  steered:   {self.steered_text!r}")
+        return "\n".join(lines) + ">"
+
+
+def _entry(row: dict[str, Any] | None) -> str:
+    return "" if row is None else f"{visible(row['token'])!r} {row['prob']:.3f}"
+
+
+def _ids(rows: list[dict[str, Any]]) -> list[int]:
+    return [r["token_id"] for r in rows]
+
+
+def _red(text: str) -> str:
+    return f"<b style='color:#b00'>{html.escape(text)}</b>"

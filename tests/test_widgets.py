@@ -1,0 +1,355 @@
+"""Widgets over a real paused run of the tiny model: the data they show is the data the public API returns."""
+
+from __future__ import annotations
+
+import html
+import subprocess
+import sys
+import types
+
+import ipywidgets as W
+import pynvml
+import pytest
+import torch
+from IPython.core.formatters import DisplayFormatter
+from traitlets import TraitError
+
+import djinn_kernel as dj
+from conftest import PROMPT
+from djinn_widgets import ActivationInspector, SessionTable, SteeringPanel, VramMonitor
+
+PNG = b"\x89PNG"
+STEPS = 6
+
+
+@pytest.fixture
+def paused(llama: dj.Model):
+    """A run paused at the output of layer 2 during the prefill."""
+    with llama.session() as s:
+        s.break_at(2, tokens=0)
+        run = s.generate(PROMPT, STEPS)
+        assert run.paused
+        yield run
+
+
+def unsteered_text(model: dj.Model, prompt_ids: list[int], steps: int = STEPS) -> str:
+    with model.session() as s:
+        return s.generate(prompt_ids, steps).text
+
+
+def plain_text(widget: W.Widget) -> str:
+    """What a front end without the widget manager shows: IPython's text/plain for the object."""
+    data, _ = DisplayFormatter().format(widget)
+    return data["text/plain"]
+
+
+# ActivationInspector ----------------------------------------------------------------------------------------
+
+
+def test_inspector_shows_the_pause_data(paused):
+    pause = paused.pause
+    insp = ActivationInspector(pause, k=4, top_dims=16)
+    assert insp.labels == list(PROMPT)  # tiny-llama's tokenizer is character level
+    assert torch.equal(insp.norms, pause.activation[0].norm(dim=-1))
+    assert len(insp.dims) == 16 and insp.values.shape == (len(PROMPT), 16)
+    variance = pause.activation[0].var(dim=0, unbiased=False)
+    assert set(insp.dims.tolist()) == set(variance.topk(16).indices.tolist())
+    assert insp.position == len(PROMPT) - 1 and insp.position_control.value == len(PROMPT) - 1
+    assert insp.lens == pause.logit_lens(4)
+    assert bytes(insp.heatmap.value).startswith(PNG) and bytes(insp.norm_plot.value).startswith(PNG)
+    assert "model.layers.2" in insp.header.value and "prefill" in insp.header.value
+    assert html.escape(insp.lens[0]["token"]) in insp.lens_table.value
+
+
+def test_inspector_default_dims_capped_by_hidden_size(paused):
+    insp = ActivationInspector(paused.pause)
+    assert len(insp.dims) == min(64, paused.session.model.hidden_size)
+    assert len(set(insp.dims.tolist())) == len(insp.dims)
+
+
+def test_inspector_position_control_changes_lens(paused):
+    insp = ActivationInspector(paused.pause)
+    last = insp.lens
+    insp.position_control.value = 0
+    assert insp.position == 0
+    assert insp.lens == paused.pause.logit_lens(5, 0)
+    assert insp.lens != last
+
+
+def test_inspector_refresh_after_edit(paused):
+    pause = paused.pause
+    insp = ActivationInspector(pause)
+    before = insp.norms.clone()
+    pause.scale(2.0)
+    insp.refresh()
+    assert torch.allclose(insp.norms, 2 * before)
+    assert "1 edit(s)" in insp.header.value
+
+
+def test_inspector_decode_step_labels_the_fed_token(llama):
+    with llama.session() as s:
+        s.break_at(1, tokens=2)
+        run = s.generate(PROMPT, STEPS)
+        assert run.pause.token_step == 2
+        insp = ActivationInspector(run.pause)
+        assert insp.labels == llama.token_strings([run.tokens[1]])
+        assert insp.norms.shape == (1,) and "decode step 2" in insp.header.value
+        assert insp.lens == run.pause.logit_lens(5)
+
+
+def test_inspector_without_lens_and_after_the_pause(llama):
+    with llama.session() as s:
+        s.break_at("model.layers.1.mlp.down_proj", side="input", once=True)
+        run = s.generate(PROMPT, 2)
+        insp = ActivationInspector(run.pause)
+        assert insp.lens == [] and "no logit lens" in insp.lens_table.value
+        assert bytes(insp.heatmap.value).startswith(PNG)
+        run.finish()
+        insp.refresh()  # the pause is over: shown, not raised
+        assert "pause is over" in insp.error and "pause is over" in insp.header.value
+
+
+def test_inspector_repr(paused):
+    insp = ActivationInspector(paused.pause)
+    text = repr(insp)
+    assert "[1, 12, 64]" in text and "norms over 12 token(s)" in text and repr(insp.lens[0]["token"]) in text
+    assert plain_text(insp) == text and len(text) > 110  # not cut the way ipywidgets cuts it
+
+
+# SteeringPanel --------------------------------------------------------------------------------------------------
+
+
+def test_preview_leaves_no_edit(paused):
+    panel = SteeringPanel(paused)
+    panel.op.value, panel.coefficient.value = "scale", -4.0  # a positive scale is invisible through the final norm
+    panel.preview()
+    assert paused.pause.info["edits"] == 0 and paused.paused
+    assert panel.before == paused.pause.logit_lens(5)
+    assert [r["token_id"] for r in panel.after] != [r["token_id"] for r in panel.before]
+    assert html.escape(panel.after[0]["token"]) in panel.lens_table.value
+    assert "not applied" in panel.status.value
+
+
+def test_preview_keeps_earlier_edits(paused):
+    pause = paused.pause
+    pause.scale(3.0)
+    edited = pause.activation.clone()
+    SteeringPanel(paused, vector=torch.ones(64)).preview()
+    assert torch.equal(paused.pause.activation, edited)
+
+
+def test_add_and_ablate_need_a_vector(paused):
+    panel = SteeringPanel(paused)
+    assert tuple(panel.op.options) == ("scale",) == panel.enabled_ops
+    with pytest.raises(TraitError):
+        panel.op.value = "add"
+    with_vector = SteeringPanel(paused, vector=torch.ones(64))
+    assert tuple(with_vector.op.options) == ("scale", "add", "ablate")
+    with_vector.op.value = "ablate"
+    assert with_vector.coefficient.disabled
+
+
+def test_add_vector_changes_lens(paused):
+    panel = SteeringPanel(paused, vector=torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    panel.op.value, panel.coefficient.value = "add", 10.0
+    panel.preview()
+    assert paused.pause.info["edits"] == 0
+    assert panel.after != panel.before
+
+
+def test_bad_vector_is_reported_not_raised(paused):
+    panel = SteeringPanel(paused, vector=torch.ones(7))
+    panel.op.value = "add"
+    panel.preview()
+    assert "InvalidTensorError" in panel.status.value and "(7,)" in panel.status.value
+    assert paused.paused and paused.pause.info["edits"] == 0
+    panel.apply_and_resume()
+    assert "InvalidTensorError" in panel.status.value and paused.paused
+    assert not panel.apply_button.disabled
+
+
+def test_apply_and_resume_compares_with_unsteered(paused, llama):
+    panel = SteeringPanel(paused)
+    panel.coefficient.value = 10.0
+    panel.apply_and_resume()
+    assert paused.state == "finished" and len(paused.tokens) == STEPS
+    assert panel.steered_text == paused.text
+    assert panel.original_text == unsteered_text(llama, paused.prompt_ids)
+    assert panel.original_text != panel.steered_text  # scaling the residual stream by 10 changes this model's output
+    assert html.escape(panel.original_text) in panel.comparison.value
+    assert html.escape(panel.steered_text) in panel.comparison.value
+    assert panel.preview_button.disabled and panel.apply_button.disabled
+    panel.preview()  # the run is over: a message, not an exception
+    assert "NotPausedError" in panel.status.value
+
+
+def test_steering_repr(paused):
+    panel = SteeringPanel(paused)
+    panel.coefficient.value = -4.0
+    panel.preview()
+    text = repr(panel)
+    assert "lens before" in text and "lens after" in text and "scale(-4)" in text
+    assert plain_text(panel) == text
+
+
+# VramMonitor ----------------------------------------------------------------------------------------------------
+
+
+def _no_nvml(*_: object) -> None:
+    raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """NVML behaves as on a machine without the NVIDIA driver (as this CI machine does anyway)."""
+    monkeypatch.setattr(pynvml, "nvmlInit", _no_nvml)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    calls = {"init": 0, "shutdown": 0}
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.__setitem__("init", calls["init"] + 1))
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: calls.__setitem__("shutdown", calls["shutdown"] + 1))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: f"gpu{i}")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda h: "Fake H100")
+    memory = types.SimpleNamespace(total=80 << 30, used=3 << 30, free=77 << 30)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda h: memory)
+    return calls
+
+
+def test_vram_without_gpu(no_gpu, engine, paused):
+    mon = VramMonitor(engine)
+    assert mon.samples == [] and not mon.running  # nothing sampled or started by the constructor
+    sample = mon.refresh()
+    assert mon.gpu is None and "no GPU" in mon.device_label.value and "Not Found" in mon.nvml_error
+    status = engine.status()
+    mine = next(s for s in status["sessions"] if s["id"] == paused.session.id)
+    assert mon.samples == [sample] and sample.gpu_used is None
+    assert sample.sessions[paused.session.id] == (mine["memory"]["gpu_bytes"], mine["memory"]["host_bytes"])
+    assert sample.session_gpu_bytes == status["memory"]["session_gpu_bytes"] > 0
+    assert sample.host_pool_used == status["memory"]["host_pool"]["used"]
+    assert bytes(mon.plot.value).startswith(PNG)
+    assert f"<td style=\"padding:1px 8px;text-align:left;font-family:monospace\">{paused.session.id}</td>" in (
+        mon.sessions_html.value
+    )
+
+
+def test_vram_with_gpu(fake_gpu, engine):
+    mon = VramMonitor(engine)
+    mon.refresh()
+    mon.refresh()
+    assert fake_gpu["init"] == 1  # NVML initialised once, lazily
+    assert mon.gpu == {"name": "Fake H100", "used": 3 << 30, "total": 80 << 30}
+    assert mon.samples[-1].gpu_total == 80 << 30 and "Fake H100: 3.0 GiB / 80.0 GiB" in mon.device_label.value
+    mon.close()
+    assert fake_gpu["shutdown"] == 1
+
+
+def test_vram_history_is_bounded(no_gpu, engine):
+    mon = VramMonitor(engine, history=2)
+    for _ in range(3):
+        mon.refresh()
+    assert len(mon.samples) == 2 and mon.samples[0].time <= mon.samples[1].time
+
+
+def test_vram_live_thread_starts_and_stops(no_gpu, engine):
+    mon = VramMonitor(engine, interval=0.001)
+    mon.start()
+    thread = mon._thread
+    mon.start()  # already running: no second thread
+    assert mon._thread is thread and thread.daemon
+    assert mon.wait_for_samples(3, timeout=30)
+    mon.stop()
+    assert not thread.is_alive() and not mon.running
+
+
+def test_vram_backend_error_is_shown(no_gpu):
+    class Gone:
+        def status(self):
+            raise dj.DaemonConnectionError("the daemon went away")
+
+    mon = VramMonitor(Gone())
+    assert mon.refresh() is None and mon.samples == []
+    assert "went away" in mon.device_label.value
+
+
+def test_vram_repr(no_gpu, engine, paused):
+    mon = VramMonitor(engine)
+    assert "not sampled yet" in repr(mon)
+    mon.refresh()
+    text = repr(mon)
+    assert text.startswith("<VramMonitor no GPU") and "GPU MiB" in text and "paused" in text
+    assert plain_text(mon) == text
+
+
+def test_import_starts_nothing():
+    code = (
+        "import threading, torch, pynvml\n"
+        "calls = []\n"
+        "pynvml.nvmlInit = lambda *a: calls.append(a)\n"
+        "import djinn_widgets, djinn_widgets.vram\n"
+        "djinn_widgets.VramMonitor(object())\n"
+        "assert not calls, 'NVML initialised'\n"
+        "assert threading.active_count() == 1, threading.enumerate()\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "assert 'pynvml' not in vars(djinn_widgets.vram)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# SessionTable ----------------------------------------------------------------------------------------------------
+
+
+def test_session_table_lists_sessions(engine, paused):
+    table = SessionTable(engine)
+    sid = paused.session.id
+    row = next(r for r in table.rows if r[0] == sid)
+    assert row[3] == "paused" and row[-1] == "model.layers.2 (output) step 0"
+    assert f">{sid}<" in table.html.value and ">paused<" in table.html.value
+    assert f"{len(table.sessions)} session(s)" in table.html.value
+    paused.finish()
+    table.refresh()
+    assert ">idle<" in table.html.value and ">finished, 6 token(s)<" in table.html.value
+
+
+class FakeDaemon:
+    """A daemon client's status: my session in full, another client's reduced to what the daemon lets through."""
+
+    def status(self):
+        return {
+            "sessions": [
+                {
+                    "id": 1,
+                    "owner": "client-1",
+                    "model": "tiny-llama",
+                    "state": "idle",
+                    "breakpoints": [],
+                    "steering": [],
+                    "run": None,
+                    "memory": {"gpu_bytes": 3 << 20, "host_bytes": 0, "paged": False},
+                    "mine": True,
+                },
+                {
+                    "id": 2,
+                    "owner": "<b>client-2</b>",
+                    "model": "smollm2-135m",
+                    "state": "paused",
+                    "memory": {"gpu_bytes": 0, "host_bytes": 5 << 20, "paged": True},
+                    "mine": False,
+                },
+            ]
+        }
+
+
+def test_session_table_redacted_rows():
+    table = SessionTable(FakeDaemon())
+    assert table.headers[-2:] == ["mine", "where"]
+    assert table.rows == [
+        [1, "client-1", "tiny-llama", "idle", "3.00", "0.00", False, "yes", "—"],
+        [2, "<b>client-2</b>", "smollm2-135m", "paused", "0.00", "5.00", True, "no", "—"],
+    ]
+    assert table.totals[:7] == ["2 session(s)", "", "", "", "3.00", "5.00", "1 paged"]
+    assert "&lt;b&gt;client-2&lt;/b&gt;" in table.html.value and "<b>client-2" not in table.html.value
+    text = repr(table)
+    assert "client-2" in text and "smollm2-135m" in text and "2 session(s)" in text
+    assert plain_text(table) == text
