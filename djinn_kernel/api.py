@@ -284,6 +284,13 @@ class Run:
         """Stop the run where it is; the session becomes idle."""
         return self._update(self._backend.cancel(self.session.id))
 
+    def wait(self, timeout: float | None = None) -> Run:
+        """Block until a running run pauses or ends, e.g. after Ctrl-C interrupted ``generate`` or ``resume``."""
+        snapshot = self._backend.wait(self.session.id, timeout)
+        if snapshot is not None and snapshot["run_id"] == self.id:
+            self._snapshot = snapshot
+        return self
+
     def refresh(self) -> Run:
         snapshot = self._backend.run_snapshot(self.session.id)
         if snapshot is not None and snapshot["run_id"] == self.id:

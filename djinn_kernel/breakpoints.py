@@ -41,6 +41,18 @@ def parse_tokens(tokens: int | range | tuple[int, int] | str | None) -> range | 
     return result
 
 
+def remove_by_id(items: dict[int, object], item_id: int | None, what: str) -> list[int]:
+    """Delete ``items[item_id]``, or every item when ``item_id`` is None; returns the ids removed."""
+    if item_id is None:
+        removed = list(items)
+        items.clear()
+        return removed
+    if item_id not in items:
+        raise InvalidArgumentError(f"no {what} {item_id}; existing: {sorted(items) or 'none'}")
+    del items[item_id]
+    return [item_id]
+
+
 @dataclass
 class Breakpoint:
     """One breakpoint of a session. ``hits`` counts the pauses it caused, across runs of the session."""
@@ -99,17 +111,7 @@ class BreakpointTable:
 
     def remove(self, bp_id: int | None = None) -> list[int]:
         """Delete one breakpoint by id, or all of them when ``bp_id`` is None; returns the ids removed."""
-        if bp_id is None:
-            removed = list(self._items)
-            self._items.clear()
-            return removed
-        if bp_id not in self._items:
-            raise InvalidArgumentError(f"no breakpoint {bp_id}; existing: {sorted(self._items) or 'none'}")
-        del self._items[bp_id]
-        return [bp_id]
-
-    def paths(self) -> set[tuple[str, str]]:
-        return {(bp.path, bp.side) for bp in self._items.values()}
+        return remove_by_id(self._items, bp_id, "breakpoint")
 
     def match(self, path: str, side: str, token_step: int) -> list[Breakpoint]:
         hit = [bp for bp in self._items.values() if bp.wants(path, side, token_step)]

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import models
 from .anatomy import Anatomy, inspect_model, resolve_target
-from .breakpoints import SIDES, BreakpointTable
+from .breakpoints import SIDES, BreakpointTable, remove_by_id
 from .decode import Sampling, decode
 from .edits import AddVector, Edit, check_tensor
 from .errors import (
@@ -209,6 +209,7 @@ class Run:
         self.sampling = sampling
         self.keep_logits = keep_logits
         self.handoff = Handoff()
+        self.seen = self.handoff.seq  # the last event the engine has processed
         self.state = RunState.RUNNING
         self.token_step = 0
         self.tokens: list[int] = []
@@ -543,14 +544,7 @@ class Engine:
     def remove_steering(self, sid: int, steer_id: int | None = None) -> list[int]:
         session = self._session(sid)
         with session.lock:
-            if steer_id is None:
-                removed = list(session.steering)
-                session.steering.clear()
-                return removed
-            if steer_id not in session.steering:
-                raise InvalidArgumentError(f"no steering {steer_id}; existing: {sorted(session.steering) or 'none'}")
-            del session.steering[steer_id]
-            return [steer_id]
+            return remove_by_id(session.steering, steer_id, "steering")
 
     # runs -----------------------------------------------------------------------------------------------
     def encode_prompt(self, loaded: LoadedModel, prompt: str | list[int], chat: bool | None) -> torch.Tensor:
@@ -596,6 +590,7 @@ class Engine:
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise InvalidArgumentError(f"top_k must be a positive integer or None, not {top_k!r}")
         with session.lock:
+            self._sync(session)
             if session.run is not None and session.run.state not in ENDED:
                 raise SessionBusyError(
                     f"session {sid} has a {session.run.state.value} run; resume it to the end (run.finish()) or "
@@ -614,9 +609,8 @@ class Engine:
             )
             self.memory.set_pageable(sid, False)
             session.run = run
-            seen = run.handoff.seq
             session.executor.submit(run.execute)
-            return self._await(run, seen)
+            return self._await(run)
 
     @contextlib.contextmanager
     def _resident(self, session: SessionState):
@@ -661,7 +655,23 @@ class Engine:
             )
         return {"device": device, "memory": self.memory.stats(), "models": self.models(), "sessions": self.sessions()}
 
+    def wait(self, sid: int, timeout: float | None = None) -> dict[str, object] | None:
+        """Wait for a running run to pause or end (after an interrupted ``generate`` or ``resume``)."""
+        session = self._session(sid)
+        with session.lock:
+            run = session.run
+            if run is not None and run.state is RunState.RUNNING:
+                return self._await(run, timeout=timeout)
+            return None if run is None else run.snapshot()
+
+    def _sync(self, session: SessionState) -> None:
+        """Process an event that an interrupted driver left behind (call with the session lock held)."""
+        run = session.run
+        if run is not None and run.state is RunState.RUNNING:
+            self._await(run, raise_failure=False, timeout=0)
+
     def _live_run(self, session: SessionState) -> Run:
+        self._sync(session)
         run = session.run
         if run is None:
             raise NotPausedError(f"session {session.id} has no run; start one with session.generate(prompt)")
@@ -687,10 +697,9 @@ class Engine:
             run, _ = self._paused_run(session)
             with self._resident(session):
                 self.memory.set_pageable(sid, False)
-                seen = run.handoff.seq
                 run.state, run.pause = RunState.RUNNING, None
                 run.handoff.send(commands[mode])
-            return self._await(run, seen)
+            return self._await(run)
 
     def cancel(self, sid: int) -> dict[str, object]:
         """End the session's run. Safe from any thread: a run mid-forward stops at its next layer."""
@@ -706,19 +715,25 @@ class Engine:
             return run.snapshot()
 
     def _cancel(self, run: Run) -> None:
-        seen = run.handoff.seq
         run.abort_flag()
         if run.state is RunState.PAUSED:
             run.state, run.pause = RunState.RUNNING, None
             run.handoff.send(Command.ABORT)
-        self._await(run, seen, raise_failure=False)
+        self._await(run, raise_failure=False)
 
-    def _await(self, run: Run, seen: int, raise_failure: bool = True) -> dict[str, object]:
-        posted = run.handoff.wait(seen)
+    def _await(self, run: Run, raise_failure: bool = True, timeout: float | None = None) -> dict[str, object]:
+        """Take the run's next event (the first one not yet processed); with a timeout, it may still be running.
+
+        A driver interrupted while waiting (Ctrl-C in a notebook) leaves the event unprocessed; the next call
+        on the session picks it up here, so the run's state never goes stale.
+        """
+        posted = run.handoff.wait(run.seen, timeout)
+        if posted is None:
+            return run.snapshot()
         while posted.event is Event.PAUSED and run._aborting:
-            seen = posted.seq
             run.handoff.send(Command.ABORT)
-            posted = run.handoff.wait(seen)
+            posted = run.handoff.wait(posted.seq)
+        run.seen = posted.seq
         if posted.event is Event.PAUSED:
             run.state, run.pause = RunState.PAUSED, posted.payload
         elif posted.event is Event.FINISHED:

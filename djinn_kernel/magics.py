@@ -9,6 +9,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 from typing import Any, NoReturn
 
@@ -145,7 +146,8 @@ class DjinnMagics(Magics):
         if args.daemon:
             api.connect()
         if self.session is not None:
-            self.session.close()
+            with contextlib.suppress(DjinnError):  # already gone with its daemon: nothing left to free
+                self.session.close()
         self.model = api.load(args.model)
         self.session, self.run = self.model.session(), None
         return self.model

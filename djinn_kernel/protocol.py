@@ -196,6 +196,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "generate": ("sid", "prompt", "max_new_tokens", "chat", "temperature", "top_k", "seed", "keep_logits"),
     "resume": ("sid", "mode"),
     "cancel": ("sid",),
+    "wait": ("sid", "timeout"),
     "run_snapshot": ("sid",),
     "run_logits": ("sid",),
     "activation": ("sid", "original"),

@@ -123,3 +123,34 @@ def test_help(ip):
     assert "--tokens" in djinn(ip, "help break")
     for word in ("load", "break", "continue", "inspect", "steer", "vram", "_djinn"):
         assert word in DjinnMagics.djinn.__doc__
+
+
+def test_cancel(ip, loaded):
+    djinn(ip, "break 1")
+    djinn(ip, "run Hello --max-new-tokens 3")
+    assert djinn(ip, "cancel").state == "cancelled"
+    assert djinn(ip, "run Hello --max-new-tokens 3").paused, "the session is usable after a cancel"
+    djinn(ip, "finish")
+
+
+def test_load_in_the_daemon(ip, monkeypatch):
+    import os
+    import tempfile
+
+    from djinn_kernel import api, cli
+    from djinn_kernel.client import DaemonClient
+
+    folder = tempfile.mkdtemp(prefix="djm-", dir="/tmp")
+    os.chmod(folder, 0o700)
+    monkeypatch.setenv("DJINN_RUNTIME_DIR", folder)
+    monkeypatch.setattr(api, "_backend", None)
+    try:
+        model = djinn(ip, "load tiny-llama --daemon")
+        assert isinstance(model._backend, DaemonClient)
+        djinn(ip, "break 2 --once")
+        run = djinn(ip, "run Hello --max-new-tokens 2")
+        assert run.paused and ip.user_ns["_djinn"].shape[-1] == model.hidden_size
+        assert "daemon pid" in djinn(ip, "status")
+        djinn(ip, "finish")
+    finally:
+        assert cli.main(["stop"]) == 0

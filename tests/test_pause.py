@@ -237,3 +237,30 @@ def test_stale_pause_refuses_edits(session):
     with pytest.raises(dj.NotPausedError, match="moved on"):
         first.scale(2.0)
     run.finish()
+
+
+@pytest.mark.inprocess
+def test_interrupted_wait_leaves_a_usable_run(session, model, monkeypatch):
+    """Ctrl-C while generate waits: the run goes on; the next call on the session picks its state up."""
+    from djinn_kernel.handoff import Handoff
+
+    tokens, _ = reference(model)
+    real_wait = Handoff.wait
+    calls = []
+
+    def interrupted(self, after, timeout=None):
+        if not calls:
+            calls.append(after)
+            raise KeyboardInterrupt
+        return real_wait(self, after, timeout)
+
+    session.break_at(2, once=True)
+    monkeypatch.setattr(Handoff, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        session.generate(PROMPT, 8)
+    monkeypatch.setattr(Handoff, "wait", real_wait)
+    with pytest.raises(dj.SessionBusyError, match="(paused|running) run"):
+        session.generate(PROMPT, 8)
+    snapshot = session._backend.wait(session.id)
+    assert snapshot["state"] == "paused" and snapshot["pause"]["layer"] == 2
+    assert session._backend.resume(session.id, "continue")["tokens"] == tokens
