@@ -88,6 +88,7 @@ class LoadedModel:
     device: torch.device
     weight_bytes: int
     kv_bytes_per_token: int
+    max_positions: int | None
 
     def decode(self, tokens: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -122,6 +123,18 @@ def _kv_bytes_per_token(model: nn.Module) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     itemsize = next(model.parameters()).element_size()
     return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def _learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with a learned position table (GPT-2 style) can index, else None.
+
+    Past that, the embedding lookup reads out of bounds: a device-side assert on CUDA, which would poison the
+    daemon's CUDA context for every session. Rotary models have no table and no hard limit.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings"):
+            return module.num_embeddings
+    return None
 
 
 def _weight_bytes(model: nn.Module) -> int:
@@ -411,6 +424,7 @@ class Engine:
             device=self.device,
             weight_bytes=_weight_bytes(model),
             kv_bytes_per_token=_kv_bytes_per_token(model),
+            max_positions=_learned_positions(model),
         )
         with self._lock:
             self._models[name] = loaded
@@ -597,6 +611,12 @@ class Engine:
                     f"cancel it (run.cancel()) before starting another"
                 )
             input_ids = self.encode_prompt(session.model, prompt, chat)
+            limit = session.model.max_positions
+            if limit is not None and input_ids.shape[-1] + max_new_tokens > limit:
+                raise InvalidArgumentError(
+                    f"{input_ids.shape[-1]} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
+                    f"{limit} positions this model has; shorten the prompt or ask for fewer tokens"
+                )
             need = session.model.kv_bytes_per_token * (input_ids.shape[-1] + max_new_tokens)
             self.memory.make_room(need, for_sid=sid)
             run = Run(

@@ -1,7 +1,7 @@
 """Shared fixtures: one backend per test module and the two tiny offline models.
 
 The backend is an in-process engine, or with ``DJINN_TEST_BACKEND=daemon`` a client of a real daemon process,
-so the engine's tests also run over the wire. Tests marked ``inprocess`` reach into engine internals (the
+so the engine's tests also run over the wire; ``DJINN_TEST_DEVICE=cuda`` runs them on a GPU. Tests marked ``inprocess`` reach into engine internals (the
 underlying nn.Module, hooks) and are skipped against the daemon.
 """
 
@@ -16,6 +16,12 @@ from djinn_kernel.engine import Engine
 
 PROMPT = "Hello, world"
 BACKEND = os.environ.get("DJINN_TEST_BACKEND", "inprocess")
+# DJINN_TEST_DEVICE=cuda runs the engine tests on a GPU; deterministic attention keeps runs bitwise repeatable.
+DEVICE = os.environ.get("DJINN_TEST_DEVICE", "cpu")
+
+
+def make_engine(**kwargs) -> Engine:
+    return Engine(device=DEVICE, deterministic=True, **kwargs)
 
 
 def pytest_configure(config):
@@ -39,7 +45,7 @@ def engine():
         yield daemon.client()
         daemon.stop()
         return
-    eng = Engine(device="cpu")
+    eng = make_engine()
     yield eng
     eng.shutdown()
 

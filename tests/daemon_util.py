@@ -14,6 +14,7 @@ from djinn_kernel.client import DaemonClient, start_local_daemon
 from djinn_kernel.runtime import DaemonInfo, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
+DEVICE = os.environ.get("DJINN_TEST_DEVICE", "cpu")
 
 
 class DaemonProcess:
@@ -26,7 +27,9 @@ class DaemonProcess:
         saved = os.environ.get("DJINN_RUNTIME_DIR")
         os.environ["DJINN_RUNTIME_DIR"] = str(self.folder)
         try:
-            self.info: DaemonInfo = start_local_daemon(self.folder, ["--device", "cpu", "--client-lease", "1", *args])
+            self.info: DaemonInfo = start_local_daemon(
+                self.folder, ["--device", DEVICE, "--deterministic", "--client-lease", "1", *args]
+            )
         finally:
             if saved is None:
                 os.environ.pop("DJINN_RUNTIME_DIR")
@@ -43,7 +46,7 @@ class DaemonProcess:
         """Run ``code`` in a separate Python process (a separate kernel) attached to this daemon."""
         return subprocess.Popen(
             [sys.executable, "-c", code],
-            env={**self.env, "PYTHONPATH": str(ROOT)},
+            env={**self.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

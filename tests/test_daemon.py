@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import PROMPT, drain, reference
+from conftest import PROMPT, drain, make_engine, reference
 from daemon_util import DaemonProcess, wait_until
 from djinn_kernel import cli
 from djinn_kernel.client import DaemonClient, connect
-from djinn_kernel.engine import Engine
 from djinn_kernel.runtime import pid_alive, read_info
 
 PAUSED_CLIENT = textwrap.dedent(
@@ -43,7 +42,7 @@ def daemon():
 
 @pytest.fixture(scope="module")
 def expected():
-    engine = Engine(device="cpu")
+    engine = make_engine()
     tokens, logits = reference(dj.load("tiny-llama", backend=engine))
     engine.shutdown()
     return tokens, logits

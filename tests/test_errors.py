@@ -158,12 +158,31 @@ def test_failure_inside_forward_ends_only_that_run(session, model):
     assert_still_usable(session, model)
 
 
-def test_model_exception_becomes_execution_error(engine):
+def test_prompt_longer_than_learned_positions(engine):
     gpt2 = dj.load("tiny-gpt2", backend=engine)
-    too_long = [5 + i % 50 for i in range(300)]  # more positions than GPT-2's 256 learned ones
     with gpt2.session() as session:
-        with pytest.raises(dj.ExecutionError, match="still usable"):
-            session.generate(too_long, 2)
+        with pytest.raises(dj.InvalidArgumentError, match="exceed the 256 positions"):
+            session.generate([5 + i % 50 for i in range(250)], 7)
+        assert len(session.generate([5 + i % 50 for i in range(250)], 6).tokens) == 6
+        assert_still_usable(session, gpt2)
+
+
+@pytest.mark.inprocess
+def test_model_exception_becomes_execution_error(engine):
+    from conftest import torch_model
+
+    gpt2 = dj.load("tiny-gpt2", backend=engine)
+
+    def broken(module, args, output):
+        raise RuntimeError("a layer failed")
+
+    handle = torch_model(engine, gpt2).get_submodule("transformer.h.1").register_forward_hook(broken)
+    with gpt2.session() as session:
+        try:
+            with pytest.raises(dj.ExecutionError, match="a layer failed.*still usable"):
+                session.generate(PROMPT, 2)
+        finally:
+            handle.remove()
         assert session.run.state == "failed"
         assert_still_usable(session, gpt2)
 

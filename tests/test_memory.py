@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import PROMPT, drain, reference
+from conftest import DEVICE, PROMPT, drain, make_engine, reference
 from djinn_kernel.engine import Engine
 from djinn_kernel.memory import GiB, MiB, HostPool, LRUPolicy, MemoryManager, parse_bytes
 
@@ -52,8 +52,8 @@ def test_extent_views_write_through():
 
 
 def paging_engine(budget: int = 1 << 40, host: int = 1 << 30, eager: bool = False) -> Engine:
-    memory = MemoryManager(torch.device("cpu"), budget, host, LRUPolicy(eager=eager), chunk_bytes=1 * MiB)
-    return Engine(device="cpu", memory=memory)
+    memory = MemoryManager(torch.device(DEVICE), budget, host, LRUPolicy(eager=eager), chunk_bytes=1 * MiB)
+    return make_engine(memory=memory)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])

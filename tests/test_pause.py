@@ -65,7 +65,7 @@ def test_activation_matches_hidden_states(engine, session, model):
         session.delete()
         session.break_at(layer, tokens=0)
         run = session.generate(PROMPT, 2)
-        assert torch.equal(run.pause.activation, hidden[layer + 1])
+        assert torch.equal(run.pause.activation, hidden[layer + 1].cpu())
         assert run.pause.shape == tuple(hidden[layer + 1].shape)
         run.finish()
 
