@@ -491,7 +491,13 @@ class Engine:
     def sessions(self, owner: str | None = None) -> list[dict[str, object]]:
         with self._lock:
             chosen = [s for s in self._sessions.values() if owner is None or s.owner == owner]
-        return [self.describe_session(s.id) for s in chosen]
+        described = []
+        for s in chosen:
+            try:
+                described.append(self.describe_session(s.id))
+            except SessionClosedError:
+                continue  # closed (e.g. reclaimed from a dead client) while we were listing
+        return described
 
     def describe_session(self, sid: int) -> dict[str, object]:
         session = self._session(sid)

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import InvalidArgumentError, OutOfMemoryError
+from .errors import InvalidArgumentError, OutOfMemoryError, SessionClosedError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -258,7 +258,10 @@ class MemoryManager:
 
     def session(self, sid: int) -> SessionMemory:
         with self._lock:
-            return self._sessions[sid]
+            session = self._sessions.get(sid)
+        if session is None:
+            raise SessionClosedError(f"session {sid} was closed; its memory is released")
+        return session
 
     def set_pageable(self, sid: int, pageable: bool) -> None:
         session = self.session(sid)

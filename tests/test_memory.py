@@ -207,3 +207,22 @@ def test_a_model_moves_to_a_new_engine_after_shutdown():
             s.break_at(1, tokens=0)
             assert len(drain(s.generate([5, 6, 7], 2))) == 1, "one pause per hit, not one per engine ever made"
         engine.shutdown()
+
+
+def test_status_while_sessions_close_concurrently():
+    """Listing sessions while another thread closes them (a client being reclaimed) never fails."""
+    import threading
+
+    engine = paging_engine()
+    model = dj.load("tiny-llama", backend=engine)
+    sessions = [model.session() for _ in range(40)]
+    closer = threading.Thread(target=lambda: [s.close() for s in sessions])
+    closer.start()
+    while closer.is_alive():
+        listed = engine.status()["sessions"]
+        assert all(set(s["memory"]) == {"gpu_bytes", "host_bytes", "paged"} for s in listed)
+    closer.join()
+    assert engine.status()["sessions"] == []
+    with pytest.raises(dj.SessionClosedError):
+        engine.memory.session(sessions[0].id)
+    engine.shutdown()
