@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import enum
 import itertools
 import os
 import threading
@@ -28,7 +27,7 @@ from torch import nn
 from . import models
 from .anatomy import Anatomy, inspect_model, resolve_target
 from .breakpoints import SIDES, BreakpointTable, remove_by_id
-from .decode import Sampling, decode
+from .decode import Sampling
 from .edits import AddVector, Edit, check_tensor
 from .errors import (
     DjinnError,
@@ -41,8 +40,9 @@ from .errors import (
     SessionBusyError,
     SessionClosedError,
 )
-from .handoff import Command, Event, Handoff
-from .hooks import HookDispatcher, bind
+from .executor import ENDED, PauseState, Run, RunState, Steering
+from .handoff import Command, Event
+from .hooks import HookDispatcher
 from .memory import GiB, LRUPolicy, MemoryManager, Transfer
 
 
@@ -61,17 +61,6 @@ def default_memory(device: torch.device, budget: int | None = None, host: int | 
     if host is None:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     return MemoryManager(device, budget, host, LRUPolicy())
-
-
-def cache_tensors(cache: object) -> list[torch.Tensor]:
-    """The KV tensors of a transformers cache (``cache.layers[i].keys/values`` in transformers 5)."""
-    out = []
-    for layer in getattr(cache, "layers", ()):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                out.append(t)
-    return out
 
 
 @dataclass
@@ -143,187 +132,6 @@ def _weight_bytes(model: nn.Module) -> int:
         storage = t.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
-
-
-class RunState(enum.Enum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ENDED = (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED)
-
-
-@dataclass
-class PauseState:
-    """Where a run stopped, and the activation there (``original`` as produced, ``current`` after edits)."""
-
-    number: int
-    path: str
-    layer: int | None
-    side: str
-    token_step: int
-    reason: str
-    breakpoint_ids: list[int]
-    original: torch.Tensor
-    current: torch.Tensor
-    edits: int = 0
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "number": self.number,
-            "path": self.path,
-            "layer": self.layer,
-            "side": self.side,
-            "token_step": self.token_step,
-            "reason": self.reason,
-            "breakpoints": self.breakpoint_ids,
-            "shape": list(self.current.shape),
-            "dtype": str(self.current.dtype).removeprefix("torch."),
-            "device": str(self.current.device),
-            "edits": self.edits,
-        }
-
-
-class _Aborted(BaseException):
-    """Raised inside a hook to unwind a forward whose run was cancelled (not an error of the model)."""
-
-
-@dataclass
-class Steering:
-    id: int
-    path: str
-    layer: int | None
-    side: str
-    edit: Edit
-
-    def describe(self) -> dict[str, object]:
-        return {"id": self.id, "path": self.path, "layer": self.layer, "side": self.side, "kind": self.edit.kind}
-
-
-class Run:
-    """One generate call of a session. It is the hook sink while its forwards run on the executor thread."""
-
-    def __init__(
-        self,
-        run_id: int,
-        session: SessionState,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        sampling: Sampling,
-        keep_logits: bool,
-    ) -> None:
-        self.id = run_id
-        self.session = session
-        self.input_ids = input_ids
-        self.max_new_tokens = max_new_tokens
-        self.sampling = sampling
-        self.keep_logits = keep_logits
-        self.handoff = Handoff()
-        self.seen = self.handoff.seq  # the last event the engine has processed
-        self.state = RunState.RUNNING
-        self.token_step = 0
-        self.tokens: list[int] = []
-        self.logits: list[torch.Tensor] = []
-        self.pause: PauseState | None = None
-        self.error: BaseException | None = None
-        self.cache: object | None = None
-        self._pauses = itertools.count(1)
-        self._stepping = False
-        self._finishing = False
-        self._aborting = False
-
-    # executor side ---------------------------------------------------------------------------------------
-    def execute(self) -> None:
-        from transformers import DynamicCache
-
-        loaded = self.session.model
-        try:
-            self.cache = DynamicCache(config=loaded.model.config)
-            with bind(self), torch.inference_mode():
-                result = decode(
-                    loaded.model,
-                    self.input_ids,
-                    self.cache,
-                    self.max_new_tokens,
-                    set(loaded.eos_ids),
-                    self.sampling,
-                    on_step=self._on_step,
-                    keep_logits=self.keep_logits,
-                    on_token=self.tokens.append,
-                )
-            self.logits = result.logits
-            self.handoff.post(Event.FINISHED)
-        except _Aborted:
-            self.handoff.post(Event.CANCELLED)
-        except BaseException as exc:  # noqa: BLE001 - any failure of the forward ends this run only
-            self.handoff.post(Event.FAILED, exc)
-
-    def _on_step(self, step: int) -> None:
-        if self._aborting:
-            raise _Aborted
-        self.token_step = step
-        if step > 0:
-            self.session.memory.on_growth(self.session.id)
-
-    def on_activation(self, path: str, side: str, value: torch.Tensor) -> torch.Tensor | None:
-        if self._aborting:
-            raise _Aborted
-        changed = False
-        for steer in self.session.steering_at(path, side):
-            value = steer.edit.apply(value)
-            changed = True
-        layer = self.session.model.anatomy.layer_index(path)
-        if not self._finishing:
-            hits = self.session.breakpoints.match(path, side, self.token_step)
-            stepped = self._stepping and side == "output" and layer is not None
-            if hits or stepped:
-                new = self._pause(path, layer, side, value, "breakpoint" if hits else "step", [b.id for b in hits])
-                if new is not None:
-                    value, changed = new, True
-        return value if changed else None
-
-    def _pause(
-        self, path: str, layer: int | None, side: str, value: torch.Tensor, reason: str, ids: list[int]
-    ) -> torch.Tensor | None:
-        self._stepping = False
-        pause = PauseState(next(self._pauses), path, layer, side, self.token_step, reason, ids, value, value)
-        command = self.handoff.pause(pause)
-        if command is Command.ABORT:
-            raise _Aborted
-        self._stepping = command is Command.STEP
-        self._finishing = command is Command.FINISH
-        return pause.current if pause.edits else None
-
-    # driver side -----------------------------------------------------------------------------------------
-    def abort_flag(self) -> None:
-        self._aborting = True
-
-    def gpu_tensors(self) -> list[torch.Tensor]:
-        """Every device tensor this run holds beyond the shared weights: the KV cache and the paused activation."""
-        tensors = cache_tensors(self.cache) if self.cache is not None else []
-        if self.pause is not None:
-            tensors += [self.pause.original, self.pause.current]
-        return tensors
-
-    def snapshot(self) -> dict[str, object]:
-        loaded = self.session.model
-        return {
-            "run_id": self.id,
-            "session_id": self.session.id,
-            "state": self.state.value,
-            "pause": None if self.pause is None else self.pause.describe(),
-            "token_step": self.token_step,
-            "prompt_tokens": int(self.input_ids.shape[-1]),
-            "prompt_ids": self.input_ids[0].tolist(),
-            "max_new_tokens": self.max_new_tokens,
-            "sampling": {"temperature": self.sampling.temperature, "top_k": self.sampling.top_k, "seed": self.sampling.seed},
-            "tokens": list(self.tokens),
-            "text": loaded.decode(self.tokens),
-            "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
-        }
 
 
 @dataclass
