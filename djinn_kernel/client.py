@@ -27,10 +27,12 @@ from .runtime import DaemonInfo, pid_alive, read_info, runtime_dir
 
 
 class DaemonClient:
-    """The engine's methods (see ``protocol.OPS``), executed by a daemon. Thread-safe; one request at a time.
+    """The engine's methods (see ``protocol.OPS``), executed by a daemon.
 
-    A heartbeat thread with its own socket keeps the client's lease alive, also while a long request waits;
-    when this process dies the beats stop and the daemon reclaims the client's sessions.
+    Each calling thread gets its own socket (ZeroMQ sockets are single-threaded), all under one client id, so
+    a widget refreshing from a background thread is never stuck behind a cell's long ``generate``. A
+    heartbeat thread keeps the client's lease alive; when this process dies the beats stop and the daemon
+    reclaims the client's sessions.
     """
 
     def __init__(self, endpoint: str, key: bytes, daemon_pid: int | None = None, name: str = "python") -> None:
@@ -39,9 +41,10 @@ class DaemonClient:
         self._key = key
         self._daemon_pid = daemon_pid
         self._ctx = zmq.Context.instance()
-        self._socket = self._socket_for(endpoint)
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._sockets_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
         self._closed = threading.Event()
         self.daemon = self.call("hello", name=name, pid=os.getpid(), timeout=30.0)
         interval = max(0.1, float(self.daemon.get("lease", 5.0)) / 5)
@@ -52,6 +55,16 @@ class DaemonClient:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
+        return sock
+
+    def _socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "socket", None)
+        if sock is None:
+            with self._sockets_lock:
+                if self._closed.is_set():
+                    raise DaemonConnectionError("this client is closed; connect again with djinn_kernel.connect()")
+                sock = self._local.socket = self._socket_for(self.endpoint)
+                self._sockets.append(sock)
         return sock
 
     def _heartbeat(self, interval: float) -> None:
@@ -74,24 +87,23 @@ class DaemonClient:
     def call(self, op: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Send one request and wait for its reply; a Djinn error in the daemon is raised here, same type."""
         header = {"op": op, "args": bind_args(op, args, kwargs)}
-        with self._lock:
-            if self._socket.closed:
-                raise DaemonConnectionError("this client is closed; connect again with djinn_kernel.connect()")
-            request_id = next(self._ids)
-            message = {**header, "id": request_id, "client": self.client_id}
-            self._socket.send_multipart(encode(MsgType.REQUEST, message, self._key), copy=False)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                if not self._socket.poll(500):
-                    self._check_alive(op, deadline)
-                    continue
-                frames = self._socket.recv_multipart()
-                kind, reply = decode(frames, self._key)
-                if reply.get("id") not in (request_id, 0):
-                    continue  # the late answer to a request whose caller was interrupted
-                if kind is MsgType.ERROR:
-                    raise_error(reply.get("error", {}))
-                return reply.get("result")
+        sock = self._socket()
+        if sock.closed:
+            raise DaemonConnectionError("this client is closed; connect again with djinn_kernel.connect()")
+        request_id = next(self._ids)
+        message = {**header, "id": request_id, "client": self.client_id}
+        sock.send_multipart(encode(MsgType.REQUEST, message, self._key), copy=False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not sock.poll(500):
+                self._check_alive(op, deadline)
+                continue
+            kind, reply = decode(sock.recv_multipart(), self._key)
+            if reply.get("id") not in (request_id, 0):
+                continue  # the late answer to a request whose caller was interrupted
+            if kind is MsgType.ERROR:
+                raise_error(reply.get("error", {}))
+            return reply.get("result")
 
     def _check_alive(self, op: str, deadline: float | None) -> None:
         if self._daemon_pid is not None and not pid_alive(self._daemon_pid):
@@ -103,14 +115,16 @@ class DaemonClient:
 
     def close(self) -> None:
         """Stop the heartbeats and disconnect; the daemon then closes every session this client opened."""
-        self._closed.set()
-        if not self._socket.closed:
-            try:
-                self.call("goodbye", timeout=5.0)
-            except DjinnError:
-                pass  # the daemon is gone already: nothing left to reclaim
-        with self._lock:
-            self._socket.close(0)
+        if self._closed.is_set():
+            return
+        try:
+            self.call("goodbye", timeout=5.0)
+        except DjinnError:
+            pass  # the daemon is gone already: nothing left to reclaim
+        with self._sockets_lock:
+            self._closed.set()
+            for sock in self._sockets:
+                sock.close(0)
 
     def __repr__(self) -> str:
         return f"<djinn DaemonClient {self.endpoint} pid={self.daemon.get('pid')}>"

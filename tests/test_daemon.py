@@ -216,3 +216,30 @@ def test_autostart_status_and_stop(monkeypatch, capsys, tmp_path_factory):
     second.close()
     assert cli.main(["stop"]) == 0
     assert not pid_alive(pid) and read_info(folder.__class__(short)) is None
+
+
+def test_one_client_many_threads(daemon):
+    """Each thread has its own socket under one client id: concurrent calls get their own replies."""
+    import threading
+
+    client = daemon.client()
+    model = dj.load("tiny-llama", backend=client)
+    sessions = [model.session() for _ in range(4)]
+    results: dict[int, list] = {}
+
+    def work(s):
+        s.break_at(1, tokens=2)
+        run = s.generate(PROMPT, 4)
+        results[s.id] = [run.pause.token_step, client.describe_session(s.id)["id"], run.finish().tokens]
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = results[sessions[0].id][2]
+    assert {sid: r[:2] for sid, r in results.items()} == {s.id: [2, s.id] for s in sessions}
+    assert all(r[2] == first for r in results.values())
+    client.close()
+    with pytest.raises(dj.DaemonConnectionError, match="closed"):
+        client.status()
