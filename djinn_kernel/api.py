@@ -369,10 +369,13 @@ class Pause:
         self.run._snapshot = {**self.run._snapshot, "pause": self.info}
         return self
 
-    def logit_lens(self, k: int = 5, position: int = -1) -> list[dict[str, Any]]:
-        """Top-k tokens this activation would predict if it went straight to the final norm and unembedding."""
+    def logit_lens(self, k: int = 5, position: int = -1, edit: Edit | None = None) -> list[dict[str, Any]]:
+        """Top-k tokens this activation would predict if it went straight to the final norm and unembedding.
+
+        With ``edit``, what it would predict after that edit, which is not applied (a preview).
+        """
         self._check_current()
-        return self.run._backend.logit_lens(self.run.session.id, k, position)
+        return self.run._backend.logit_lens(self.run.session.id, k, position, edit)
 
     def resume(self) -> Run:
         return self.run.resume()

@@ -633,13 +633,18 @@ class Engine:
             pause.current, pause.edits = pause.original, 0
             return pause.describe()
 
-    def logit_lens(self, sid: int, k: int = 5, position: int = -1) -> list[dict[str, object]]:
+    def logit_lens(
+        self, sid: int, k: int = 5, position: int = -1, edit: Edit | None = None
+    ) -> list[dict[str, object]]:
         """Top-k next-token guesses from the paused activation, through the final norm and the unembedding.
 
-        Meaningful at a decoder layer's output (the residual stream); elsewhere the width may not match.
+        Meaningful at a decoder layer's output (the residual stream); elsewhere the width may not match. With
+        ``edit``, the lens of the activation as that edit would leave it, without applying it (a preview).
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidArgumentError(f"k must be a positive integer, not {k!r}")
+        if edit is not None and not isinstance(edit, Edit):
+            raise InvalidArgumentError(f"edit must be an Edit (Scale, AddVector ...), not {edit!r}")
         session = self._session(sid)
         with session.lock, self._resident(session):
             _, pause = self._paused_run(session)
@@ -649,6 +654,9 @@ class Engine:
                 raise InvalidTargetError("this model has no output embedding Djinn can find, so no logit lens")
             head = loaded.model.get_submodule(anatomy.unembed_path)
             h = pause.current
+            if edit is not None:
+                with torch.inference_mode():
+                    h = edit.apply(h)
             if h.dim() < 2 or h.shape[-1] != head.in_features:
                 raise InvalidTargetError(
                     f"the logit lens needs a residual-stream activation of width {head.in_features}; this pause "

@@ -202,7 +202,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "activation": ("sid", "original"),
     "edit": ("sid", "edit"),
     "reset_edits": ("sid",),
-    "logit_lens": ("sid", "k", "position"),
+    "logit_lens": ("sid", "k", "position", "edit"),
     "page_out": ("sid",),
     "page_in": ("sid",),
     "status": (),

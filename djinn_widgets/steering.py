@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as W
 import torch
 
+from djinn_kernel.edits import Ablate, AddVector, Edit, Scale
 from djinn_kernel.errors import DjinnError, InvalidArgumentError, NotPausedError
 
 from ._render import TextFallback, html_table, visible
@@ -82,15 +83,7 @@ class SteeringPanel(TextFallback, W.VBox):
         try:
             pause = self._pause()
             self.before = pause.logit_lens(self.k)
-            # Edits made before the preview are restored after it; reset() alone would drop them too.
-            kept = pause.activation if pause.info["edits"] else None
-            try:
-                self._apply(pause)
-                self.after = pause.logit_lens(self.k)
-            finally:
-                pause.reset()
-                if kept is not None:
-                    pause.replace(kept)
+            self.after = pause.logit_lens(self.k, edit=self._edit())
         except DjinnError as exc:
             self._error(exc)
             return
@@ -103,7 +96,7 @@ class SteeringPanel(TextFallback, W.VBox):
     def apply_and_resume(self) -> None:
         """Apply the edit, finish the run, and compare its text with an unsteered run of the same prompt."""
         try:
-            self._apply(self._pause())
+            self._pause().apply(self._edit())
             self.run.finish()
         except DjinnError as exc:
             self._error(exc)
@@ -132,16 +125,13 @@ class SteeringPanel(TextFallback, W.VBox):
             raise NotPausedError(f"run {self.run.id} is {self.run.state}, not paused: nothing to steer")
         return pause
 
-    def _apply(self, pause: Pause) -> None:
+    def _edit(self) -> Edit:
         op, coef = self.op.value, float(self.coefficient.value)
         if op == "scale":
-            pause.scale(coef)
-        elif self.vector is None:
+            return Scale(coef)
+        if self.vector is None:
             raise InvalidArgumentError(f"{op} needs a steering vector: SteeringPanel(run, vector=v)")
-        elif op == "add":
-            pause.add(self.vector, coef)
-        else:
-            pause.ablate(self.vector)
+        return AddVector(self.vector, coef) if op == "add" else Ablate(self.vector)
 
     def _baseline(self) -> str:
         """The same prompt ids in a new session of the same model, no breakpoints, same number of tokens."""

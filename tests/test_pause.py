@@ -264,3 +264,14 @@ def test_interrupted_wait_leaves_a_usable_run(session, model, monkeypatch):
     snapshot = session._backend.wait(session.id)
     assert snapshot["state"] == "paused" and snapshot["pause"]["layer"] == 2
     assert session._backend.resume(session.id, "continue")["tokens"] == tokens
+
+
+def test_logit_lens_preview_of_an_edit_leaves_the_pause_alone(session, model):
+    session.break_at(model.num_layers - 1, tokens=0)
+    run = session.generate(PROMPT, 2)
+    pause = run.pause
+    preview = pause.logit_lens(k=5, edit=dj.Scale(-4.0))
+    assert pause.info["edits"] == 0 and preview != pause.logit_lens(k=5)
+    pause.scale(-4.0)
+    assert pause.logit_lens(k=5) == preview, "the preview is exactly what applying the edit gives"
+    run.finish()
