@@ -46,9 +46,17 @@ def human_bytes(n: int | float | None) -> str:
 
 
 def visible(token: str) -> str:
-    """A token as a label: whitespace and control characters made visible (``' '`` stays readable)."""
+    """A token as a label: control characters escaped, leading and trailing spaces shown as ``␣``.
+
+    Tokenizers put the word's space inside the token (``" are"``); without the mark it looks like ``"are"``.
+    """
     text = repr(token)[1:-1]
-    return "␣" if token == " " else text
+    core = text.strip(" ")
+    if not core:
+        return "␣" * len(text)
+    start = len(text) - len(text.lstrip(" "))
+    end = len(text) - len(text.rstrip(" "))
+    return "␣" * start + core + "␣" * end
 
 
 def html_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, foot: Sequence[Any] | None = None) -> str:

@@ -7,6 +7,7 @@ Everything shown comes from the public ``Pause`` handle (``activation``, ``logit
 from __future__ import annotations
 
 import html
+import math
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
@@ -15,6 +16,9 @@ import torch
 from djinn_kernel.errors import DjinnError
 
 from ._render import TextFallback, html_table, new_figure, png, visible
+
+LENS_POSITIONS = 128  # positions whose lens is computed up front, so the dropdown works after the run moves on
+OUTLIER = 10.0  # rows whose norm exceeds this many medians (attention sinks such as BOS) are left out of scales
 
 if TYPE_CHECKING:
     from djinn_kernel.api import Pause
@@ -40,16 +44,17 @@ class ActivationInspector(TextFallback, W.VBox):
         self.position = -1
         self._quiet = False
         self.lens: list[dict[str, Any]] = []
+        self._lenses: dict[int, list[dict[str, Any]]] = {}
         self.header = W.HTML()
-        self.heatmap = W.Image(format="png")
-        self.norm_plot = W.Image(format="png")
+        # One figure for heatmap and norms: rows line up, and it scales down with the notebook's width.
+        self.plot = W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
         self.position_control = W.Dropdown(description="position")
         self.lens_table = W.HTML()
         super().__init__(
             [
                 self.header,
-                W.HBox([self.heatmap, self.norm_plot]),
-                W.HBox([self.position_control, self.lens_table]),
+                self.plot,
+                W.HBox([self.position_control, self.lens_table], layout=W.Layout(flex_flow="row wrap")),
             ]
         )
         self.position_control.observe(self._on_position, names="value")
@@ -73,6 +78,12 @@ class ActivationInspector(TextFallback, W.VBox):
         self.dims = self._top_dims(rows.float())
         self.values = rows.float()[:, self.dims]
         last = len(self.labels) - 1
+        self._lenses = {}
+        for position in range(max(0, last + 1 - LENS_POSITIONS), last + 1):
+            try:
+                self._lenses[position] = self.pause.logit_lens(self.k, position)
+            except DjinnError:
+                break  # no lens at this pause (not a residual stream); _update_lens explains why
         self._quiet = True  # options= moves the value to 0 first; that is not the user choosing a position
         try:
             self.position_control.options = [(f"{i}: {visible(t)}", i) for i, t in enumerate(self.labels)]
@@ -89,15 +100,25 @@ class ActivationInspector(TextFallback, W.VBox):
         labels = run.session.model.token_strings(ids)
         return [f"#{i}" for i in range(n - len(labels))] + labels
 
+    def _typical(self) -> torch.Tensor:
+        """Which rows are typical: an outlier (a BOS token with a norm of 25,000 among 150s) would flatten
+        every scale and decide the "most varying" dims alone."""
+        norms = self.norms.float()
+        if len(norms) < 3:
+            return torch.ones_like(norms, dtype=torch.bool)
+        return norms <= OUTLIER * norms.median()
+
     def _top_dims(self, rows: torch.Tensor) -> torch.Tensor:
-        """Hidden dims with the largest variance across tokens (largest magnitude when there is one token)."""
-        score = rows.var(dim=0, unbiased=False) if rows.shape[0] > 1 else rows[0].abs()
+        """Hidden dims with the largest variance across typical tokens (largest magnitude for one token)."""
+        typical = rows[self._typical()]
+        score = typical.var(dim=0, unbiased=False) if typical.shape[0] > 1 else typical[0].abs()
         return score.topk(min(self.top_dims, rows.shape[1])).indices
 
     def _update_lens(self, position: int) -> None:
         self.position = position
         try:
-            self.lens = self.pause.logit_lens(self.k, position)
+            cached = self._lenses.get(position)
+            self.lens = cached if cached is not None else self.pause.logit_lens(self.k, position)
         except DjinnError as exc:
             self.lens = []
             self.lens_table.value = f"<i>no logit lens here: {_esc(exc)}</i>"
@@ -129,25 +150,30 @@ class ActivationInspector(TextFallback, W.VBox):
         self.header.value = f"<b>{_esc(self._where())}</b>"
         ticks = [visible(t) for t in self.labels]
         n = len(ticks)
-        height = min(1.2 + 0.22 * n, 9.0)
+        every = math.ceil(n / 40)  # at most ~40 labels, so long prompts stay legible
+        fig = new_figure(9.0, min(1.4 + 0.2 * min(n, 40), 9.5))
+        heat, bars = fig.subplots(1, 2, sharey=True, width_ratios=[4, 1])
 
-        fig = new_figure(6.5, height)
-        ax = fig.add_subplot()
-        image = ax.imshow(self.values.numpy(), aspect="auto", cmap="RdBu_r", interpolation="nearest")
-        ax.set_yticks(range(n), ticks, fontsize=7)
+        typical = self.values[self._typical()]
+        limit = float(typical.abs().flatten().quantile(0.99)) if typical.numel() else 1.0
+        image = heat.imshow(
+            self.values.numpy(), aspect="auto", cmap="RdBu_r", interpolation="nearest", vmin=-limit, vmax=limit
+        )
+        heat.set_yticks(range(0, n, every), ticks[::every], fontsize=7)
         step = max(1, len(self.dims) // 16)
-        ax.set_xticks(range(0, len(self.dims), step), [str(int(d)) for d in self.dims[::step]], fontsize=6)
-        ax.set_xlabel(f"hidden dim (top {len(self.dims)} by variance across tokens)")
-        fig.colorbar(image, ax=ax)
-        self.heatmap.value = png(fig)
+        heat.set_xticks(range(0, len(self.dims), step), [str(int(d)) for d in self.dims[::step]], fontsize=6)
+        heat.set_xlabel(f"hidden dim (top {len(self.dims)} by variance across tokens)")
+        fig.colorbar(image, ax=heat, extend="both", location="bottom", shrink=0.5, aspect=40, pad=0.01)
 
-        fig = new_figure(3.0, height)
-        ax = fig.add_subplot()
-        ax.barh(range(n), self.norms.float().numpy(), color="#4c72b0")
-        ax.set_yticks(range(n), ticks, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("L2 norm")
-        self.norm_plot.value = png(fig)
+        norms = self.norms.float()
+        bars.barh(range(n), norms.numpy(), color="#4c72b0")
+        bars.set_ylim(n - 0.5, -0.5)
+        if n > 1 and float(norms.max()) > OUTLIER * float(norms.median()):
+            bars.set_xscale("log")
+            bars.set_xlabel("L2 norm (log)")
+        else:
+            bars.set_xlabel("L2 norm")
+        self.plot.value = png(fig)
 
     def __repr__(self) -> str:
         if not self.labels:

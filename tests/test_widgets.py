@@ -56,7 +56,7 @@ def test_inspector_shows_the_pause_data(paused):
     assert set(insp.dims.tolist()) == set(variance.topk(16).indices.tolist())
     assert insp.position == len(PROMPT) - 1 and insp.position_control.value == len(PROMPT) - 1
     assert insp.lens == pause.logit_lens(4)
-    assert bytes(insp.heatmap.value).startswith(PNG) and bytes(insp.norm_plot.value).startswith(PNG)
+    assert bytes(insp.plot.value).startswith(PNG)
     assert "model.layers.2" in insp.header.value and "prefill" in insp.header.value
     assert html.escape(insp.lens[0]["token"]) in insp.lens_table.value
 
@@ -103,7 +103,7 @@ def test_inspector_without_lens_and_after_the_pause(llama):
         run = s.generate(PROMPT, 2)
         insp = ActivationInspector(run.pause)
         assert insp.lens == [] and "no logit lens" in insp.lens_table.value
-        assert bytes(insp.heatmap.value).startswith(PNG)
+        assert bytes(insp.plot.value).startswith(PNG)
         run.finish()
         insp.refresh()  # the pause is over: shown, not raised
         assert "pause is over" in insp.error and "pause is over" in insp.header.value
@@ -353,3 +353,27 @@ def test_session_table_redacted_rows():
     text = repr(table)
     assert "client-2" in text and "smollm2-135m" in text and "2 session(s)" in text
     assert plain_text(table) == text
+
+
+def test_lens_for_every_position_survives_the_run_moving_on():
+    import djinn_kernel as dj
+    from djinn_kernel.engine import Engine
+    from djinn_widgets import ActivationInspector
+
+    engine = Engine(device="cpu")
+    model = dj.load("tiny-llama", backend=engine)
+    with model.session() as s:
+        s.break_at(2, tokens=0)
+        run = s.generate("Hello, world", 3)
+        insp = ActivationInspector(run.pause, k=3)
+        expected = run.pause.logit_lens(3, 4)
+        run.finish()
+        insp.position_control.value = 4
+        assert insp.lens == expected and "no logit lens" not in insp.lens_table.value
+    engine.shutdown()
+
+
+def test_visible_marks_spaces():
+    from djinn_widgets._render import visible
+
+    assert [visible(t) for t in (" are", "ol", " ", "a\\n", "  x ")] == ["␣are", "ol", "␣", "a\\\\n", "␣␣x␣"]
