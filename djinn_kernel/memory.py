@@ -189,10 +189,6 @@ class Transfer:
     seconds: float
     wall_seconds: float
 
-    @property
-    def bandwidth(self) -> float:
-        return self.nbytes / self.seconds if self.seconds > 0 else float("inf")
-
 
 class PagingPolicy(Protocol):
     def page_on_pause(self, session: SessionMemory) -> bool: ...
