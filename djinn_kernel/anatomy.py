@@ -9,6 +9,7 @@ where no layer list is found still supports breakpoints by module path.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 
 from torch import nn
@@ -40,11 +41,13 @@ class Anatomy:
     def num_layers(self) -> int:
         return len(self.layer_paths)
 
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {path: i for i, path in enumerate(self.layer_paths)}
+
     def layer_index(self, path: str) -> int | None:
-        try:
-            return self.layer_paths.index(path)
-        except ValueError:
-            return None
+        """Called by every hook on every forward: a dict lookup, not a scan of the layer list."""
+        return self._index.get(path)
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
