@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
+
 
 @dataclass
 class DecodeResult:
@@ -46,12 +48,42 @@ class Sampling:
         return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _supports_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@dataclass(frozen=True)
+class ForwardCall:
+    """How this model's forward takes the KV cache and the logits limit, decided once when the model is served.
+
+    transformers renamed ``past_key_values`` to ``cache`` (5.24 warns on the old name on every forward and
+    announces its removal in 5.40; 5.17 knows only the old one). Reading the forward's signature, rather than
+    comparing version strings, also covers custom models that follow either convention.
+    """
+
+    cache_arg: str
+    logits_to_keep: bool
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ForwardCall:
+        params = inspect.signature(model.forward).parameters
+        if "cache" in params:
+            cache_arg = "cache"
+        elif "past_key_values" in params:
+            cache_arg = "past_key_values"
+        else:
+            raise InvalidArgumentError(
+                f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`, so Djinn cannot keep "
+                f"a KV cache for it; serve a transformers causal LM (e.g. AutoModelForCausalLM)"
+            )
+        return cls(cache_arg, "logits_to_keep" in params)
+
+    def kwargs(self, cache: object) -> dict[str, object]:
+        extra: dict[str, object] = {self.cache_arg: cache, "use_cache": True}
+        if self.logits_to_keep:
+            extra["logits_to_keep"] = 1
+        return extra
 
 
 def decode(
     model: nn.Module,
+    call: ForwardCall,
     input_ids: torch.Tensor,
     cache: object,
     max_new_tokens: int,
@@ -63,12 +95,12 @@ def decode(
 ) -> DecodeResult:
     """Generate up to ``max_new_tokens`` for one sequence. ``input_ids`` is ``[1, prompt_len]``."""
     result = DecodeResult()
-    extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    extra = call.kwargs(cache)
     generator = sampling.generator(input_ids.device)
     ids = input_ids
     for step in range(max_new_tokens):
         on_step(step)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
+        out = model(input_ids=ids, **extra)
         logits = out.logits[:, -1, :]  # [1, vocab]
         if keep_logits:
             result.logits.append(logits[0].detach().to("cpu", copy=True))

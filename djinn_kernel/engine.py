@@ -27,7 +27,7 @@ from torch import nn
 from . import models
 from .anatomy import Anatomy, inspect_model, resolve_target
 from .breakpoints import SIDES, BreakpointTable, remove_by_id
-from .decode import Sampling
+from .decode import ForwardCall, Sampling
 from .edits import AddVector, Edit, check_tensor
 from .errors import (
     DjinnError,
@@ -78,6 +78,7 @@ class LoadedModel:
     weight_bytes: int
     kv_bytes_per_token: int
     max_positions: int | None
+    forward_call: ForwardCall
 
     def decode(self, tokens: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -214,6 +215,7 @@ class Engine:
             return self._register(name, models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code"))
 
     def _register(self, name: str, source: models.ModelSource) -> dict[str, object]:
+        forward_call = ForwardCall.of(source.model)
         model = source.model.to(self.device)
         anatomy = inspect_model(model)
         dispatcher = HookDispatcher(model)
@@ -233,6 +235,7 @@ class Engine:
             weight_bytes=_weight_bytes(model),
             kv_bytes_per_token=_kv_bytes_per_token(model),
             max_positions=_learned_positions(model),
+            forward_call=forward_call,
         )
         with self._lock:
             self._models[name] = loaded

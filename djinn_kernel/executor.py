@@ -140,6 +140,7 @@ class Run:
             with bind(self), torch.inference_mode():
                 result = decode(
                     loaded.model,
+                    loaded.forward_call,
                     self.input_ids,
                     self.cache,
                     self.max_new_tokens,

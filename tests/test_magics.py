@@ -154,3 +154,12 @@ def test_load_in_the_daemon(ip, monkeypatch):
         djinn(ip, "finish")
     finally:
         assert cli.main(["stop"]) == 0
+
+
+def test_run_and_continue_print_nothing_to_stderr(ip, loaded, capfd):
+    """What a notebook user sees under a cell: no library warning from Djinn's forwards, on any supported release."""
+    djinn(ip, "break 1 --once")
+    djinn(ip, "run Hello --max-new-tokens 3 --no-chat")
+    djinn(ip, "continue")
+    assert capfd.readouterr().err == ""
+    djinn(ip, "delete")
