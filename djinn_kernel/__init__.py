@@ -22,10 +22,12 @@ from .errors import (
     ModelNotFoundError,
     NotPausedError,
     OutOfMemoryError,
+    PagingError,
     ProtocolError,
     RunFinishedError,
     SessionBusyError,
     SessionClosedError,
+    SessionLostError,
 )
 
 __version__ = "0.1.0"
@@ -52,6 +54,7 @@ __all__ = [
     "ModelNotFoundError",
     "NotPausedError",
     "OutOfMemoryError",
+    "PagingError",
     "Pause",
     "ProtocolError",
     "Replace",
@@ -63,6 +66,7 @@ __all__ = [
     "default_backend",
     "SessionBusyError",
     "SessionClosedError",
+    "SessionLostError",
     "SetPositions",
     "load",
     "local_engine",

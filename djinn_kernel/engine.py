@@ -1,20 +1,27 @@
 """The engine: models loaded once, sessions that own runs, and runs that pause inside their forward pass.
 
 Threads and ownership:
-- A session's forwards run on that session's executor thread (one worker). The run binds itself to that
-  thread (``hooks.bind``) so the shared hooks route activations to it and to no other session.
+- A run's forwards run on its own executor thread (a daemon thread, so a paused run never holds up interpreter
+  exit). The run binds itself to that thread (``hooks.bind``) so the shared hooks route activations to it and
+  to no other session.
 - The driver (the in-process API, or the daemon) calls engine methods from other threads. A session's lock
   serialises its drivers; the ``Handoff`` orders driver and executor (see handoff.py).
 - A paused value (``PauseState.current``) is touched only by the driver, and only while the executor is blocked
   in ``Handoff.pause``. When the run resumes the executor takes it back; the driver's ``PauseState`` is stale.
+- Session tensors are read or written only inside ``MemoryManager.resident`` (paged in, nothing can page them
+  out meanwhile), and what leaves the engine is a copy made there: no caller ever holds memory that paging
+  frees.
+
+Lock order (every path takes them in this order, never backwards, so no cycle can form):
+``Engine._load_lock`` → ``SessionState.lock`` → ``Engine._lock`` → ``MemoryManager._lock`` → leaves
+(``HostPool._lock``, ``Handoff._cond``, ``HookDispatcher._lock``). Executor threads take only the manager's lock
+(``on_growth``) and their run's ``Handoff``; nothing waits for an executor while holding the manager's lock.
 
 The engine speaks in ids, plain dicts and tensors, so the in-process API and the daemon share it unchanged.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import itertools
 import os
 import threading
@@ -140,7 +147,6 @@ class SessionState:
     id: int
     owner: str
     model: LoadedModel
-    executor: concurrent.futures.ThreadPoolExecutor
     memory: MemoryManager
     breakpoints: BreakpointTable = field(default_factory=BreakpointTable)
     steering: dict[int, Steering] = field(default_factory=dict)
@@ -159,6 +165,8 @@ class SessionState:
     def state(self) -> str:
         if self.closed:
             return "closed"
+        if self.memory.session(self.id).lost is not None:
+            return "lost"
         if self.run is None or self.run.state in ENDED:
             return "idle"
         if self.run.state is RunState.PAUSED and self.memory.session(self.id).is_paged:
@@ -269,11 +277,9 @@ class Engine:
         loaded = self._model(model_id)
         with self._lock:
             sid = next(self._session_ids)
-            executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"djinn-session-{sid}")
-            session = SessionState(sid, owner, loaded, executor, self.memory)
+            session = SessionState(sid, owner, loaded, self.memory)
             self._sessions[sid] = session
             self.memory.register(sid, session.gpu_tensors)
-            self.memory.set_pageable(sid, True)
         return sid
 
     def _session(self, sid: int) -> SessionState:
@@ -297,7 +303,8 @@ class Engine:
             with self._lock:
                 self._sessions.pop(sid, None)
             self.memory.release(sid)
-        session.executor.shutdown(wait=True)
+        if run is not None:
+            run.join()
 
     def sessions(self, owner: str | None = None) -> list[dict[str, object]]:
         with self._lock:
@@ -435,7 +442,7 @@ class Engine:
                     f"{limit} positions this model has; shorten the prompt or ask for fewer tokens"
                 )
             need = session.model.kv_bytes_per_token * (input_ids.shape[-1] + max_new_tokens)
-            self.memory.make_room(need, for_sid=sid)
+            self.memory.admit(sid, need)
             run = Run(
                 next(session._run_ids),
                 session,
@@ -444,17 +451,9 @@ class Engine:
                 Sampling(float(temperature), top_k, int(seed)),
                 bool(keep_logits),
             )
-            self.memory.set_pageable(sid, False)
             session.run = run
-            session.executor.submit(run.execute)
+            run.start()
             return self._await(run)
-
-    @contextlib.contextmanager
-    def _resident(self, session: SessionState):
-        """Hold the session's memory lock with its state on the device: nothing pages it out meanwhile."""
-        with self.memory.session(session.id).lock:
-            self.memory.page_in(session.id)
-            yield
 
     def page_out(self, sid: int) -> dict[str, object]:
         """Page a paused (or idle) session's state to the host now; it comes back on the next use."""
@@ -532,7 +531,7 @@ class Engine:
         session = self._session(sid)
         with session.lock:
             run, _ = self._paused_run(session)
-            with self._resident(session):
+            with self.memory.resident(session.id):
                 self.memory.set_pageable(sid, False)
                 run.state, run.pause = RunState.RUNNING, None
                 run.handoff.send(commands[mode])
@@ -583,6 +582,7 @@ class Engine:
                 self._raise_failure(run)
         if run.state in ENDED:
             run.cache = None
+            self.memory.end_run(run.session.id)
         self.memory.set_pageable(run.session.id, run.state is not RunState.RUNNING)
         return run.snapshot()
 
@@ -612,17 +612,18 @@ class Engine:
 
     # the paused activation ------------------------------------------------------------------------------
     def activation(self, sid: int, original: bool = False) -> torch.Tensor:
+        """A CPU copy of the paused activation, made while it is resident: the caller owns it outright."""
         session = self._session(sid)
-        with session.lock, self._resident(session):
+        with session.lock, self.memory.resident(session.id):
             _, pause = self._paused_run(session)
-            return pause.original if original else pause.current
+            return (pause.original if original else pause.current).detach().to("cpu", copy=True)
 
     def edit(self, sid: int, edit: Edit) -> dict[str, object]:
         """Apply an edit to the paused activation; it takes effect on resume. A failed edit changes nothing."""
         if not isinstance(edit, Edit):
             raise InvalidArgumentError(f"expected an Edit (Replace, Scale, AddVector, Ablate, SetPositions), not {edit!r}")
         session = self._session(sid)
-        with session.lock, self._resident(session):
+        with session.lock, self.memory.resident(session.id):
             _, pause = self._paused_run(session)
             with torch.inference_mode():
                 pause.current = edit.apply(pause.current)
@@ -631,7 +632,7 @@ class Engine:
 
     def reset_edits(self, sid: int) -> dict[str, object]:
         session = self._session(sid)
-        with session.lock, self._resident(session):
+        with session.lock, self.memory.resident(session.id):
             _, pause = self._paused_run(session)
             pause.current, pause.edits = pause.original, 0
             return pause.describe()
@@ -649,7 +650,7 @@ class Engine:
         if edit is not None and not isinstance(edit, Edit):
             raise InvalidArgumentError(f"edit must be an Edit (Scale, AddVector ...), not {edit!r}")
         session = self._session(sid)
-        with session.lock, self._resident(session):
+        with session.lock, self.memory.resident(session.id):
             _, pause = self._paused_run(session)
             loaded = session.model
             anatomy = loaded.anatomy

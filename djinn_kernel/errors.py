@@ -52,6 +52,14 @@ class OutOfMemoryError(DjinnError):
     """Neither the GPU budget nor the host pool can hold what a request needs right now."""
 
 
+class PagingError(DjinnError):
+    """A page-out or page-in that could not be done; the session was left exactly as it was."""
+
+
+class SessionLostError(DjinnError):
+    """A session whose paged state could not be restored; it refuses every use but close."""
+
+
 class DaemonConnectionError(DjinnError):
     """The daemon cannot be reached, refused the credentials, or speaks another protocol version."""
 
@@ -74,6 +82,8 @@ ERRORS_BY_NAME: dict[str, type[DjinnError]] = {
         SessionClosedError,
         ExecutionError,
         OutOfMemoryError,
+        PagingError,
+        SessionLostError,
         DaemonConnectionError,
         ProtocolError,
     )

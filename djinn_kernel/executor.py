@@ -1,8 +1,8 @@
 """A run: one generation of a session, executed on the session's executor thread, pausable inside a forward.
 
 Invariants:
-- ``Run.execute`` runs on the session's executor thread and is the only code that drives the model's forward
-  for this run; it binds the run to that thread (``hooks.bind``) so the shared hooks route activations here.
+- ``Run.execute`` runs on the run's executor thread (``Run.start``) and is the only code that drives the model's
+  forward for this run; it binds the run to that thread (``hooks.bind``) so the shared hooks route activations here.
 - The executor blocks in ``Handoff.pause`` at a hit. While it is blocked the driver may read and edit
   ``PauseState.current``; the executor takes the value back, unchanged object or edited copy, on resume.
 - Returning ``None`` from ``on_activation`` leaves the module's output untouched: an unmodified pause is
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -113,6 +114,7 @@ class Run:
         self.id = run_id
         self.session = session
         self.input_ids = input_ids
+        self.prompt_ids: list[int] = input_ids[0].tolist()  # reports read this, never the pageable tensor
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.keep_logits = keep_logits
@@ -129,6 +131,17 @@ class Run:
         self._stepping = False
         self._finishing = False
         self._aborting = False
+        self._thread = threading.Thread(
+            target=self.execute, name=f"djinn-session-{session.id}-run-{run_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the executor thread to leave (after the run ended or was told to abort)."""
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
 
     # executor side ---------------------------------------------------------------------------------------
     def execute(self) -> None:
@@ -212,8 +225,8 @@ class Run:
             "state": self.state.value,
             "pause": None if self.pause is None else self.pause.describe(),
             "token_step": self.token_step,
-            "prompt_tokens": int(self.input_ids.shape[-1]),
-            "prompt_ids": self.input_ids[0].tolist(),
+            "prompt_tokens": len(self.prompt_ids),
+            "prompt_ids": list(self.prompt_ids),
             "max_new_tokens": self.max_new_tokens,
             "sampling": {"temperature": self.sampling.temperature, "top_k": self.sampling.top_k, "seed": self.sampling.seed},
             "tokens": list(self.tokens),

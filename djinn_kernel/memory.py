@@ -5,9 +5,19 @@ Invariants:
   storage, each into its own contiguous host extent, then each storage is ``resize_(0)``-ed. Every view of it (the
   paused forward's local variables included) stays valid and sees the same bytes after ``resize_`` back and
   the copy home. Nothing is lost: the host extent is freed only after the copy back has completed.
+- Page-out and page-in are all-or-nothing. A page-out copies every storage to the host before it frees any;
+  if anything fails, what was freed is restored from those copies and the session is exactly as before. A
+  page-in frees the host extents only after every storage is back; on failure the session stays paged. If an
+  undo itself fails the session is marked ``lost`` and every later use raises ``SessionLostError`` instead of
+  touching freed memory.
 - Only a session whose executor is blocked (paused) or has no run may be paged; a running forward is never
-  touched. The engine reports these transitions (``set_pageable``), and holds the session's memory lock
-  around edits, so a page-out never races a driver writing the same activation.
+  touched. The engine reports these transitions (``set_pageable``) and holds the manager's lock (``resident``)
+  around every read or edit of session tensors, so a page-out never races a reader or writer. Nothing handed
+  to a caller aliases session memory: the engine answers with copies made inside ``resident``.
+- One lock, the innermost of the engine's lock order: the manager never calls code that takes another lock
+  (``tensors`` callbacks only list tensors), so it cannot be part of a deadlock.
+- Admission reserves: a run is admitted with the device bytes it will need (``admit``), paging others out
+  first; only the new request can get ``OutOfMemoryError``. A running run is never failed for memory.
 - Stream order on CUDA: a page-out's copy stream first waits for the compute stream (the bytes are final),
   and the storage is freed only once the copy's event has completed. A page-in allocates, waits for the
   compute stream, copies, and makes the compute stream wait on its event, so the resumed forward reads only
@@ -21,16 +31,17 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from .errors import InvalidArgumentError, OutOfMemoryError, SessionClosedError
+from .errors import InvalidArgumentError, OutOfMemoryError, PagingError, SessionClosedError, SessionLostError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -159,12 +170,15 @@ def _bytes_view(storage: torch.UntypedStorage) -> torch.Tensor:
 
 @dataclass
 class SessionMemory:
+    """What the manager knows of one session. Every field is read and written under the manager's lock."""
+
     sid: int
     tensors: Callable[[], list[torch.Tensor]]
     pageable: bool = False
+    reserved: int = 0  # device bytes promised to the session's live run at admission
     last_used: float = field(default_factory=time.monotonic)
     paged: list[tuple[torch.UntypedStorage, Extent]] = field(default_factory=list)
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lost: str | None = None  # why the session's state could not be restored, once that happened
 
     @property
     def is_paged(self) -> bool:
@@ -175,6 +189,10 @@ class SessionMemory:
 
     def host_bytes(self) -> int:
         return sum(extent.nbytes for _, extent in self.paged)
+
+    def charge(self) -> int:
+        """Device bytes counted against the budget: what it holds, or what its run was promised if more."""
+        return 0 if self.paged else max(self.reserved, self.resident_bytes())
 
 
 @dataclass(frozen=True)
@@ -211,7 +229,11 @@ class LRUPolicy:
 
 
 class MemoryManager:
-    """Accounts session bytes on the device against ``budget`` and pages sessions to the host pool and back."""
+    """Accounts session bytes on the device against ``budget`` and pages sessions to the host pool and back.
+
+    One lock guards all of it (sessions, reservations, paging), and the manager calls out to nothing that takes
+    another lock: it is the innermost lock of the engine's order (see engine.py), so it cannot deadlock.
+    """
 
     def __init__(
         self,
@@ -231,26 +253,23 @@ class MemoryManager:
         self.transfers: deque[Transfer] = deque(maxlen=1024)
         self.page_outs = 0
         self.page_ins = 0
+        self.overcommits = 0  # times a running session outgrew its reservation and nothing could be paged
         self._cuda = self.device.type == "cuda"
         if self._cuda:
             self._out_stream = torch.cuda.Stream(self.device)
             self._in_stream = torch.cuda.Stream(self.device)
 
     # registration and state ------------------------------------------------------------------------------
-    def register(self, sid: int, tensors: Callable[[], list[torch.Tensor]]) -> SessionMemory:
+    def register(self, sid: int, tensors: Callable[[], list[torch.Tensor]]) -> None:
         with self._lock:
-            self._sessions[sid] = SessionMemory(sid, tensors)
-            return self._sessions[sid]
+            self._sessions[sid] = SessionMemory(sid, tensors, pageable=True)
 
     def release(self, sid: int) -> None:
-        """Forget a session: its host extent goes back to the pool (its device tensors die with it)."""
+        """Forget a session: its host extents go back to the pool (its device tensors die with it)."""
         with self._lock:
             session = self._sessions.pop(sid, None)
-        if session is not None:
-            with session.lock:
-                for _, extent in session.paged:
-                    self.pool.free(extent)
-                session.paged = []
+            if session is not None:
+                self._drop_paged(session)
 
     def session(self, sid: int) -> SessionMemory:
         with self._lock:
@@ -259,90 +278,185 @@ class MemoryManager:
             raise SessionClosedError(f"session {sid} was closed; its memory is released")
         return session
 
-    def set_pageable(self, sid: int, pageable: bool) -> None:
+    def _live(self, sid: int) -> SessionMemory:
         session = self.session(sid)
-        session.pageable = pageable
-        session.last_used = time.monotonic()
-        if pageable and self.policy.page_on_pause(session):
-            self.page_out(sid)
+        if session.lost is not None:
+            raise SessionLostError(
+                f"session {sid} lost its paged state ({session.lost}); close it and open a new one"
+            )
+        return session
+
+    def set_pageable(self, sid: int, pageable: bool) -> None:
+        """The engine's report that the session's executor is blocked or idle (``True``) or about to run."""
+        with self._lock:
+            session = self.session(sid)
+            session.pageable = pageable
+            session.last_used = time.monotonic()
+            if pageable and session.lost is None and self.policy.page_on_pause(session):
+                try:
+                    self.page_out(sid)
+                except (OutOfMemoryError, PagingError):
+                    pass  # paging on pause is an optimisation: the session stays resident and correct
+
+    def admit(self, sid: int, need: int) -> None:
+        """Reserve ``need`` device bytes for a new run, paging others out first; the run then never waits for room.
+
+        ``OutOfMemoryError`` when even paging cannot make room; then nothing has changed.
+        """
+        with self._lock:
+            session = self._live(sid)
+            self._make_room(need, for_sid=sid)
+            session.reserved = need
+            session.pageable = False
+            session.last_used = time.monotonic()
+
+    def end_run(self, sid: int) -> None:
+        """The session's run ended: its reservation and any host copy of its (now dead) state are returned."""
+        with self._lock:
+            session = self.session(sid)
+            session.reserved = 0
+            self._drop_paged(session)
+
+    def _drop_paged(self, session: SessionMemory) -> None:
+        for _, extent in session.paged:
+            self.pool.free(extent)
+        session.paged = []
 
     def resident_total(self) -> int:
         with self._lock:
-            sessions = list(self._sessions.values())
-        return sum(s.resident_bytes() for s in sessions)
+            return sum(s.resident_bytes() for s in self._sessions.values())
+
+    def charged_total(self) -> int:
+        with self._lock:
+            return sum(s.charge() for s in self._sessions.values())
+
+    @contextlib.contextmanager
+    def resident(self, sid: int) -> Iterator[None]:
+        """Hold the session's state on the device for the block (paged in first); nothing pages it meanwhile."""
+        with self._lock:
+            self.page_in(sid)
+            yield
 
     # pressure -------------------------------------------------------------------------------------------
-    def make_room(self, need: int, for_sid: int | None = None) -> None:
-        """Page out sessions the policy picks until ``need`` more bytes fit in the budget."""
-        with self._lock:
-            if self.resident_total() + need <= self.budget:
-                return
-            for victim in self.policy.victims(list(self._sessions.values()), for_sid):
-                self.page_out(victim.sid)
-                if self.resident_total() + need <= self.budget:
-                    return
-            used = self.resident_total()
+    def _make_room(self, need: int, for_sid: int | None) -> None:
+        """Page out the sessions the policy picks until ``need`` more bytes fit in the budget, else raise."""
+        if self._evict_until(need, for_sid):
+            return
         raise OutOfMemoryError(
             f"the GPU budget of {self.budget / MiB:.1f} MiB cannot hold {need / MiB:.1f} MiB more "
-            f"({used / MiB:.1f} MiB held by sessions that cannot be paged now); finish or close a session, "
-            f"or start the daemon with a larger --gpu-memory"
+            f"({self.charged_total() / MiB:.1f} MiB held or promised to runs that cannot be paged now); finish or "
+            f"close a session, or start the daemon with a larger --gpu-memory"
         )
 
+    def _evict_until(self, need: int, for_sid: int | None) -> bool:
+        if self.charged_total() + need <= self.budget:
+            return True
+        for victim in self.policy.victims(list(self._sessions.values()), for_sid):
+            if victim.lost is None:
+                self.page_out(victim.sid)
+                if self.charged_total() + need <= self.budget:
+                    return True
+        return False
+
     def on_growth(self, sid: int) -> None:
-        """Called by a running session between forwards: keep the total within budget by paging others."""
+        """Called by a running session between forwards. Never fails the run: it was admitted with a reservation,
+        and when it outgrows that (an estimate), others are paged out if they can be; else the budget bends."""
         with self._lock:
-            over = self.resident_total() - self.budget
-        if over > 0:
-            mine = self.session(sid).resident_bytes()
-            self.make_room(0 if mine <= self.budget else mine, for_sid=sid)
+            session = self.session(sid)
+            held = session.resident_bytes()
+            if held <= session.reserved:
+                return
+            session.reserved = held
+            if not self._evict_until(0, for_sid=sid):
+                self.overcommits += 1
 
     # moving ---------------------------------------------------------------------------------------------
     def page_out(self, sid: int) -> Transfer | None:
-        session = self.session(sid)
-        with session.lock:
+        """Copy every storage of the session to the host, then free them: all of it, or (on any error) none."""
+        with self._lock:
+            session = self._live(sid)
             if session.is_paged or not session.pageable:
                 return None
             storages = unique_storages(session.tensors())
             total = sum(s.nbytes() for s in storages)
             if total == 0:
                 return None
+            fixed = [s for s in storages if not s.resizable()]
+            if fixed:
+                raise PagingError(
+                    f"session {sid} holds {len(fixed)} tensor(s) whose memory cannot be freed (an outside buffer "
+                    f"aliases it); nothing was paged"
+                )
             start = time.perf_counter()
             plan: list[tuple[torch.UntypedStorage, Extent]] = []
             try:
                 for storage in storages:
                     plan.append((storage, self.pool.alloc(storage.nbytes())))
-            except OutOfMemoryError:
+                seconds = self._copy([(e.view, _bytes_view(s)) for s, e in plan], self._out_stream if self._cuda else None)
+            except BaseException:
                 for _, extent in plan:
                     self.pool.free(extent)
                 raise
-            seconds = self._copy([(e.view, _bytes_view(s)) for s, e in plan], self._out_stream if self._cuda else None)
-            for storage, _ in plan:
-                storage.resize_(0)
+            freed: list[tuple[torch.UntypedStorage, Extent]] = []
+            try:
+                for storage, extent in plan:
+                    storage.resize_(0)
+                    freed.append((storage, extent))
+            except BaseException as exc:
+                self._undo_page_out(session, freed, plan)
+                raise PagingError(f"paging session {sid} out failed ({exc}); nothing was paged") from exc
             session.paged = plan
             transfer = Transfer(sid, "out", total, len(plan), seconds, time.perf_counter() - start)
             self.transfers.append(transfer)
             self.page_outs += 1
             return transfer
 
+    def _undo_page_out(
+        self,
+        session: SessionMemory,
+        freed: list[tuple[torch.UntypedStorage, Extent]],
+        plan: list[tuple[torch.UntypedStorage, Extent]],
+    ) -> None:
+        """Put back the storages a failed page-out had already freed, from their host copies."""
+        try:
+            for storage, extent in freed:
+                storage.resize_(extent.nbytes)
+            self._copy([(_bytes_view(s), e.view) for s, e in freed], self._in_stream if self._cuda else None)
+        except BaseException as exc:  # noqa: BLE001 - the state cannot be rebuilt: say so on every later use
+            session.lost = f"a failed page-out could not be undone: {type(exc).__name__}: {exc}"
+            session.paged = plan
+            return
+        for _, extent in plan:
+            self.pool.free(extent)
+
     def page_in(self, sid: int) -> Transfer | None:
-        """Bring a paged session back (making room first); the compute stream is ordered after the copies."""
-        session = self.session(sid)
-        with session.lock:
+        """Bring a paged session back (making room first): all of it, or (on any error) it stays paged as it was."""
+        with self._lock:
+            session = self._live(sid)
+            session.last_used = time.monotonic()
             if not session.is_paged:
-                session.last_used = time.monotonic()
                 return None
             total = session.host_bytes()
-            self.make_room(total, for_sid=sid)
+            self._make_room(max(total, session.reserved), for_sid=sid)
             start = time.perf_counter()
-            for storage, extent in session.paged:
-                storage.resize_(extent.nbytes)
-            copies = [(_bytes_view(s), e.view) for s, e in session.paged]
-            seconds = self._copy(copies, self._in_stream if self._cuda else None)
-            for _, extent in session.paged:
-                self.pool.free(extent)
+            grown: list[torch.UntypedStorage] = []
+            try:
+                for storage, extent in session.paged:
+                    storage.resize_(extent.nbytes)
+                    grown.append(storage)
+                copies = [(_bytes_view(s), e.view) for s, e in session.paged]
+                seconds = self._copy(copies, self._in_stream if self._cuda else None)
+            except BaseException as exc:
+                for storage in grown:
+                    storage.resize_(0)
+                if isinstance(exc, torch.OutOfMemoryError):
+                    raise OutOfMemoryError(
+                        f"the device has no room to page session {sid} back in ({total / MiB:.1f} MiB); it stays "
+                        f"paged: finish or close another session and retry"
+                    ) from exc
+                raise
+            self._drop_paged(session)
             transfer = Transfer(sid, "in", total, len(copies), seconds, time.perf_counter() - start)
-            session.paged = []
-            session.last_used = time.monotonic()
             self.transfers.append(transfer)
             self.page_ins += 1
             return transfer
@@ -371,20 +485,25 @@ class MemoryManager:
 
     # status ---------------------------------------------------------------------------------------------
     def session_stats(self, sid: int) -> dict[str, object]:
-        session = self.session(sid)
-        with session.lock:
+        with self._lock:
+            session = self.session(sid)
             return {
                 "gpu_bytes": session.resident_bytes(),
                 "host_bytes": session.host_bytes(),
                 "paged": session.is_paged,
+                "reserved": session.reserved,
+                "lost": session.lost,
             }
 
     def stats(self) -> dict[str, object]:
-        return {
-            "device": str(self.device),
-            "budget": self.budget,
-            "session_gpu_bytes": self.resident_total(),
-            "host_pool": self.pool.stats(),
-            "page_outs": self.page_outs,
-            "page_ins": self.page_ins,
-        }
+        with self._lock:
+            return {
+                "device": str(self.device),
+                "budget": self.budget,
+                "session_gpu_bytes": self.resident_total(),
+                "charged_bytes": self.charged_total(),
+                "host_pool": self.pool.stats(),
+                "page_outs": self.page_outs,
+                "page_ins": self.page_ins,
+                "overcommits": self.overcommits,
+            }

@@ -51,7 +51,9 @@ class MsgType(enum.IntEnum):
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().to("cpu").contiguous()
+    """The tensor's bytes in a fresh buffer. Always a copy: a NumPy view pins its storage (it can no longer be
+    resized), and the buffer lives on in ZeroMQ after this call, so it must never alias memory Djinn may page."""
+    t = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 

@@ -7,6 +7,7 @@ underlying nn.Module, hooks) and are skipped against the daemon.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 
 import pytest
@@ -18,6 +19,18 @@ PROMPT = "Hello, world"
 BACKEND = os.environ.get("DJINN_TEST_BACKEND", "inprocess")
 # DJINN_TEST_DEVICE=cuda runs the engine tests on a GPU; deterministic attention keeps runs bitwise repeatable.
 DEVICE = os.environ.get("DJINN_TEST_DEVICE", "cpu")
+
+
+# A test still running after this long is taken for a deadlock: every thread's stack is dumped and the process
+# exits with an error, so CI fails with the evidence instead of hanging until its time limit.
+WATCHDOG_SECONDS = 300
+
+
+@pytest.fixture(autouse=True)
+def deadlock_watchdog():
+    faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def make_engine(**kwargs) -> Engine:
