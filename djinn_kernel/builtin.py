@@ -243,6 +243,8 @@ def _write_smollm2(gguf: Path, out: Path, progress: Progress) -> None:
     model.generation_config = quantized.generation_config
     if not tokenizer.chat_template:
         tokenizer.chat_template = _SMOLLM2_CHAT_TEMPLATE
+    # The chat model ends its turn with <|im_end|>; transformers 5.17's GGUF reader reports <|im_start|> instead.
+    tokenizer.eos_token = _SMOLLM2_EOS
     end_of_turn = tokenizer.convert_tokens_to_ids(_SMOLLM2_EOS)
     eos_ids = _eos_ids(model.generation_config.eos_token_id)
     if end_of_turn not in eos_ids:
