@@ -154,15 +154,18 @@ class Session:
         top_k: int | None = None,
         seed: int = 0,
         keep_logits: bool = False,
+        fresh: bool = True,
     ) -> Run:
         """Start generating; returns when the run first pauses or finishes (check ``run.paused``).
 
         ``chat=None`` uses the model's default (instruct models wrap the prompt in their chat template).
-        Decoding is greedy unless ``temperature > 0`` (then seeded, so runs repeat).
+        Decoding is greedy unless ``temperature > 0`` (then seeded, so runs repeat). The session keeps the
+        conversation: ``fresh=False`` continues it (the prompt is the next turn, only new tokens are computed),
+        the default starts a new one.
         """
         try:
             snapshot = self._backend.generate(
-                self.id, prompt, max_new_tokens, chat, temperature, top_k, seed, keep_logits
+                self.id, prompt, max_new_tokens, chat, temperature, top_k, seed, keep_logits, fresh
             )
         except DjinnError:
             last = self._backend.run_snapshot(self.id)
@@ -176,6 +179,22 @@ class Session:
     def run(self) -> Run | None:
         """The most recent run of this session."""
         return self._run
+
+    @property
+    def history(self) -> int:
+        """How many tokens the conversation holds (prompts and replies); ``rewind`` takes a number up to this."""
+        return self._backend.describe_session(self.id)["history_tokens"]
+
+    def fork(self) -> Session:
+        """A new session with this one's conversation and KV copied, and no breakpoints or steering of its own
+        yet: branch a conversation to try other steering on the same context."""
+        return Session(self._backend, self.model, self._backend.fork(self.id))
+
+    def rewind(self, tokens: int) -> Session:
+        """Keep the first ``tokens`` tokens of the conversation; the next ``generate(..., fresh=False)`` goes on
+        from there."""
+        self._backend.rewind(self.id, tokens)
+        return self
 
     def status(self) -> dict[str, Any]:
         """State, breakpoints, steering, the current run and memory (bytes on the GPU and on the host)."""

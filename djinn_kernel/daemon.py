@@ -170,6 +170,10 @@ class Daemon:
             sid = self.engine.open_session(args.get("model_id"), owner=client.label)
             client.sessions.add(sid)
             return sid
+        if op == "fork":
+            sid = self.engine.fork(args["sid"])
+            client.sessions.add(sid)
+            return sid
         if op == "close_session":
             client.sessions.discard(args["sid"])
             return self.engine.close_session(args["sid"])

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import models
+from . import context, models
 from .anatomy import Anatomy, inspect_model, resolve_target
 from .breakpoints import SIDES, BreakpointTable, remove_by_id
 from .decode import ForwardCall, Sampling
@@ -47,7 +47,7 @@ from .errors import (
     SessionBusyError,
     SessionClosedError,
 )
-from .executor import ENDED, PauseState, Run, RunState, Steering
+from .executor import ENDED, PauseState, Run, RunState, Steering, cache_tensors
 from .handoff import Command, Event
 from .hooks import HookDispatcher
 from .memory import GiB, LRUPolicy, MemoryManager, Transfer
@@ -151,6 +151,8 @@ class SessionState:
     breakpoints: BreakpointTable = field(default_factory=BreakpointTable)
     steering: dict[int, Steering] = field(default_factory=dict)
     run: Run | None = None
+    history: list[int] = field(default_factory=list)  # the conversation's tokens; see context.py
+    cache: object | None = None  # K/V of the history, kept across runs
     closed: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
     _steer_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -160,17 +162,19 @@ class SessionState:
         return [s for s in self.steering.values() if s.path == path and s.side == side]
 
     def gpu_tensors(self) -> list[torch.Tensor]:
-        return [] if self.run is None else self.run.gpu_tensors()
+        tensors = cache_tensors(self.cache) if self.cache is not None else []
+        return tensors + ([] if self.run is None else self.run.gpu_tensors())
 
     def state(self) -> str:
         if self.closed:
             return "closed"
-        if self.memory.session(self.id).lost is not None:
+        memory = self.memory.session(self.id)
+        if memory.lost is not None:
             return "lost"
+        if memory.is_paged:
+            return "paged"
         if self.run is None or self.run.state in ENDED:
             return "idle"
-        if self.run.state is RunState.PAUSED and self.memory.session(self.id).is_paged:
-            return "paged"
         return self.run.state.value
 
 
@@ -325,6 +329,7 @@ class Engine:
             "owner": session.owner,
             "model": session.model.id,
             "state": session.state(),
+            "history_tokens": len(session.history),
             "breakpoints": [bp.describe() for bp in session.breakpoints],
             "steering": [s.describe() for s in session.steering.values()],
             "run": None if run is None else run.snapshot(),
@@ -418,9 +423,17 @@ class Engine:
         top_k: int | None = None,
         seed: int = 0,
         keep_logits: bool = False,
+        fresh: bool = True,
     ) -> dict[str, object]:
-        """Start a run; return its snapshot at the first pause, or at the end when nothing pauses it."""
+        """Start a run; return its snapshot at the first pause, or at the end when nothing pauses it.
+
+        ``fresh=True`` starts a new conversation (the session's history and KV are dropped); ``fresh=False``
+        continues it: only the new tokens are computed, over the KV the session kept (for chat models the
+        prompt becomes the next user turn of the template).
+        """
         session = self._session(sid)
+        if not isinstance(fresh, bool):
+            raise InvalidArgumentError(f"fresh must be True or False, not {fresh!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < 1e4:
@@ -434,19 +447,36 @@ class Engine:
                     f"session {sid} has a {session.run.state.value} run; resume it to the end (run.finish()) or "
                     f"cancel it (run.cancel()) before starting another"
                 )
-            input_ids = self.encode_prompt(session.model, prompt, chat)
-            limit = session.model.max_positions
-            if limit is not None and input_ids.shape[-1] + max_new_tokens > limit:
+            loaded = session.model
+            fresh = fresh or not session.history
+            kept = 0 if fresh else context.cached_length(session.cache)
+            if fresh:
+                new = self.encode_prompt(loaded, prompt, chat)[0].tolist()
+            else:
+                new = self._turn_ids(session, prompt, chat)
+            input_ids = [*session.history[kept:], *new] if not fresh else new
+            total = kept + len(input_ids) + max_new_tokens
+            limit = loaded.max_positions
+            if limit is not None and total > limit:
                 raise InvalidArgumentError(
-                    f"{input_ids.shape[-1]} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
-                    f"{limit} positions this model has; shorten the prompt or ask for fewer tokens"
+                    f"{kept + len(input_ids)} context tokens + max_new_tokens {max_new_tokens} exceed the "
+                    f"{limit} positions this model has; shorten the prompt, ask for fewer tokens or rewind"
                 )
-            need = session.model.kv_bytes_per_token * (input_ids.shape[-1] + max_new_tokens)
-            self.memory.admit(sid, need)
+            if fresh:
+                self.memory.drop(sid)
+                session.history, session.cache = [], None
+            self.memory.admit(sid, loaded.kv_bytes_per_token * total)
+            if session.cache is None:
+                from transformers import DynamicCache
+
+                session.cache = DynamicCache(config=loaded.model.config)
+            context.trim(session.cache, kept)
             run = Run(
                 next(session._run_ids),
                 session,
-                input_ids,
+                torch.tensor([input_ids], dtype=torch.long, device=loaded.device),
+                session.cache,
+                kept,
                 max_new_tokens,
                 Sampling(float(temperature), top_k, int(seed)),
                 bool(keep_logits),
@@ -454,6 +484,53 @@ class Engine:
             session.run = run
             run.start()
             return self._await(run)
+
+    def _turn_ids(self, session: SessionState, prompt: str | list[int], chat: bool | None) -> list[int]:
+        """The tokens a continued conversation adds: ids as given, text as is, or as a chat turn."""
+        loaded = session.model
+        if isinstance(prompt, str) and loaded.tokenizer is not None and (chat if chat is not None else loaded.chat):
+            return context.chat_turn_ids(loaded.tokenizer, session.history, loaded.eos_ids, prompt)
+        if isinstance(prompt, str) and loaded.tokenizer is not None:
+            return list(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return self.encode_prompt(loaded, prompt, chat)[0].tolist()
+
+    def fork(self, sid: int) -> int:
+        """A new session of the same client with a copy of this one's history and KV (no breakpoints, no
+        steering: it is free to differ). The source must not have a live run."""
+        source = self._session(sid)
+        with source.lock:
+            self._idle(source, "fork it")
+            with self.memory.resident(sid):
+                self.memory.make_room(sum(t.untyped_storage().nbytes() for t in source.gpu_tensors()), for_sid=sid)
+                cache = None if source.cache is None else context.clone(source.cache)
+            new = self.open_session(source.model.id, owner=source.owner)
+            forked = self._session(new)
+            forked.history, forked.cache = list(source.history), cache
+            return new
+
+    def rewind(self, sid: int, tokens: int) -> dict[str, object]:
+        """Keep only the first ``tokens`` tokens of the conversation (and their KV): the next ``fresh=False`` run
+        continues from there, e.g. to replay a continuation with other steering."""
+        session = self._session(sid)
+        with session.lock:
+            self._idle(session, "rewind it")
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= len(session.history):
+                raise InvalidArgumentError(
+                    f"tokens must be an integer from 0 to {len(session.history)} (the conversation's length), "
+                    f"not {tokens!r}"
+                )
+            with self.memory.resident(sid):
+                if session.cache is not None:
+                    context.trim(session.cache, min(tokens, context.cached_length(session.cache)))
+                session.history = session.history[:tokens]
+            return self.describe_session(sid)
+
+    def _idle(self, session: SessionState, what: str) -> None:
+        self._sync(session)
+        if session.run is not None and session.run.state not in ENDED:
+            raise SessionBusyError(
+                f"session {session.id} has a {session.run.state.value} run; finish or cancel it to {what}"
+            )
 
     def page_out(self, sid: int) -> dict[str, object]:
         """Page a paused (or idle) session's state to the host now; it comes back on the next use."""
@@ -532,7 +609,7 @@ class Engine:
         with session.lock:
             run, _ = self._paused_run(session)
             with self.memory.resident(session.id):
-                self.memory.set_pageable(sid, False)
+                self.memory.running(sid)
                 run.state, run.pause = RunState.RUNNING, None
                 run.handoff.send(commands[mode])
             return self._await(run)
@@ -581,9 +658,11 @@ class Engine:
             if raise_failure:
                 self._raise_failure(run)
         if run.state in ENDED:
-            run.cache = None
-            self.memory.end_run(run.session.id)
-        self.memory.set_pageable(run.session.id, run.state is not RunState.RUNNING)
+            session = run.session
+            session.history = [*session.history[: run.context_length], *run.prompt_ids, *run.tokens]
+            self.memory.end_run(session.id)
+        elif run.state is RunState.PAUSED:
+            self.memory.paused(run.session.id)
         return run.snapshot()
 
     @staticmethod

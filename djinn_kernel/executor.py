@@ -107,6 +107,8 @@ class Run:
         run_id: int,
         session: SessionState,
         input_ids: torch.Tensor,
+        cache: object,
+        context_length: int,
         max_new_tokens: int,
         sampling: Sampling,
         keep_logits: bool,
@@ -115,6 +117,8 @@ class Run:
         self.session = session
         self.input_ids = input_ids
         self.prompt_ids: list[int] = input_ids[0].tolist()  # reports read this, never the pageable tensor
+        self.cache = cache  # the session's, already holding ``context_length`` tokens of its history
+        self.context_length = context_length
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.keep_logits = keep_logits
@@ -126,7 +130,6 @@ class Run:
         self.logits: list[torch.Tensor] = []
         self.pause: PauseState | None = None
         self.error: BaseException | None = None
-        self.cache: object | None = None
         self._pauses = itertools.count(1)
         self._stepping = False
         self._finishing = False
@@ -145,11 +148,8 @@ class Run:
 
     # executor side ---------------------------------------------------------------------------------------
     def execute(self) -> None:
-        from transformers import DynamicCache
-
         loaded = self.session.model
         try:
-            self.cache = DynamicCache(config=loaded.model.config)
             with bind(self), torch.inference_mode():
                 result = decode(
                     loaded.model,
@@ -211,11 +211,8 @@ class Run:
         self._aborting = True
 
     def gpu_tensors(self) -> list[torch.Tensor]:
-        """Every device tensor this run holds beyond the shared weights: the KV cache and the paused activation."""
-        tensors = cache_tensors(self.cache) if self.cache is not None else []
-        if self.pause is not None:
-            tensors += [self.pause.original, self.pause.current]
-        return tensors
+        """Device tensors this run holds beyond the session's KV cache: the paused activation."""
+        return [] if self.pause is None else [self.pause.original, self.pause.current]
 
     def snapshot(self) -> dict[str, object]:
         loaded = self.session.model

@@ -11,7 +11,7 @@ Invariants:
   undo itself fails the session is marked ``lost`` and every later use raises ``SessionLostError`` instead of
   touching freed memory.
 - Only a session whose executor is blocked (paused) or has no run may be paged; a running forward is never
-  touched. The engine reports these transitions (``set_pageable``) and holds the manager's lock (``resident``)
+  touched. The engine reports these transitions (``admit``, ``paused``, ``running``, ``end_run``) and holds the manager's lock (``resident``)
   around every read or edit of session tensors, so a page-out never races a reader or writer. Nothing handed
   to a caller aliases session memory: the engine answers with copies made inside ``resident``.
 - One lock, the innermost of the engine's lock order: the manager never calls code that takes another lock
@@ -286,36 +286,56 @@ class MemoryManager:
             )
         return session
 
-    def set_pageable(self, sid: int, pageable: bool) -> None:
-        """The engine's report that the session's executor is blocked or idle (``True``) or about to run."""
+    def paused(self, sid: int) -> None:
+        """The engine's report that the session's executor is blocked at a pause: it may be paged now."""
         with self._lock:
             session = self.session(sid)
-            session.pageable = pageable
+            session.pageable = True
             session.last_used = time.monotonic()
-            if pageable and session.lost is None and self.policy.page_on_pause(session):
+            if session.lost is None and self.policy.page_on_pause(session):
                 try:
                     self.page_out(sid)
                 except (OutOfMemoryError, PagingError):
                     pass  # paging on pause is an optimisation: the session stays resident and correct
 
+    def running(self, sid: int) -> None:
+        """The engine's report that the session's executor is about to run: it must stay resident."""
+        with self._lock:
+            session = self.session(sid)
+            session.pageable = False
+            session.last_used = time.monotonic()
+
     def admit(self, sid: int, need: int) -> None:
-        """Reserve ``need`` device bytes for a new run, paging others out first; the run then never waits for room.
+        """Make the session resident and reserve ``need`` device bytes in all for a new run (its kept context
+        included), paging others out first; the run then never waits for room.
 
         ``OutOfMemoryError`` when even paging cannot make room; then nothing has changed.
         """
         with self._lock:
             session = self._live(sid)
-            self._make_room(need, for_sid=sid)
+            self.page_in(sid)
+            self._make_room(max(need - session.charge(), 0), for_sid=sid)
             session.reserved = need
             session.pageable = False
             session.last_used = time.monotonic()
 
     def end_run(self, sid: int) -> None:
-        """The session's run ended: its reservation and any host copy of its (now dead) state are returned."""
+        """The session's run ended: its reservation is returned; its context stays, pageable like any idle state."""
         with self._lock:
             session = self.session(sid)
             session.reserved = 0
-            self._drop_paged(session)
+            session.pageable = True
+            session.last_used = time.monotonic()
+
+    def drop(self, sid: int) -> None:
+        """The session discards its state (a fresh conversation): host copies of it go back to the pool."""
+        with self._lock:
+            self._drop_paged(self.session(sid))
+
+    def make_room(self, need: int, for_sid: int | None = None) -> None:
+        """Page others out until ``need`` more bytes fit (e.g. for a fork's copy); ``OutOfMemoryError`` if not."""
+        with self._lock:
+            self._make_room(need, for_sid)
 
     def _drop_paged(self, session: SessionMemory) -> None:
         for _, extent in session.paged:

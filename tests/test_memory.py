@@ -89,7 +89,7 @@ def test_page_out_frees_every_session_byte_and_restores_bits():
         before = s.status()["memory"]["gpu_bytes"]
         activation = run.pause.activation.clone()
         kv = [t.clone() for t in engine._session(s.id).gpu_tensors()]
-        kv_bytes = sum(t.numel() * t.element_size() for t in engine._session(s.id).run.gpu_tensors()[:-2])
+        kv_bytes = sum(t.numel() * t.element_size() for t in engine._session(s.id).gpu_tensors()[:-2])
         assert before >= kv_bytes > 0
         moved = engine.page_out(s.id)
         assert moved["bytes"] == before and moved["gpu_bytes"] == 0 and moved["host_bytes"] == before
@@ -156,8 +156,10 @@ def test_full_host_pool_refuses_new_request_and_keeps_paused_sessions():
     run_a.resume()
     assert run_a.tokens == tokens and torch.equal(run_a.logits, logits)
     b.break_at(0, once=True)
-    assert b.generate(PROMPT, 2).paused, "once room is back, the refused session works"
+    with pytest.raises(dj.OutOfMemoryError, match="host pool is full"):
+        b.generate(PROMPT, 2)  # a keeps its conversation's KV while idle, and the pool cannot take it
     a.close()
+    assert b.generate(PROMPT, 2).paused, "once room is back, the refused session works"
     b.close()
     engine.shutdown()
 

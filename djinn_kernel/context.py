@@ -1,0 +1,75 @@
+"""A session's context: the tokens it has seen and the KV cache that holds them, kept across runs.
+
+Invariants:
+- ``history`` is every token of the conversation so far (prompts and generated tokens, in order); the cache
+  holds K/V for the first ``cached_length(cache)`` of them. The rest (at least the last generated token, which
+  no forward has consumed yet) are *pending*: the next run feeds them before its new prompt tokens.
+- A run that was cancelled or failed mid-forward may leave layers of different lengths (the layers before the
+  stop saw one more token). ``trim`` crops every layer to the shortest, which makes the cache consistent again
+  and only turns a few tokens back into pending ones; nothing in ``history`` is lost.
+- ``trim``, ``rewind`` and ``copy`` create views or copies of the cache tensors, so they run only while the
+  session is resident (inside ``MemoryManager.resident`` or after ``admit``); the length functions read shapes
+  alone and are safe on a paged cache.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .errors import InvalidArgumentError
+
+_SENTINEL = "DJINNREPLYSENTINEL"
+
+
+def layer_lengths(cache: object | None) -> list[int]:
+    """Tokens held by each layer (0 for a layer that has not run yet)."""
+    out = []
+    for layer in getattr(cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        out.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() >= 2 else 0)
+    return out
+
+
+def cached_length(cache: object | None) -> int:
+    """Tokens every layer holds: the consistent prefix of the history."""
+    lengths = layer_lengths(cache)
+    return min(lengths) if lengths else 0
+
+
+def trim(cache: object, length: int) -> None:
+    """Crop every layer to ``length`` tokens (views; the storage is reused by the next step's growth)."""
+    for layer, held in zip(cache.layers, layer_lengths(cache)):
+        if held > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def clone(cache: object) -> object:
+    """An independent copy of the cache, tensors included (for ``fork``)."""
+    with torch.inference_mode():
+        return copy.deepcopy(cache)
+
+
+def chat_turn_ids(tokenizer: object, history: list[int], eos_ids: tuple[int, ...], prompt: str) -> list[int]:
+    """The tokens that close the assistant's last reply and open a new user turn, as the chat template writes them.
+
+    The template is rendered for a conversation with a placeholder reply, with and without the new turn; the
+    difference is the new turn, and what follows the placeholder is the reply's closing. When the history
+    already ends with an end-of-turn token (generation stopped there), that token's text is not repeated.
+    """
+    before = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}]
+    after = [*before, {"role": "user", "content": prompt}]
+    old = tokenizer.apply_chat_template(before, tokenize=False)
+    new = tokenizer.apply_chat_template(after, tokenize=False, add_generation_prompt=True)
+    if not new.startswith(old) or _SENTINEL not in old:
+        raise InvalidArgumentError(
+            "this model's chat template does not extend a conversation turn by turn; continue with chat=False "
+            "and write the turn's text yourself, or start fresh with the whole conversation"
+        )
+    closing = old[old.rindex(_SENTINEL) + len(_SENTINEL) :]
+    if history and history[-1] in eos_ids:
+        ended = tokenizer.decode([history[-1]], skip_special_tokens=False)
+        closing = closing.removeprefix(ended)
+    return list(tokenizer(closing + new[len(old) :], add_special_tokens=False)["input_ids"])
