@@ -11,7 +11,7 @@ Activations are ``[batch, tokens, hidden]`` (or any shape whose last dimension i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
@@ -68,6 +68,11 @@ class Edit:
 
     def scalars(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.tensors()}
+
+    def owned(self) -> Edit:
+        """The same edit holding its own copies of its tensors: one kept for later (persistent steering) must not
+        change when the caller later modifies the tensor it passed, in-process as through the daemon."""
+        return replace(self, **{name: t.detach().clone() for name, t in self.tensors().items()})
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,9 @@ def default_device() -> torch.device:
 
 
 def default_memory(device: torch.device, budget: int | None = None, host: int | None = None) -> MemoryManager:
-    """A manager whose budget is what the device has free less a margin, and a host pool of half the RAM."""
+    """A manager whose budget is what the device has free less a margin (models loaded later take their weights
+    out of it), and a host pool of half the RAM."""
+    derived = budget is None and device.type == "cuda"
     if budget is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -67,7 +69,7 @@ def default_memory(device: torch.device, budget: int | None = None, host: int | 
             budget = 1 << 62
     if host is None:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    return MemoryManager(device, budget, host, LRUPolicy())
+    return MemoryManager(device, budget, host, LRUPolicy(), budget_from_free_memory=derived)
 
 
 @dataclass
@@ -229,6 +231,7 @@ class Engine:
     def _register(self, name: str, source: models.ModelSource) -> dict[str, object]:
         forward_call = ForwardCall.of(source.model)
         model = source.model.to(self.device)
+        self.memory.weights_loaded(_weight_bytes(model))
         anatomy = inspect_model(model)
         dispatcher = HookDispatcher(model)
         for path in anatomy.layer_paths:
@@ -371,7 +374,7 @@ class Engine:
             path, layer = self._target(session, target, side)
             if isinstance(edit, AddVector):
                 self._check_vector(session, edit.vector, layer)
-            steer = Steering(next(session._steer_ids), path, layer, side, edit)
+            steer = Steering(next(session._steer_ids), path, layer, side, edit.owned())
             session.steering[steer.id] = steer
             return steer.describe()
 

@@ -243,9 +243,14 @@ class MemoryManager:
         policy: PagingPolicy | None = None,
         chunk_bytes: int = GiB,
         host_reserve: int = 0,
+        budget_from_free_memory: bool = False,
     ) -> None:
+        """``budget_from_free_memory``: the budget was measured as free device memory before any model was
+        loaded, so each model's weights are taken out of it as it loads (``weights_loaded``); otherwise the
+        budget is what the operator asked for (``--gpu-memory``) and is kept as given."""
         self.device = torch.device(device)
         self.budget = budget
+        self.budget_from_free_memory = budget_from_free_memory
         self.policy = policy or LRUPolicy()
         self.pool = HostPool(host_capacity, chunk_bytes, pin=self.device.type == "cuda", reserve=host_reserve)
         self._sessions: dict[int, SessionMemory] = {}
@@ -258,6 +263,11 @@ class MemoryManager:
         if self._cuda:
             self._out_stream = torch.cuda.Stream(self.device)
             self._in_stream = torch.cuda.Stream(self.device)
+
+    def weights_loaded(self, nbytes: int) -> None:
+        with self._lock:
+            if self.budget_from_free_memory:
+                self.budget = max(self.budget - nbytes, 0)
 
     # registration and state ------------------------------------------------------------------------------
     def register(self, sid: int, tensors: Callable[[], list[torch.Tensor]]) -> None:

@@ -55,3 +55,18 @@ def test_wire_round_trip():
         edit_from_parts("explode", {}, {})
     with pytest.raises(InvalidArgumentError, match="no field"):
         edit_from_parts("scale", {"factor": 1.0, "boom": 2}, {})
+
+
+def test_persistent_steering_keeps_its_own_copy_of_the_vector():
+    import djinn_kernel as dj
+    from conftest import PROMPT, make_engine
+
+    engine = make_engine()
+    model = dj.load("tiny-llama", backend=engine)
+    v = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(3))
+    with model.session() as s:
+        s.steer(1, v, alpha=2.0)
+        before = s.generate(PROMPT, 6).tokens
+        v.add_(100.0)  # the caller reuses its tensor; the session's steering must not move with it
+        assert s.generate(PROMPT, 6).tokens == before
+    engine.shutdown()

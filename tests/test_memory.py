@@ -228,3 +228,16 @@ def test_status_while_sessions_close_concurrently():
     with pytest.raises(dj.SessionClosedError):
         engine.memory.session(sessions[0].id)
     engine.shutdown()
+
+
+def test_a_budget_measured_from_free_memory_loses_the_weights_of_each_model():
+    memory = MemoryManager(torch.device(DEVICE), 1 << 30, 1 << 20, budget_from_free_memory=True)
+    engine = make_engine(memory=memory)
+    info = engine.load_model("tiny-llama")
+    assert memory.budget == (1 << 30) - info["weight_bytes"]
+    given = MemoryManager(torch.device(DEVICE), 1 << 30, 1 << 20)
+    other = make_engine(memory=given)
+    other.load_model("tiny-llama")
+    assert given.budget == 1 << 30, "a budget the operator gave is kept as given"
+    engine.shutdown()
+    other.shutdown()
