@@ -167,7 +167,7 @@ class DjinnMagics(Magics):
         The current pause is in the variable ``_djinn``.
         """
         try:
-            words = shlex.split(line)
+            words = shlex.split(line, comments=True)
         except ValueError as exc:
             raise UsageError(f"cannot parse {line!r}: {exc}") from None
         if not words:
