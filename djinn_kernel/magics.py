@@ -70,10 +70,13 @@ def for_magics(message: str) -> str:
 
 
 def show_interrupt(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None) -> list[str]:
-    """IPython custom exception handler: an interrupted run is one line, not a traceback through the engine."""
-    line = for_magics(str(value))
-    print(line)
-    return [line]
+    """IPython custom exception handler: an interrupted run is one line, not a traceback through the engine.
+
+    The cell still ends in an error, so "Run all" stops at it as the user asked. IPython leaves showing it to the
+    handler (its return value is only checked), so the handler shows it as the error output itself."""
+    stb = [for_magics(str(value))]
+    shell._showtraceback(etype, value, stb)
+    return stb
 
 
 def register(shell: Any) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 import torch
-from matplotlib.ticker import LogFormatterSciNotation, LogLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from djinn_kernel.errors import DjinnError
 
@@ -179,7 +179,8 @@ class ActivationInspector(TextFallback, W.VBox):
             bars.set_xscale("log")
             # Labels at 1, 2 and 5 of each decade: a norm range of 150 to 25,000 otherwise shows only 10^3, 10^4.
             bars.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            bars.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+            bars.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 1 else f"{x:g}"))
+            bars.xaxis.set_minor_formatter(NullFormatter())
             bars.tick_params(axis="x", labelsize=6)
             bars.set_xlabel("L2 norm (log)")
         else:

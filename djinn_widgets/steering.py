@@ -159,8 +159,8 @@ class SteeringPanel(TextFallback, W.VBox):
     # helpers ------------------------------------------------------------------------------------------------
     def _busy(self, message: str) -> None:
         self.status.value = f"<i>{html.escape(message)}</i>"
-        self.preview_button.disabled = self.apply_button.disabled = self.rerun_button.disabled = True
         self.apply_button.description = "Running…"
+        self.preview_button.disabled = self.apply_button.disabled = self.rerun_button.disabled = True
 
     def _idle(self) -> None:
         self.apply_button.description = "Apply & resume"
