@@ -84,7 +84,53 @@ def register(shell: Any) -> None:
     shell.register_magics(DjinnMagics(shell))
     if protect_question_marks not in shell.input_transformers_cleanup:
         shell.input_transformers_cleanup.append(protect_question_marks)
+        _rescue_this_cell(shell)
     shell.set_custom_exc((api.RunInterrupted,), show_interrupt)
+
+
+def _rescue_this_cell(shell: Any) -> None:
+    """``%load_ext djinn_kernel`` and ``%djinn run ...?`` in one cell: IPython transformed the whole cell before
+    the extension existed, so the ``%djinn`` line already became a help request (``pinfo France``). For the rest
+    of this cell, ``pinfo`` of exactly that word runs the ``%djinn`` line instead; other help requests are left
+    alone, and lines whose result was assigned get a message, since the assignment itself is lost."""
+    running = getattr(shell.displayhook, "exec_result", None)  # the cell being run, as typed
+    raw = running.info.raw_cell if running is not None and running.info is not None else ""
+    pending: dict[str, str] = {}
+    for line in raw.splitlines():
+        m = _QUESTION_LINE.match(line)
+        if m is None:
+            continue
+        help_call = re.search(r"run_line_magic\('pinfo2?', '(.*)'\)", _plain_transform(line.strip()))
+        if help_call is None:
+            continue
+        if m["target"]:
+            print(f"djinn: IPython read {line.strip()!r} as a help request (the extension was loaded in the same "
+                  f"cell); run the cell again", flush=True)  # fmt: skip
+        else:
+            pending[help_call[1]] = m["args"]
+    if not pending:
+        return
+    magics = shell.magics_manager.magics["line"]
+    original = magics["pinfo"]
+
+    def pinfo(parameter_s: str = "", *args: Any, **kwargs: Any) -> Any:
+        if parameter_s in pending:
+            return shell.run_line_magic("djinn", pending.pop(parameter_s))
+        return original(parameter_s, *args, **kwargs)
+
+    def restore(*_: Any) -> None:
+        magics["pinfo"] = original
+        shell.events.unregister("post_run_cell", restore)
+
+    magics["pinfo"] = pinfo
+    shell.events.register("post_run_cell", restore)
+
+
+def _plain_transform(line: str) -> str:
+    """What IPython makes of ``line`` without Djinn's transformer."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    return TransformerManager().transform_cell(line + "\n")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 from IPython.core.error import UsageError
@@ -12,6 +9,7 @@ from IPython.testing.globalipapp import start_ipython
 
 import djinn_kernel as dj
 from djinn_kernel.magics import DjinnMagics
+from notebook_cells import readme_notebook_cells
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +167,6 @@ def test_run_and_continue_print_nothing_to_stderr(ip, loaded, capfd):
 
 
 # The notebook experience: the README's cells, prompts ending in "?", streaming, interrupts, readable output ------
-
-
-def readme_notebook_cells() -> list[str]:
-    """The code blocks of the README's "In a notebook" section, each one cell, verbatim."""
-    text = (Path(__file__).parent.parent / "README.md").read_text()
-    section = text.split("## In a notebook", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
 def test_readme_notebook_section_runs_verbatim(ip):
