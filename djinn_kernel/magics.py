@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import re
 import shlex
 import sys
@@ -415,9 +416,12 @@ class Live:
     def __enter__(self) -> Live:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.last is not None:
-            self._show(self.last, final=True)
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        if self.last is None:
+            return
+        if isinstance(exc, api.RunInterrupted) and exc.run is not None:  # the line must not say "running"
+            self.last = dataclasses.replace(self.last, state=exc.run.state, pause=None, done=True)
+        self._show(self.last, final=True)
 
     def __call__(self, progress: api.Progress) -> None:
         self.last = progress
