@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from IPython.core.error import UsageError
@@ -281,3 +283,24 @@ def test_vram_keeps_one_sampler(ip, loaded):
     assert not first.running and second.running
     djinn(ip, "load tiny-llama")  # a new backend or model: the old sampler must not keep plotting
     assert not second.running
+
+
+def test_readme_first_cell_in_a_fresh_shell():
+    """``%load_ext`` and ``%djinn run ...?`` in one cell: IPython transforms the cell before the extension exists."""
+    import subprocess
+    import sys
+
+    code = (
+        "from IPython.testing.globalipapp import start_ipython\n"
+        "from notebook_cells import readme_notebook_cells\n"
+        "ip = start_ipython()\n"
+        "result = ip.run_cell(readme_notebook_cells()[0])\n"
+        "assert result.success, result\n"
+        "pause = ip.user_ns['_djinn']\n"
+        "assert pause.layer == 15 and pause.token_step == 0, pause\n"
+        "pause.run.cancel()\n"
+    )
+    here = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=here)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not found" not in done.stdout, done.stdout
