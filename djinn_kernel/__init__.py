@@ -10,7 +10,7 @@
 Importing this package starts nothing (no threads, no CUDA, no daemon).
 """
 
-from .api import Model, Pause, Run, Session, connect, default_backend, load, local_engine
+from .api import Model, Pause, Progress, Run, RunInterrupted, Session, connect, default_backend, load, local_engine
 from .edits import Ablate, AddVector, Edit, Replace, Scale, SetPositions
 from .errors import (
     DaemonConnectionError,
@@ -34,10 +34,10 @@ __version__ = "0.1.0"
 
 
 def load_ipython_extension(ipython) -> None:
-    """``%load_ext djinn_kernel``: register the ``%djinn`` magic."""
-    from .magics import DjinnMagics
+    """``%load_ext djinn_kernel``: register ``%djinn`` / ``%%djinn`` (see ``djinn_kernel.magics.register``)."""
+    from .magics import register
 
-    ipython.register_magics(DjinnMagics(ipython))
+    register(ipython)
 
 
 __all__ = [
@@ -58,8 +58,10 @@ __all__ = [
     "Pause",
     "ProtocolError",
     "Replace",
+    "Progress",
     "Run",
     "RunFinishedError",
+    "RunInterrupted",
     "Scale",
     "Session",
     "connect",

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +19,7 @@ import torch
 from .edits import Ablate, AddVector, Edit, Replace, Scale, SetPositions
 from .engine import Engine
 from .errors import DjinnError, NotPausedError
+from .report import pause_html, pause_text, run_html, run_text
 
 _engine: Engine | None = None
 _backend: Any = None
@@ -31,18 +35,40 @@ def local_engine() -> Engine:
         return _engine
 
 
-def connect(endpoint: str | None = None, token: str | None = None, *, start: bool = True) -> Any:
+def connect(
+    endpoint: str | None = None,
+    token: str | None = None,
+    *,
+    start: bool = True,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> Any:
     """Use a daemon from now on: the local one (started if needed) or ``tcp://host:port`` with its token.
 
     Later ``load()`` calls go to it; the returned client can also be passed as ``backend=`` explicitly.
+    ``name`` is what other clients see as this session's owner (default: the notebook's name, else
+    ``python <pid>``). Starting the local daemon takes seconds, so ``progress`` hears about it (None: silent).
     """
     global _backend
     from .client import connect as connect_client
+    from .runtime import read_info, runtime_dir
 
-    client = connect_client(endpoint, token, start=start)
+    started = None
+    if endpoint is None and start and progress is not None and read_info(runtime_dir()) is None:
+        progress("djinn: starting the local daemon (a few seconds, once per machine)…")
+        started = time.monotonic()
+    client = connect_client(endpoint, token, start=start, name=name or client_name())
+    if started is not None and progress is not None:
+        progress(f"djinn: daemon pid {client.daemon['pid']} ready in {time.monotonic() - started:.1f} s")
     with _lock:
         _backend = client
     return client
+
+
+def client_name() -> str:
+    """How this process introduces itself to a daemon: the notebook's file name under Jupyter, else its pid."""
+    notebook = os.environ.get("JPY_SESSION_NAME")
+    return os.path.basename(notebook) if notebook else f"python {os.getpid()}"
 
 
 def default_backend() -> Any:
@@ -58,6 +84,173 @@ def load(name: str, *, dtype: str = "auto", backend: Any = None) -> Model:
     """Load a model by built-in name, folder or cached hub id, once per backend, and return a handle to it."""
     backend = backend if backend is not None else default_backend()
     return Model(backend, backend.load_model(name, dtype=dtype))
+
+
+POLL_INTERVAL = 0.05  # how often a streaming call reads the run's tokens (seconds)
+HEARTBEAT = 1.0  # a progress report at least this often, so a long prefill still shows that time passes
+
+ProgressCallback = Callable[["Progress"], None]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run is while a call drives it: reported as tokens appear, about once a second, and at the end."""
+
+    run_id: int
+    state: str
+    token_step: int
+    tokens: int
+    max_new_tokens: int
+    text: str
+    new_text: str  # what ``text`` gained since the previous report
+    elapsed: float
+    rate: float | None  # tokens per second generated during this call
+    pause: dict[str, Any] | None
+    done: bool  # the call has returned: the run is paused or has ended
+
+    def line(self) -> str:
+        """One status line, e.g. ``run 3 · running · 57/200 tokens · 12.3 tokens/s · 4.6 s``."""
+        if self.pause is not None:
+            p = self.pause
+            where = f"layer {p['layer']}" if p["layer"] is not None else p["path"]
+            state = f"paused at {where} ({p['side']}), token step {p['token_step']}"
+        else:
+            state = self.state
+        rate = f" · {self.rate:.1f} tokens/s" if self.rate is not None else ""
+        return f"run {self.run_id} · {state} · {self.tokens}/{self.max_new_tokens} tokens{rate} · {self.elapsed:.1f} s"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (Kernel → Interrupt) while a call drove a run: the run was cancelled and its session is idle.
+
+    It stays a ``KeyboardInterrupt`` so that scripts and "Run all" stop as the user asked; ``run`` is the
+    cancelled run (None when the interrupt came before it started), also ``session.run``.
+    """
+
+    def __init__(self, run: Run | None, message: str) -> None:
+        super().__init__(message)
+        self.run = run
+
+
+class _Driver:
+    """Drives one blocking backend call (``generate`` or ``resume``) and turns an interrupt into a cancel.
+
+    Without a progress callback the call runs on the caller's thread. With one, it runs on a helper thread
+    while the caller polls ``run_snapshot`` (which the engine answers without waiting for the run) and
+    reports each new token. Either way Ctrl-C cancels the run instead of leaving it running unowned.
+    """
+
+    def __init__(self, backend: Any, sid: int, on_progress: ProgressCallback | None, known_run: int | None) -> None:
+        self.backend = backend
+        self.sid = sid
+        self.on_progress = on_progress
+        self.known_run = known_run  # a snapshot of this run id is not the call's run (generate: the previous one)
+        self.start = time.monotonic()
+        self.first_tokens: int | None = None
+        self.reported: tuple[int, str, int] | None = None
+        self.last_text = ""
+        self.last_report = self.start
+        self.helper_done: threading.Event | None = None  # set when the streaming helper thread's call returned
+
+    def __call__(self, call: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        try:
+            if self.on_progress is None:
+                return call(*args)
+            return self._streamed(call, *args)
+        except KeyboardInterrupt:
+            raise self._cancelled() from None
+
+    def stream(self, call: Callable[..., dict[str, Any]], *args: Any) -> Iterator[Progress]:
+        """Progress reports while ``call`` runs on a helper thread; the last one has ``done`` set."""
+        result: dict[str, Any] = {}
+        done = self.helper_done = threading.Event()
+
+        def target() -> None:
+            try:
+                result["snapshot"] = call(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread below
+                result["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name="djinn-drive", daemon=True).start()
+        while not done.wait(POLL_INTERVAL):
+            snapshot = self.backend.run_snapshot(self.sid)
+            if snapshot is not None and snapshot["run_id"] != self.known_run:
+                report = self._report(snapshot, done=False)
+                if report is not None:
+                    yield report
+        if "error" in result:
+            raise result["error"]
+        self.snapshot = result["snapshot"]
+        yield self._report(self.snapshot, done=True)  # type: ignore[misc]
+
+    def _streamed(self, call: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        assert self.on_progress is not None
+        for report in self.stream(call, *args):
+            self.on_progress(report)
+        return self.snapshot
+
+    def _report(self, snapshot: dict[str, Any], done: bool) -> Progress | None:
+        now = time.monotonic()
+        tokens, text = len(snapshot["tokens"]), snapshot["text"]
+        if self.first_tokens is None:
+            self.first_tokens = tokens
+        key = (tokens, snapshot["state"], snapshot["run_id"])
+        if not done and key == self.reported and now - self.last_report < HEARTBEAT:
+            return None
+        self.reported, self.last_report = key, now
+        new_text = text[len(self.last_text) :] if text.startswith(self.last_text) else text
+        self.last_text = text
+        elapsed = now - self.start
+        made = tokens - self.first_tokens
+        return Progress(
+            run_id=snapshot["run_id"],
+            state=snapshot["state"],
+            token_step=snapshot["token_step"],
+            tokens=tokens,
+            max_new_tokens=snapshot.get("max_new_tokens", tokens),
+            text=text,
+            new_text=new_text,
+            elapsed=elapsed,
+            rate=made / elapsed if made and elapsed > 0 else None,
+            pause=snapshot["pause"],
+            done=done,
+        )
+
+    def _cancelled(self) -> _Cancelled:
+        """Cancel whatever run the interrupted call was driving; the session is idle afterwards."""
+        snapshot = None
+        for attempt in range(2):  # again once the helper returned: an early interrupt may precede the run's start
+            try:
+                self.backend.cancel(self.sid)
+            except DjinnError:
+                pass  # no run yet, or it ended meanwhile: nothing to cancel
+            if attempt == 0 and self.helper_done is not None:
+                self.helper_done.wait()
+                continue
+            snapshot = self.backend.wait(self.sid, None)
+            if snapshot is None or snapshot["state"] not in ("paused", "running"):
+                break
+        return _Cancelled(snapshot if snapshot is not None and snapshot["run_id"] != self.known_run else None)
+
+
+class _Cancelled(Exception):
+    """Internal: an interrupt turned into a cancel; the handle that made the call raises ``RunInterrupted``."""
+
+    def __init__(self, snapshot: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+
+def _interrupted(run: Run | None) -> RunInterrupted:
+    if run is None:
+        return RunInterrupted(None, "interrupted before the run started; the session is ready")
+    return RunInterrupted(
+        run,
+        f"interrupted: run {run.id} cancelled at token step {run.token_step} after {len(run.tokens)} token(s); "
+        f"the session is ready for the next run",
+    )
 
 
 class Model:
@@ -155,25 +348,71 @@ class Session:
         seed: int = 0,
         keep_logits: bool = False,
         fresh: bool = True,
+        on_progress: ProgressCallback | None = None,
     ) -> Run:
         """Start generating; returns when the run first pauses or finishes (check ``run.paused``).
 
         ``chat=None`` uses the model's default (instruct models wrap the prompt in their chat template).
         Decoding is greedy unless ``temperature > 0`` (then seeded, so runs repeat). The session keeps the
         conversation: ``fresh=False`` continues it (the prompt is the next turn, only new tokens are computed),
-        the default starts a new one.
+        the default starts a new one. ``on_progress`` receives a ``Progress`` as tokens appear (streaming).
+        Ctrl-C cancels the run and raises ``RunInterrupted``.
         """
+        driver, steered = self._driver(on_progress is not None, on_progress)
+        args = (self.id, prompt, max_new_tokens, chat, temperature, top_k, seed, keep_logits, fresh)
         try:
-            snapshot = self._backend.generate(
-                self.id, prompt, max_new_tokens, chat, temperature, top_k, seed, keep_logits, fresh
-            )
+            snapshot = driver(self._backend.generate, *args)
+        except _Cancelled as cancelled:
+            raise self._interrupted(cancelled, steered) from None
         except DjinnError:
             last = self._backend.run_snapshot(self.id)
             if last is not None and (self._run is None or last["run_id"] != self._run.id):
-                self._run = Run(self._backend, self, last)
+                self._run = Run(self._backend, self, last, steered)
             raise
-        self._run = Run(self._backend, self, snapshot)
+        return self._adopt(snapshot, steered)
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 32,
+        *,
+        chat: bool | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        keep_logits: bool = False,
+        fresh: bool = True,
+    ) -> Iterator[str]:
+        """Generate, yielding text as it is produced until the run pauses or ends; the run is then ``self.run``.
+
+        ``for piece in session.stream("Once upon a time", 200): print(piece, end="")``. Leaving the loop
+        early (``break``, Ctrl-C) cancels the run.
+        """
+        driver, steered = self._driver(True, None)
+        args = (self.id, prompt, max_new_tokens, chat, temperature, top_k, seed, keep_logits, fresh)
+        yield from _pieces(
+            driver,
+            driver.stream(self._backend.generate, *args),
+            lambda snapshot: self._adopt(snapshot, steered),
+            lambda cancelled: self._interrupted(cancelled, steered),
+        )
+
+    def _driver(self, streaming: bool, on_progress: ProgressCallback | None) -> tuple[_Driver, bool]:
+        """A driver for a new run and whether persistent steering touches it (for highlighting its tokens)."""
+        known = self._run.id if self._run is not None else None
+        if streaming:  # ask the backend: snapshots of an earlier run must not be reported as this one's
+            last = self._backend.run_snapshot(self.id)
+            known = last["run_id"] if last is not None else None
+        return _Driver(self._backend, self.id, on_progress, known), bool(self.steering)
+
+    def _adopt(self, snapshot: dict[str, Any], steered: bool) -> Run:
+        self._run = Run(self._backend, self, snapshot, steered)
         return self._run
+
+    def _interrupted(self, cancelled: _Cancelled, steered: bool) -> RunInterrupted:
+        if cancelled.snapshot is None:
+            return _interrupted(None)
+        return _interrupted(self._adopt(cancelled.snapshot, steered))
 
     @property
     def run(self) -> Run | None:
@@ -224,11 +463,13 @@ class Session:
 class Run:
     """One generation. Methods that move it forward return the run itself, updated, once it pauses or ends."""
 
-    def __init__(self, backend: Any, session: Session, snapshot: dict[str, Any]) -> None:
+    def __init__(self, backend: Any, session: Session, snapshot: dict[str, Any], steered: bool = False) -> None:
         self._backend = backend
         self.session = session
         self._snapshot = snapshot
         self._pause: Pause | None = None
+        self.steered = steered  # persistent steering was on when it started: every token is touched
+        self.edited_steps: set[int] = set()  # token steps whose forward an edit at a pause changed
 
     def _update(self, snapshot: dict[str, Any]) -> Run:
         self._snapshot = snapshot
@@ -287,17 +528,37 @@ class Run:
         """Per-step next-token logits ``[steps, vocab]``, when generated with ``keep_logits=True``."""
         return self._backend.run_logits(self.session.id)
 
-    def resume(self) -> Run:
-        """Continue to the next breakpoint hit, or to the end."""
-        return self._update(self._backend.resume(self.session.id, "continue"))
+    def resume(self, *, on_progress: ProgressCallback | None = None) -> Run:
+        """Continue to the next breakpoint hit, or to the end (``on_progress``: see ``Session.generate``)."""
+        return self._move("continue", on_progress)
 
-    def step(self) -> Run:
+    def step(self, *, on_progress: ProgressCallback | None = None) -> Run:
         """Continue to the output of the next decoder layer (into the next token step after the last layer)."""
-        return self._update(self._backend.resume(self.session.id, "step"))
+        return self._move("step", on_progress)
 
-    def finish(self) -> Run:
+    def finish(self, *, on_progress: ProgressCallback | None = None) -> Run:
         """Run to the end ignoring breakpoints; persistent steering still applies."""
-        return self._update(self._backend.resume(self.session.id, "finish"))
+        return self._move("finish", on_progress)
+
+    def stream(self, mode: str = "continue") -> Iterator[str]:
+        """Resume (``continue``, ``step`` or ``finish``), yielding text as it is produced until the next pause or
+        the end. Leaving the loop early (``break``, Ctrl-C) cancels the run."""
+        driver = _Driver(self._backend, self.session.id, None, None)
+        yield from _pieces(
+            driver, driver.stream(self._backend.resume, self.session.id, mode), self._update, self._interrupted
+        )
+
+    def _move(self, mode: str, on_progress: ProgressCallback | None) -> Run:
+        driver = _Driver(self._backend, self.session.id, on_progress, None)
+        try:
+            return self._update(driver(self._backend.resume, self.session.id, mode))
+        except _Cancelled as cancelled:
+            raise self._interrupted(cancelled) from None
+
+    def _interrupted(self, cancelled: _Cancelled) -> RunInterrupted:
+        if cancelled.snapshot is not None and cancelled.snapshot["run_id"] == self.id:
+            self._snapshot = cancelled.snapshot
+        return _interrupted(self)
 
     def cancel(self) -> Run:
         """Stop the run where it is; the session becomes idle."""
@@ -316,12 +577,26 @@ class Run:
             self._snapshot = snapshot
         return self
 
+    @property
+    def touched(self) -> list[bool]:
+        """For each generated token, whether steering or an edit changed the forward that produced it."""
+        return [self.steered or i in self.edited_steps for i in range(len(self.tokens))]
+
     def __repr__(self) -> str:
         where = ""
         if self.paused:
             p = self._snapshot["pause"]
             where = f" at {p['path']} ({p['side']}), token step {p['token_step']}"
         return f"<djinn Run {self.id} {self.state}{where}: {len(self.tokens)} tokens {self.text!r}>"
+
+    def __str__(self) -> str:
+        return run_text(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(run_text(self))
+
+    def _repr_html_(self) -> str:
+        return run_html(self)
 
 
 class Pause:
@@ -364,6 +639,7 @@ class Pause:
         self._check_current()
         self.info = self.run._backend.edit(self.run.session.id, edit)
         self.run._snapshot = {**self.run._snapshot, "pause": self.info}
+        self.run.edited_steps.add(self.token_step)
         return self
 
     def replace(self, value: torch.Tensor) -> Pause:
@@ -386,6 +662,7 @@ class Pause:
         self._check_current()
         self.info = self.run._backend.reset_edits(self.run.session.id)
         self.run._snapshot = {**self.run._snapshot, "pause": self.info}
+        self.run.edited_steps.discard(self.token_step)
         return self
 
     def logit_lens(self, k: int = 5, position: int = -1, edit: Edit | None = None) -> list[dict[str, Any]]:
@@ -396,14 +673,29 @@ class Pause:
         self._check_current()
         return self.run._backend.logit_lens(self.run.session.id, k, position, edit)
 
-    def resume(self) -> Run:
-        return self.run.resume()
+    @property
+    def paused(self) -> bool:
+        """Whether the run still waits at this pause (False once it moved on)."""
+        current = self.run._snapshot["pause"]
+        return self.run.paused and current is not None and current["number"] == self.info["number"]
 
-    def step(self) -> Run:
-        return self.run.step()
+    def resume(self, *, on_progress: ProgressCallback | None = None) -> Run:
+        return self.run.resume(on_progress=on_progress)
 
-    def finish(self) -> Run:
-        return self.run.finish()
+    def step(self, *, on_progress: ProgressCallback | None = None) -> Run:
+        return self.run.step(on_progress=on_progress)
+
+    def finish(self, *, on_progress: ProgressCallback | None = None) -> Run:
+        return self.run.finish(on_progress=on_progress)
+
+    def cancel(self) -> Run:
+        return self.run.cancel()
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(pause_text(self))
+
+    def _repr_html_(self) -> str:
+        return pause_html(self)
 
     def __repr__(self) -> str:
         where = f"layer {self.layer}" if self.layer is not None else self.path
@@ -411,6 +703,29 @@ class Pause:
             f"<djinn Pause at {where} ({self.side}), token step {self.token_step}, "
             f"activation {list(self.shape)} {self.dtype}, {self.info['edits']} edit(s)>"
         )
+
+
+def _pieces(
+    driver: _Driver,
+    reports: Iterator[Progress],
+    adopt: Callable[[dict[str, Any]], Any],
+    interrupted: Callable[[_Cancelled], RunInterrupted],
+) -> Iterator[str]:
+    """The text pieces of a streamed call; the run is cancelled if the consumer stops early or is interrupted."""
+    finished = False
+    try:
+        for report in reports:
+            if report.done:
+                adopt(driver.snapshot)
+                finished = True
+            if report.new_text:
+                yield report.new_text
+    except KeyboardInterrupt:
+        finished = True
+        raise interrupted(driver._cancelled()) from None
+    finally:
+        if not finished:
+            interrupted(driver._cancelled())  # the loop was left early: cancel, and the handle shows it
 
 
 def _tuple(positions: list[int] | tuple[int, ...] | None) -> tuple[int, ...] | None:

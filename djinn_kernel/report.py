@@ -1,6 +1,8 @@
-"""Plain-text renderings of engine status, shared by `djinn status`, the magics and text fallbacks."""
+"""Renderings shared by `djinn status`, the magics and the handles' notebook displays: plain text and HTML."""
 
 from __future__ import annotations
+
+import html
 
 
 def format_size(nbytes: int) -> str:
@@ -30,3 +32,87 @@ def format_status(status: dict) -> str:
             f"{s['memory']['gpu_bytes'] / 2**20:>9.2f} {s['memory']['host_bytes'] / 2**20:>9.2f}"
         )
     return "\n".join(lines)
+
+
+# Notebook renderings of the API handles (duck-typed: this module imports nothing from the API). ----------------
+_MUTED = "color:#666;font-size:90%"
+_TOUCHED = "background:#ffe08a;border-radius:2px"
+
+
+def pause_where(info: dict) -> str:
+    """``layer 15 (output), prefill`` or ``model.layers.1.mlp (input), decode step 3``."""
+    where = f"layer {info['layer']}" if info.get("layer") is not None else info["path"]
+    step = "prefill" if info["token_step"] == 0 else f"decode step {info['token_step']}"
+    return f"{where} ({info['side']}), {step}"
+
+
+def run_text(run) -> str:
+    """A run as plain text: its state, where it waits, and the generated text with real line breaks."""
+    head = f"run {run.id} {run.state}"
+    if run.paused:
+        head += f" at {pause_where(run._snapshot['pause'])}"
+    head += f", {len(run.tokens)} token(s)"
+    if run.error:
+        head += f" — {run.error}"
+    return f"{head}\n{run.text}" if run.text else head
+
+
+def run_html(run) -> str:
+    """The prompt and the generated text, tokens that steering or an edit touched highlighted."""
+    head = html.escape(run_text(run).split("\n", 1)[0])
+    model = run.session.model
+    prompt = html.escape("".join(model.token_strings(run.prompt_ids)))
+    pieces = model.token_strings(run.tokens) if run.tokens else []
+    body = "".join(
+        f"<span style='{_TOUCHED}' title='steered'>{html.escape(p)}</span>" if touched else html.escape(p)
+        for p, touched in zip(pieces, run.touched)
+    )
+    legend = " <span style='{}'>highlighted</span>: steered or edited".format(_TOUCHED) if any(run.touched) else ""
+    return (
+        f"<div><b>{head}</b>{legend}"
+        f"<div style='{_MUTED};white-space:pre-wrap'>{prompt}</div>"
+        f"<div style='white-space:pre-wrap;font-family:monospace'>{body}</div></div>"
+    )
+
+
+def pause_text(pause) -> str:
+    return (
+        f"paused at {pause_where(pause.info)} · {pause.path} · activation {list(pause.shape)} {pause.dtype} · "
+        f"{pause.info['edits']} edit(s)"
+    )
+
+
+def pause_html(pause) -> str:
+    return f"<b>{html.escape(pause_text(pause))}</b>"
+
+
+def breakpoints_text(rows: list[dict]) -> str:
+    if not rows:
+        return "no breakpoints"
+    return "\n".join(
+        f"{b['id']:>3}  {b['path']} ({b['side']})  tokens={b['tokens'] or 'all'}  "
+        f"hits={b['hits']}{'/' + str(b['max_hits']) if b['max_hits'] else ''}"
+        for b in rows
+    )
+
+
+def breakpoints_html(rows: list[dict]) -> str:
+    if not rows:
+        return "<i>no breakpoints</i>"
+    cells = "".join(
+        "<tr>"
+        + "".join(
+            f"<td style='padding:1px 8px'>{html.escape(str(v))}</td>"
+            for v in (
+                b["id"],
+                b["path"],
+                b["side"],
+                b["tokens"] or "all",
+                f"{b['hits']}{'/' + str(b['max_hits']) if b['max_hits'] else ''}",
+            )
+        )
+        + "</tr>"
+        for b in rows
+    )
+    head = "".join(f"<th style='padding:1px 8px'>{h}</th>" for h in ("id", "where", "side", "tokens", "hits"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"

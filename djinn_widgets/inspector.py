@@ -12,16 +12,21 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 import torch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from djinn_kernel.errors import DjinnError
 
+from ._handles import as_pause
 from ._render import TextFallback, html_table, new_figure, png, visible
 
 LENS_POSITIONS = 128  # positions whose lens is computed up front, so the dropdown works after the run moves on
+ROW_BASE, ROW_INCHES = 1.3, 0.1  # figure height: a 37-token prompt is ~5 inches (500 px), not a screen and a half
 OUTLIER = 10.0  # rows whose norm exceeds this many medians (attention sinks such as BOS) are left out of scales
 
 if TYPE_CHECKING:
-    from djinn_kernel.api import Pause
+    from matplotlib.figure import Figure
+
+    from djinn_kernel.api import Pause, Run
 
 
 class ActivationInspector(TextFallback, W.VBox):
@@ -32,8 +37,9 @@ class ActivationInspector(TextFallback, W.VBox):
     ``refresh()`` re-reads the run's current pause: after edits, or after the run stopped somewhere else.
     """
 
-    def __init__(self, pause: Pause, k: int = 5, top_dims: int = 64) -> None:
-        self.pause = pause
+    def __init__(self, pause: Pause | Run, k: int = 5, top_dims: int = 64) -> None:
+        self.pause = as_pause(pause)
+        self.figure: Figure | None = None  # the last rendered figure, kept for its axes (tests, export)
         self.k = k
         self.top_dims = top_dims
         self.error: str | None = None
@@ -151,7 +157,7 @@ class ActivationInspector(TextFallback, W.VBox):
         ticks = [visible(t) for t in self.labels]
         n = len(ticks)
         every = math.ceil(n / 40)  # at most ~40 labels, so long prompts stay legible
-        fig = new_figure(9.0, min(1.4 + 0.2 * min(n, 40), 9.5))
+        fig = new_figure(8.0, ROW_BASE + ROW_INCHES * min(n, 40))
         heat, bars = fig.subplots(1, 2, sharey=True, width_ratios=[4, 1])
 
         typical = self.values[self._typical()]
@@ -162,7 +168,8 @@ class ActivationInspector(TextFallback, W.VBox):
         heat.set_yticks(range(0, n, every), ticks[::every], fontsize=7)
         step = max(1, len(self.dims) // 16)
         heat.set_xticks(range(0, len(self.dims), step), [str(int(d)) for d in self.dims[::step]], fontsize=6)
-        heat.set_xlabel(f"hidden dim (top {len(self.dims)} by variance across tokens)")
+        ranked = "variance across tokens" if n > 1 else "magnitude"
+        heat.set_xlabel(f"hidden dim (top {len(self.dims)} by {ranked})", fontsize=8)
         fig.colorbar(image, ax=heat, extend="both", location="bottom", shrink=0.5, aspect=40, pad=0.01)
 
         norms = self.norms.float()
@@ -170,21 +177,27 @@ class ActivationInspector(TextFallback, W.VBox):
         bars.set_ylim(n - 0.5, -0.5)
         if n > 1 and float(norms.max()) > OUTLIER * float(norms.median()):
             bars.set_xscale("log")
+            # Labels at 1, 2 and 5 of each decade: a norm range of 150 to 25,000 otherwise shows only 10^3, 10^4.
+            bars.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            bars.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 1 else f"{x:g}"))
+            bars.xaxis.set_minor_formatter(NullFormatter())
+            bars.tick_params(axis="x", labelsize=6)
             bars.set_xlabel("L2 norm (log)")
         else:
             bars.set_xlabel("L2 norm")
+        self.figure = fig
         self.plot.value = png(fig)
 
     def __repr__(self) -> str:
         if not self.labels:
             return f"<ActivationInspector: {self.error or 'no data'}>"
-        lens = ", ".join(f"{visible(r['token'])!r} {r['prob']:.3f}" for r in self.lens) or "n/a"
+        lens = ", ".join(f"'{visible(r['token'])}' {r['prob']:.3f}" for r in self.lens) or "n/a"
         n = self.norms.float()
         return (
             f"<ActivationInspector {self._where()}\n"
             f"  norms over {len(n)} token(s): min {n.min():.3f} mean {n.mean():.3f} max {n.max():.3f}\n"
             f"  logit lens top-{self.k} at position {self.position} "
-            f"({visible(self.labels[self.position])!r}): {lens}"
+            f"('{visible(self.labels[self.position])}'): {lens}"
             + (f"\n  error: {self.error}" if self.error else "")
             + ">"
         )

@@ -23,6 +23,7 @@ class SessionTable(TextFallback, W.VBox):
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.sessions: list[dict[str, Any]] = []
+        self.names: dict[str, str] = {}  # a daemon's client labels and the names the clients gave
         self.error: str | None = None
         self.html = W.HTML()
         self.refresh_button = W.Button(description="Refresh", icon="refresh")
@@ -32,7 +33,9 @@ class SessionTable(TextFallback, W.VBox):
 
     def refresh(self) -> None:
         try:
-            self.sessions = list(self.backend.status()["sessions"])
+            status = self.backend.status()
+            self.sessions = list(status["sessions"])
+            self.names = {c["label"]: c["name"] for c in status.get("clients", []) if c.get("name") not in (None, "?")}
         except DjinnError as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             self.html.value = f"<b style='color:#b00'>{html.escape(self.error)}</b>"
@@ -53,7 +56,7 @@ class SessionTable(TextFallback, W.VBox):
             memory = s.get("memory", {})
             row = [
                 s["id"],
-                s["owner"],
+                self.owner(s["owner"]),
                 s["model"],
                 s["state"],
                 mib(memory.get("gpu_bytes")),
@@ -64,6 +67,11 @@ class SessionTable(TextFallback, W.VBox):
                 row.append("yes" if s.get("mine") else "no")
             rows.append([*row, _where(s.get("run"))])
         return rows
+
+    def owner(self, label: str) -> str:
+        """``notebook A (client-1)``: the name its client gave, with the daemon's label that tells equal names apart."""
+        name = self.names.get(label)
+        return f"{name} ({label})" if name else label
 
     @property
     def totals(self) -> list[Any]:

@@ -17,12 +17,14 @@ import torch
 from djinn_kernel.edits import Ablate, AddVector, Edit, Scale
 from djinn_kernel.errors import DjinnError, InvalidArgumentError, NotPausedError
 
+from ._handles import as_run
 from ._render import TextFallback, html_table, visible
 
 if TYPE_CHECKING:
     from djinn_kernel.api import Pause, Run
 
 OPS = ("scale", "add", "ablate")
+SLIDER_WIDTH = "480px"  # 20 units over ~400 px of track: a 25 px drag moves it by about 1
 
 
 class SteeringPanel(TextFallback, W.VBox):
@@ -36,7 +38,7 @@ class SteeringPanel(TextFallback, W.VBox):
 
     def __init__(
         self,
-        run: Run,
+        run: Run | Pause,
         vector: torch.Tensor | None = None,
         *,
         k: int = 5,
@@ -44,7 +46,7 @@ class SteeringPanel(TextFallback, W.VBox):
     ) -> None:
         if vector is not None and not isinstance(vector, torch.Tensor):
             raise TypeError(f"vector must be a torch.Tensor or None, not {type(vector).__name__}")
-        self.run = run
+        self.run = as_run(run)
         self.vector = vector
         self.k = k
         self.max_new_tokens = max_new_tokens
@@ -54,9 +56,19 @@ class SteeringPanel(TextFallback, W.VBox):
         self.original_text: str | None = None
         self.enabled_ops = OPS if vector is not None else ("scale",)
         self.op = W.Dropdown(options=list(self.enabled_ops), value="scale", description="op")
-        self.coefficient = W.FloatSlider(value=2.0, min=-10.0, max=10.0, step=0.1, description="coef")
+        # Wide enough that a drag moves the coefficient by tenths, not by fours; the readout takes typed values.
+        self.coefficient = W.FloatSlider(
+            value=2.0,
+            min=-10.0,
+            max=10.0,
+            step=0.05,
+            description="coef",
+            continuous_update=False,
+            layout=W.Layout(width=SLIDER_WIDTH),
+        )
         self.preview_button = W.Button(description="Preview", icon="eye")
         self.apply_button = W.Button(description="Apply & resume", icon="play", button_style="warning")
+        self.rerun_button = W.Button(description="Run again", icon="repeat", tooltip="same prompt, same breakpoints")
         hint = "" if vector is not None else "<i>add / ablate need a vector: SteeringPanel(run, vector=v)</i>"
         self.hint = W.HTML(hint)
         self.status = W.HTML()
@@ -65,11 +77,12 @@ class SteeringPanel(TextFallback, W.VBox):
         self.op.observe(self._on_op, names="value")
         self.preview_button.on_click(lambda _: self.preview())
         self.apply_button.on_click(lambda _: self.apply_and_resume())
+        self.rerun_button.on_click(lambda _: self.rerun())
         super().__init__(
             [
                 W.HBox([self.op, self.coefficient]),
                 self.hint,
-                W.HBox([self.preview_button, self.apply_button]),
+                W.HBox([self.preview_button, self.apply_button, self.rerun_button]),
                 self.status,
                 self.lens_table,
                 self.comparison,
@@ -94,15 +107,20 @@ class SteeringPanel(TextFallback, W.VBox):
         self.status.value = f"preview of {html.escape(self._describe())}: not applied{note}"
 
     def apply_and_resume(self) -> None:
-        """Apply the edit, finish the run, and compare its text with an unsteered run of the same prompt."""
+        """Apply the edit, finish the run, and compare its text with an unsteered run of the same prompt.
+
+        While it runs the buttons are disabled, the status says so and the steered text streams in.
+        """
         try:
-            self._pause().apply(self._edit())
-            self.run.finish()
+            pause = self._pause()
+            self._busy(f"applying {self._describe()} and running to the end…")
+            pause.apply(self._edit())
+            self.run.finish(on_progress=self._stream_steered)
         except DjinnError as exc:
             self._error(exc)
             return
         finally:
-            self._sync_buttons()
+            self._idle()
         if self.run.state != "finished":
             self.status.value = _red(f"the run {self.run.state}: {self.run.error}")
             return
@@ -118,11 +136,50 @@ class SteeringPanel(TextFallback, W.VBox):
         if self.original_text is not None:
             self.status.value = f"applied {html.escape(self._describe())} and finished"
 
+    def rerun(self) -> None:
+        """Run the same prompt again in the same session (same breakpoints), to try another edit on it."""
+        n = self.max_new_tokens or max(1, len(self.run.tokens))
+        try:
+            self._busy("running the prompt again…")
+            run = self.run.session.generate(self.run.prompt_ids, n)
+        except DjinnError as exc:
+            self._error(exc)
+            return
+        finally:
+            self._idle()
+        self.run = run
+        self._sync_buttons()
+        self.before, self.after, self.steered_text, self.original_text = [], [], None, None
+        self.lens_table.value = self.comparison.value = ""
+        if run.paused:
+            self.status.value = html.escape(f"run {run.id} paused at {run.pause.path}, token step {run.token_step}")
+        else:
+            self.status.value = _red(f"run {run.id} {run.state} without pausing: set a breakpoint (%djinn break)")
+
     # helpers ------------------------------------------------------------------------------------------------
+    def _busy(self, message: str) -> None:
+        self.status.value = f"<i>{html.escape(message)}</i>"
+        self.apply_button.description = "Running…"
+        self.preview_button.disabled = self.apply_button.disabled = self.rerun_button.disabled = True
+
+    def _idle(self) -> None:
+        self.apply_button.description = "Apply & resume"
+        self.rerun_button.disabled = False
+        self._sync_buttons()
+
+    def _stream_steered(self, progress: Any) -> None:
+        self.comparison.value = html_table([f"steered ({self._describe()}), streaming"], [(progress.text,)])
+        self.status.value = f"<i>{html.escape(progress.line())}</i>"
+
     def _pause(self) -> Pause:
+        latest = self.run.session.run
+        if latest is not None and latest is not self.run and latest.paused:
+            self.run = latest  # a run started elsewhere (a later %djinn run): steer that one
         pause = self.run.pause
         if pause is None:
-            raise NotPausedError(f"run {self.run.id} is {self.run.state}, not paused: nothing to steer")
+            raise NotPausedError(
+                f"run {self.run.id} is {self.run.state}, not paused: nothing to steer; press Run again for a new run"
+            )
         return pause
 
     def _edit(self) -> Edit:
@@ -157,6 +214,7 @@ class SteeringPanel(TextFallback, W.VBox):
     def _sync_buttons(self) -> None:
         done = not self.run.paused
         self.preview_button.disabled = self.apply_button.disabled = done
+        self.rerun_button.disabled = not done
 
     def _error(self, exc: DjinnError) -> None:
         self.status.value = _red(f"{type(exc).__name__}: {exc}")
@@ -168,13 +226,13 @@ class SteeringPanel(TextFallback, W.VBox):
             lines.append("  lens before: " + ", ".join(_entry(r) for r in self.before))
             lines.append("  lens after:  " + ", ".join(_entry(r) for r in self.after))
         if self.steered_text is not None:
-            lines.append(f"  unsteered: {self.original_text!r}")
-            lines.append(f"  steered:   {self.steered_text!r}")
+            lines.append(f"  unsteered: {self.original_text}")
+            lines.append(f"  steered:   {self.steered_text}")
         return "\n".join(lines) + ">"
 
 
 def _entry(row: dict[str, Any] | None) -> str:
-    return "" if row is None else f"{visible(row['token'])!r} {row['prob']:.3f}"
+    return "" if row is None else f"'{visible(row['token'])}' {row['prob']:.3f}"
 
 
 def _ids(rows: list[dict[str, Any]]) -> list[int]:

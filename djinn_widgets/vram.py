@@ -38,8 +38,13 @@ class VramMonitor(TextFallback, W.VBox):
     """Device line, per-session bytes and a timeline; ``refresh()`` samples once, ``start()`` keeps sampling.
 
     The live loop is a daemon thread waiting on an Event, so ``stop()`` ends it at once, not after a sleep.
-    ``samples`` holds the last ``history`` readings.
+    One monitor samples at a time: ``start()`` stops the one started before (a notebook re-running its
+    ``%djinn vram`` cell, or pointing at a new backend, must not leave the old sampler plotting), and
+    ``close()`` stops it. ``samples`` holds the last ``history`` readings.
     """
+
+    _live: VramMonitor | None = None  # the monitor whose sampler runs
+    _live_lock = threading.Lock()
 
     def __init__(
         self,
@@ -70,6 +75,7 @@ class VramMonitor(TextFallback, W.VBox):
         self.device_label = W.HTML()
         self.sessions_html = W.HTML()
         self.plot = W.Image(format="png")
+        self.figure: Any = None  # the last rendered figure, kept for its axes
         super().__init__([self.device_label, self.plot, self.sessions_html])
         if autostart:
             self.start()
@@ -151,6 +157,10 @@ class VramMonitor(TextFallback, W.VBox):
         """Refresh every ``interval`` seconds on a daemon thread until ``stop()`` (no-op when running)."""
         if self.running:
             return
+        with VramMonitor._live_lock:
+            previous, VramMonitor._live = VramMonitor._live, self
+        if previous is not None and previous is not self:
+            previous.stop()
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="djinn-vram-monitor", daemon=True)
         self._thread.start()
@@ -158,8 +168,11 @@ class VramMonitor(TextFallback, W.VBox):
     def stop(self, timeout: float | None = 5.0) -> None:
         """End the live loop and wait for its thread."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        with VramMonitor._live_lock:
+            if VramMonitor._live is self:
+                VramMonitor._live = None
 
     @property
     def running(self) -> bool:
@@ -179,6 +192,11 @@ class VramMonitor(TextFallback, W.VBox):
         super().close()
 
     # view ---------------------------------------------------------------------------------------------------
+    def sessions_label(self) -> str:
+        """What the sessions' "device" bytes are on: the GPU, or the CPU where the backend has no GPU."""
+        device = self.status.get("device", {}).get("type", "cuda")
+        return "sessions on GPU" if device == "cuda" else f"sessions (on {device})"
+
     def device_line(self) -> str:
         if not self._nvml_tried:
             return "not sampled yet: call refresh() or start()"
@@ -218,13 +236,17 @@ class VramMonitor(TextFallback, W.VBox):
         xs = [s.time - t0 for s in samples]
         fig = new_figure(6.0, 2.2)
         ax = fig.add_subplot()
-        ax.plot(xs, [s.session_gpu_bytes / 2**20 for s in samples], label="sessions on GPU")
-        ax.plot(xs, [s.host_pool_used / 2**20 for s in samples], label="host pool used")
+        style = {"marker": "o"} if len(samples) == 1 else {}  # one reading is a point, not an invisible line
+        ax.plot(xs, [s.session_gpu_bytes / 2**20 for s in samples], label=self.sessions_label(), **style)
+        ax.plot(xs, [s.host_pool_used / 2**20 for s in samples], label="host pool used", **style)
         if any(s.gpu_used is not None for s in samples):
-            ax.plot(xs, [(s.gpu_used or 0) / 2**20 for s in samples], label="device used (NVML)", alpha=0.6)
+            ax.plot(xs, [(s.gpu_used or 0) / 2**20 for s in samples], label="device used (NVML)", alpha=0.6, **style)
+        ax.set_xlim(min(xs[0], -self.interval * 10), 0)  # time runs up to now; a minimum span, never reversed
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("seconds")
         ax.set_ylabel("MiB")
         ax.legend(fontsize=7, loc="upper left")
+        self.figure = fig
         self.plot.value = png(fig)
 
     def __repr__(self) -> str:

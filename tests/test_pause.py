@@ -241,7 +241,9 @@ def test_stale_pause_refuses_edits(session):
 
 @pytest.mark.inprocess
 def test_interrupted_wait_leaves_a_usable_run(session, model, monkeypatch):
-    """Ctrl-C while generate waits: the run goes on; the next call on the session picks its state up."""
+    """Ctrl-C while the engine's generate waits: the run goes on; the next call on the session picks its state up.
+
+    (The engine's own contract; the API handles turn the same interrupt into a cancel: tests/test_streaming.py.)"""
     from djinn_kernel.handoff import Handoff
 
     tokens, _ = reference(model)
@@ -257,10 +259,10 @@ def test_interrupted_wait_leaves_a_usable_run(session, model, monkeypatch):
     session.break_at(2, once=True)
     monkeypatch.setattr(Handoff, "wait", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        session.generate(PROMPT, 8)
+        session._backend.generate(session.id, PROMPT, 8)
     monkeypatch.setattr(Handoff, "wait", real_wait)
     with pytest.raises(dj.SessionBusyError, match="(paused|running) run"):
-        session.generate(PROMPT, 8)
+        session._backend.generate(session.id, PROMPT, 8)
     snapshot = session._backend.wait(session.id)
     assert snapshot["state"] == "paused" and snapshot["pause"]["layer"] == 2
     assert session._backend.resume(session.id, "continue")["tokens"] == tokens

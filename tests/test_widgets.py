@@ -377,3 +377,118 @@ def test_visible_marks_spaces():
     from djinn_widgets._render import visible
 
     assert [visible(t) for t in (" are", "ol", " ", "a\\n", "  x ")] == ["␣are", "ol", "␣", "a\\\\n", "␣␣x␣"]
+
+
+# One object model with the magics, and the polish found in JupyterLab ------------------------------------------
+
+
+def test_widgets_take_a_pause_a_run_or_djinn(paused):
+    for given in (paused, paused.pause):
+        assert SteeringPanel(given).run is paused
+        assert ActivationInspector(given).pause is paused.pause
+    paused.finish()
+    with pytest.raises(dj.NotPausedError, match="not paused"):
+        ActivationInspector(paused)
+    with pytest.raises(TypeError, match="Pause or Run"):
+        SteeringPanel("run")
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_inspector_height_for_a_37_token_prompt(llama):
+    with llama.session() as s:
+        s.break_at(2, tokens=0)
+        run = s.generate("x" * 37, 1, chat=False)
+        insp = ActivationInspector(run)
+        width, height = png_size(bytes(insp.plot.value))
+        assert len(insp.labels) == 37 and height <= 520 and width <= 800
+        run.finish()
+
+
+def test_inspector_log_norms_label_more_than_the_decades(paused):
+    insp = ActivationInspector(paused.pause)
+    insp.norms = 150.0 + torch.arange(float(len(insp.labels)))
+    insp.norms[0] = 25_000.0  # a BOS-like outlier: the norm axis goes log, 150 to 25,000
+    insp._render()
+    bars = insp.figure.axes[1]
+    assert bars.get_xscale() == "log"
+    labels = [t.get_text() for t in bars.get_xticklabels() if t.get_text()]
+    lo, hi = bars.get_xlim()
+    assert len([t for t in bars.get_xticks() if lo <= t <= hi]) >= 4 and len(labels) >= 4
+
+
+def test_inspector_axis_title_on_a_decode_step(llama):
+    with llama.session() as s:
+        s.break_at(1, tokens=2)
+        run = s.generate(PROMPT, STEPS)
+        insp = ActivationInspector(run.pause)
+        assert insp.figure.axes[0].get_xlabel() == f"hidden dim (top {len(insp.dims)} by magnitude)"
+        run.finish()
+
+
+def test_slider_is_wide_and_fine(paused):
+    slider = SteeringPanel(paused).coefficient
+    px = int(slider.layout.width.removesuffix("px"))
+    assert px / (slider.max - slider.min) >= 20 and slider.step <= 0.05 and not slider.continuous_update
+
+
+def test_apply_shows_busy_then_streams_and_the_panel_can_be_reused(paused):
+    panel = SteeringPanel(paused)
+    panel.coefficient.value = 10.0
+    states: list[tuple[bool, str]] = []
+    panel.apply_button.observe(lambda c: states.append((c["new"], panel.apply_button.description)), names="disabled")
+    statuses: list[str] = []
+    panel.status.observe(lambda c: statuses.append(c["new"]), names="value")
+    panel.apply_and_resume()
+    assert states[0] == (True, "Running…") and panel.apply_button.description == "Apply & resume"
+    assert any("applying scale(10)" in s for s in statuses) and any("tokens" in s for s in statuses)
+    assert paused.state == "finished" and not panel.rerun_button.disabled and panel.apply_button.disabled
+    panel.rerun()
+    assert panel.run is not paused and panel.run.paused and not panel.apply_button.disabled
+    panel.coefficient.value = -1.0
+    panel.apply_and_resume()
+    assert panel.run.state == "finished" and "scale(-1)" in panel.comparison.value
+
+
+def test_lens_tokens_are_escaped_once():
+    from djinn_widgets.steering import _entry
+
+    assert _entry({"token": "\n", "prob": 0.5}) == "'\\n' 0.500"
+
+
+def test_panel_follows_a_run_started_elsewhere(paused):
+    panel = SteeringPanel(paused)
+    paused.finish()
+    newer = paused.session.generate(PROMPT, STEPS)
+    panel.preview()
+    assert panel.run is newer and "not applied" in panel.status.value
+    newer.finish()
+
+
+def test_vram_one_sample_plots_a_point_from_zero(no_gpu, engine):
+    mon = VramMonitor(engine, interval=1.0)
+    mon.refresh()
+    ax = mon.figure.axes[0]
+    assert ax.get_xlim() == (-10.0, 0.0) and ax.get_ylim()[0] == 0
+    assert all(line.get_marker() == "o" for line in ax.get_lines())
+    assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "sessions (on cpu)"
+
+
+def test_vram_sampler_stops_on_close_and_when_replaced(no_gpu, engine):
+    first = VramMonitor(engine, interval=0.001, autostart=True)
+    assert first.wait_for_samples(1, timeout=30) and first.running
+    second = VramMonitor(engine, interval=0.001, autostart=True)
+    assert not first.running and second.running
+    second.close()
+    assert not second.running and VramMonitor._live is None
+
+
+def test_session_owners_by_client_name():
+    class Named(FakeDaemon):
+        def status(self):
+            return {**super().status(), "clients": [{"label": "client-1", "name": "notebook A", "sessions": 1}]}
+
+    table = SessionTable(Named())
+    assert [r[1] for r in table.rows] == ["notebook A (client-1)", "<b>client-2</b>"]
