@@ -46,7 +46,7 @@ class SessionTable(TextFallback, W.VBox):
     @property
     def headers(self) -> list[str]:
         mine = ["mine"] if any("mine" in s for s in self.sessions) else []
-        return ["id", "owner", "model", "state", "GPU MiB", "host MiB", "paged", *mine, "where"]
+        return ["id", "owner", "model", "state", "context", "GPU MiB", "host MiB", "paged", *mine, "where"]
 
     @property
     def rows(self) -> list[list[Any]]:
@@ -59,6 +59,7 @@ class SessionTable(TextFallback, W.VBox):
                 self.owner(s["owner"]),
                 s["model"],
                 s["state"],
+                s.get("history_tokens", "—"),  # tokens of the conversation it keeps (own sessions only)
                 mib(memory.get("gpu_bytes")),
                 mib(memory.get("host_bytes")),
                 memory.get("paged", "—"),
@@ -78,7 +79,7 @@ class SessionTable(TextFallback, W.VBox):
         gpu = sum(s.get("memory", {}).get("gpu_bytes", 0) for s in self.sessions)
         host = sum(s.get("memory", {}).get("host_bytes", 0) for s in self.sessions)
         paged = sum(bool(s.get("memory", {}).get("paged")) for s in self.sessions)
-        total = [f"{len(self.sessions)} session(s)", "", "", "", mib(gpu), mib(host), f"{paged} paged"]
+        total = [f"{len(self.sessions)} session(s)", "", "", "", "", mib(gpu), mib(host), f"{paged} paged"]
         return total + [""] * (len(self.headers) - len(total))
 
     def __repr__(self) -> str:

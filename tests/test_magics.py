@@ -315,7 +315,8 @@ def test_conversation_continue_fork_and_rewind(ip, loaded):
     assert f"({had} tokens)" in str(djinn(ip, "fork"))
     fork = ip.magics_manager.registry["DjinnMagics"].session
     assert fork.id != parent.id and fork.history == had
-    assert str(djinn(ip, f"rewind {had - 3}")) == f"kept {had - 3} of {had} tokens; %djinn run --continue goes on from there"
+    turn = len(first.prompt_ids) + len(first.tokens)  # the conversation before the second turn
+    assert str(djinn(ip, f"rewind {turn}")) == f"kept {turn} of {had} tokens; %djinn run --continue goes on from there"
     again = djinn(ip, "run --continue , world --max-new-tokens 3 --no-chat")
-    assert again.tokens == second.tokens, "the fork, rewound to the second turn, replays it"
+    assert again.tokens == second.tokens, "the fork, rewound to before the second turn, replays it"
     parent.close()

@@ -323,6 +323,7 @@ class FakeDaemon:
                     "owner": "client-1",
                     "model": "tiny-llama",
                     "state": "idle",
+                    "history_tokens": 12,
                     "breakpoints": [],
                     "steering": [],
                     "run": None,
@@ -345,10 +346,10 @@ def test_session_table_redacted_rows():
     table = SessionTable(FakeDaemon())
     assert table.headers[-2:] == ["mine", "where"]
     assert table.rows == [
-        [1, "client-1", "tiny-llama", "idle", "3.00", "0.00", False, "yes", "—"],
-        [2, "<b>client-2</b>", "smollm2-135m", "paused", "0.00", "5.00", True, "no", "—"],
+        [1, "client-1", "tiny-llama", "idle", 12, "3.00", "0.00", False, "yes", "—"],
+        [2, "<b>client-2</b>", "smollm2-135m", "paused", "—", "0.00", "5.00", True, "no", "—"],
     ]
-    assert table.totals[:7] == ["2 session(s)", "", "", "", "3.00", "5.00", "1 paged"]
+    assert table.totals[:8] == ["2 session(s)", "", "", "", "", "3.00", "5.00", "1 paged"]
     assert "&lt;b&gt;client-2&lt;/b&gt;" in table.html.value and "<b>client-2" not in table.html.value
     text = repr(table)
     assert "client-2" in text and "smollm2-135m" in text and "2 session(s)" in text
