@@ -10,8 +10,9 @@
 Importing this package starts nothing (no threads, no CUDA, no daemon).
 """
 
-from .api import Model, Pause, Progress, Run, RunInterrupted, Session, connect, default_backend, load, local_engine
-from .edits import Ablate, AddVector, Edit, Replace, Scale, SetPositions
+import importlib
+import sys
+
 from .errors import (
     DaemonConnectionError,
     DjinnError,
@@ -30,11 +31,33 @@ from .errors import (
     SessionLostError,
 )
 
+# The API and edits need torch (seconds to import): they load on first use, so `%load_ext` can say so first.
+_LAZY = {
+    **dict.fromkeys(
+        ("Model", "Pause", "Progress", "Run", "RunInterrupted", "Session", "connect", "default_backend", "load",
+         "local_engine"),
+        "api",
+    ),
+    **dict.fromkeys(("Ablate", "AddVector", "Edit", "Replace", "Scale", "SetPositions"), "edits"),
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'djinn_kernel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
 __version__ = "0.1.0"
 
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext djinn_kernel``: register ``%djinn`` / ``%%djinn`` (see ``djinn_kernel.magics.register``)."""
+    if "torch" not in sys.modules:
+        print("djinn: importing torch (a few seconds the first time)…", flush=True)
     from .magics import register
 
     register(ipython)

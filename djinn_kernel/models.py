@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import builtin
 from .errors import ModelNotFoundError
 
 
@@ -53,6 +52,8 @@ def resolve(
     Nothing is downloaded: a model that is not on this machine raises ``ModelNotFoundError`` saying how to
     get it.
     """
+    from . import builtin  # transformers' model classes: imported when a model is first resolved
+
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"a model name must be a non-empty string, not {name!r}")
     if name in builtin.BUILTIN_NAMES:

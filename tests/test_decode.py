@@ -54,3 +54,12 @@ def test_installed_transformers_takes_the_cache_without_a_warning(name: str) -> 
             result = decode(model, call, ids, cache, 4, set(), Sampling(), on_step=lambda step: None)
     assert len(result.tokens) == 4
     assert cache.get_seq_length() == ids.shape[-1] + 3  # the cache really was used: prompt + 3 decode inputs
+
+
+def test_importing_djinn_imports_neither_torch_nor_transformers() -> None:
+    """`%load_ext djinn_kernel` can then say that torch is loading before the seconds it takes."""
+    import subprocess
+    import sys
+
+    code = "import sys, djinn_kernel as dj; dj.DjinnError; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
