@@ -26,15 +26,14 @@ import itertools
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import context, models
-from .anatomy import Anatomy, inspect_model, resolve_target
-from .breakpoints import SIDES, BreakpointTable, remove_by_id
-from .decode import ForwardCall, Sampling
+from .anatomy import resolve_target
+from .breakpoints import SIDES, remove_by_id
+from .decode import Sampling
 from .edits import AddVector, Edit, check_tensor
 from .errors import (
     DjinnError,
@@ -47,10 +46,11 @@ from .errors import (
     SessionBusyError,
     SessionClosedError,
 )
-from .executor import ENDED, PauseState, Run, RunState, Steering, cache_tensors
+from .executor import ENDED, PauseState, Run, RunState, Steering
 from .handoff import Command, Event
-from .hooks import HookDispatcher
 from .memory import GiB, LRUPolicy, MemoryManager, Transfer
+from .registry import LoadedModel, prepare
+from .sessions import SessionState
 
 
 def default_device() -> torch.device:
@@ -70,114 +70,6 @@ def default_memory(device: torch.device, budget: int | None = None, host: int | 
     if host is None:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     return MemoryManager(device, budget, host, LRUPolicy(), budget_from_free_memory=derived)
-
-
-@dataclass
-class LoadedModel:
-    id: str
-    name: str
-    model: nn.Module
-    tokenizer: object
-    anatomy: Anatomy
-    dispatcher: HookDispatcher
-    chat: bool
-    eos_ids: tuple[int, ...]
-    source: str
-    device: torch.device
-    weight_bytes: int
-    kv_bytes_per_token: int
-    max_positions: int | None
-    forward_call: ForwardCall
-
-    def decode(self, tokens: list[int]) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def describe(self) -> dict[str, object]:
-        config = getattr(self.model, "config", None)
-        return {
-            "id": self.id,
-            "name": self.name,
-            "source": self.source,
-            "architecture": type(self.model).__name__,
-            "num_layers": self.anatomy.num_layers,
-            "layer_paths": list(self.anatomy.layer_paths),
-            "hidden_size": getattr(config, "hidden_size", None),
-            "vocab_size": getattr(config, "vocab_size", None),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "weight_bytes": self.weight_bytes,
-            "kv_bytes_per_token": self.kv_bytes_per_token,
-            "chat": self.chat,
-        }
-
-
-def _kv_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of K and V one token adds to the cache, from the config (0 when the config does not say)."""
-    config = getattr(model, "config", None)
-    layers = getattr(config, "num_hidden_layers", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if not layers or not heads:
-        return 0
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    itemsize = next(model.parameters()).element_size()
-    return 2 * layers * kv_heads * head_dim * itemsize
-
-
-def _learned_positions(model: nn.Module) -> int | None:
-    """How many positions a model with a learned position table (GPT-2 style) can index, else None.
-
-    Past that, the embedding lookup reads out of bounds: a device-side assert on CUDA, which would poison the
-    daemon's CUDA context for every session. Rotary models have no table and no hard limit.
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings"):
-            return module.num_embeddings
-    return None
-
-
-def _weight_bytes(model: nn.Module) -> int:
-    storages = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
-@dataclass
-class SessionState:
-    id: int
-    owner: str
-    model: LoadedModel
-    memory: MemoryManager
-    breakpoints: BreakpointTable = field(default_factory=BreakpointTable)
-    steering: dict[int, Steering] = field(default_factory=dict)
-    run: Run | None = None
-    history: list[int] = field(default_factory=list)  # the conversation's tokens; see context.py
-    cache: object | None = None  # K/V of the history, kept across runs
-    closed: bool = False
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    _steer_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
-    _run_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
-
-    def steering_at(self, path: str, side: str) -> list[Steering]:
-        return [s for s in self.steering.values() if s.path == path and s.side == side]
-
-    def gpu_tensors(self) -> list[torch.Tensor]:
-        tensors = cache_tensors(self.cache) if self.cache is not None else []
-        return tensors + ([] if self.run is None else self.run.gpu_tensors())
-
-    def state(self) -> str:
-        if self.closed:
-            return "closed"
-        memory = self.memory.session(self.id)
-        if memory.lost is not None:
-            return "lost"
-        if memory.is_paged:
-            return "paged"
-        if self.run is None or self.run.state in ENDED:
-            return "idle"
-        return self.run.state.value
 
 
 class Engine:
@@ -229,29 +121,8 @@ class Engine:
             return self._register(name, models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code"))
 
     def _register(self, name: str, source: models.ModelSource) -> dict[str, object]:
-        forward_call = ForwardCall.of(source.model)
-        model = source.model.to(self.device)
-        self.memory.weights_loaded(_weight_bytes(model))
-        anatomy = inspect_model(model)
-        dispatcher = HookDispatcher(model)
-        for path in anatomy.layer_paths:
-            dispatcher.ensure(path)
-        loaded = LoadedModel(
-            id=name,
-            name=name,
-            model=model,
-            tokenizer=source.tokenizer,
-            anatomy=anatomy,
-            dispatcher=dispatcher,
-            chat=source.chat,
-            eos_ids=source.eos_ids,
-            source=source.source,
-            device=self.device,
-            weight_bytes=_weight_bytes(model),
-            kv_bytes_per_token=_kv_bytes_per_token(model),
-            max_positions=_learned_positions(model),
-            forward_call=forward_call,
-        )
+        loaded = prepare(name, source, self.device)
+        self.memory.weights_loaded(loaded.weight_bytes)
         with self._lock:
             self._models[name] = loaded
         return loaded.describe()
@@ -393,29 +264,6 @@ class Engine:
             return remove_by_id(session.steering, steer_id, "steering")
 
     # runs -----------------------------------------------------------------------------------------------
-    def encode_prompt(self, loaded: LoadedModel, prompt: str | list[int], chat: bool | None) -> torch.Tensor:
-        if isinstance(prompt, str):
-            if loaded.tokenizer is None:
-                raise InvalidArgumentError(f"model {loaded.name!r} has no tokenizer: pass the prompt as token ids")
-            if chat if chat is not None else loaded.chat:
-                messages = [{"role": "user", "content": prompt}]
-                ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                if isinstance(ids, dict) or hasattr(ids, "keys"):
-                    ids = ids["input_ids"]
-            else:
-                ids = loaded.tokenizer(prompt)["input_ids"]
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            vocab = loaded.model.get_input_embeddings().num_embeddings
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise InvalidArgumentError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-            ids = list(prompt)
-        else:
-            raise InvalidArgumentError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
-        if len(ids) == 0:
-            raise InvalidArgumentError("the prompt is empty")
-        return torch.tensor([ids], dtype=torch.long, device=loaded.device)
-
     def generate(
         self,
         sid: int,
@@ -454,7 +302,7 @@ class Engine:
             fresh = fresh or not session.history
             kept = 0 if fresh else context.cached_length(session.cache)
             if fresh:
-                new = self.encode_prompt(loaded, prompt, chat)[0].tolist()
+                new = loaded.encode(prompt, chat)
             else:
                 new = self._turn_ids(session, prompt, chat)
             input_ids = [*session.history[kept:], *new] if not fresh else new
@@ -495,7 +343,7 @@ class Engine:
             return context.chat_turn_ids(loaded.tokenizer, session.history, loaded.eos_ids, prompt)
         if isinstance(prompt, str) and loaded.tokenizer is not None:
             return list(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        return self.encode_prompt(loaded, prompt, chat)[0].tolist()
+        return loaded.encode(prompt, chat)
 
     def fork(self, sid: int) -> int:
         """A new session of the same client with a copy of this one's history and KV (no breakpoints, no

@@ -27,7 +27,7 @@ from .handoff import Command, Event, Handoff
 from .hooks import bind
 
 if TYPE_CHECKING:
-    from .engine import SessionState
+    from .sessions import SessionState
 
 
 def cache_tensors(cache: object) -> list[torch.Tensor]:

@@ -134,7 +134,7 @@ def test_lru_under_pressure_is_exact():
 
 
 def engine_prompt(engine: Engine, model: dj.Model) -> list[int]:
-    return engine.encode_prompt(engine._model(model.info["id"]), PROMPT, chat=False)[0].tolist()
+    return engine._model(model.info["id"]).encode(PROMPT, chat=False)
 
 
 def test_full_host_pool_refuses_new_request_and_keeps_paused_sessions():

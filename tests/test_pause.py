@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import PROMPT, drain, reference, torch_model
+from conftest import DEVICE, PROMPT, drain, reference, torch_model
 
 
 @pytest.mark.inprocess
@@ -58,7 +58,7 @@ def test_module_path_breakpoint_is_exact(session, model):
 @pytest.mark.inprocess
 def test_activation_matches_hidden_states(engine, session, model):
     net = torch_model(engine, model)
-    ids = engine.encode_prompt(engine._model(model.info["id"]), PROMPT, chat=False)
+    ids = torch.tensor([engine._model(model.info["id"]).encode(PROMPT, chat=False)], device=DEVICE)
     with torch.no_grad():
         hidden = net(ids, output_hidden_states=True).hidden_states
     for layer in range(model.num_layers - 1):  # the last entry of hidden_states has the final norm applied
@@ -74,7 +74,7 @@ def test_activation_matches_hidden_states(engine, session, model):
 def test_tokens_match_hugging_face_generate(engine, model):
     tokens, _ = reference(model, max_new_tokens=10)
     net = torch_model(engine, model)
-    ids = engine.encode_prompt(engine._model(model.info["id"]), PROMPT, chat=False)
+    ids = torch.tensor([engine._model(model.info["id"]).encode(PROMPT, chat=False)], device=DEVICE)
     out = net.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids))
     assert out[0, ids.shape[1] :].tolist()[: len(tokens)] == tokens
 

@@ -1,0 +1,139 @@
+"""Models an engine serves: moved to the device once, inspected once (layers, hooks, how the forward takes its
+cache, sizes), and shared by every session of every client."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import models
+from .anatomy import Anatomy, inspect_model
+from .decode import ForwardCall
+from .errors import InvalidArgumentError
+from .hooks import HookDispatcher
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    name: str
+    model: nn.Module
+    tokenizer: object
+    anatomy: Anatomy
+    dispatcher: HookDispatcher
+    chat: bool
+    eos_ids: tuple[int, ...]
+    source: str
+    device: torch.device
+    weight_bytes: int
+    kv_bytes_per_token: int
+    max_positions: int | None
+    forward_call: ForwardCall
+
+    def encode(self, prompt: str | list[int], chat: bool | None) -> list[int]:
+        """A new conversation's tokens: text through the tokenizer (and the chat template when ``chat``, or by
+        default for chat models), or token ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidArgumentError(f"model {self.name!r} has no tokenizer: pass the prompt as token ids")
+            if chat if chat is not None else self.chat:
+                messages = [{"role": "user", "content": prompt}]
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+            else:
+                ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.model.get_input_embeddings().num_embeddings
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise InvalidArgumentError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+            ids = list(prompt)
+        else:
+            raise InvalidArgumentError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
+        if len(ids) == 0:
+            raise InvalidArgumentError("the prompt is empty")
+        return list(ids)
+
+    def decode(self, tokens: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def describe(self) -> dict[str, object]:
+        config = getattr(self.model, "config", None)
+        return {
+            "id": self.id,
+            "name": self.name,
+            "source": self.source,
+            "architecture": type(self.model).__name__,
+            "num_layers": self.anatomy.num_layers,
+            "layer_paths": list(self.anatomy.layer_paths),
+            "hidden_size": getattr(config, "hidden_size", None),
+            "vocab_size": getattr(config, "vocab_size", None),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "weight_bytes": self.weight_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "chat": self.chat,
+        }
+
+
+def prepare(name: str, source: models.ModelSource, device: torch.device) -> LoadedModel:
+    """Move a model to ``device`` and learn what serving it needs; its decoder layers get their routing hooks."""
+    forward_call = ForwardCall.of(source.model)
+    model = source.model.to(device)
+    anatomy = inspect_model(model)
+    dispatcher = HookDispatcher(model)
+    for path in anatomy.layer_paths:
+        dispatcher.ensure(path)
+    return LoadedModel(
+        id=name,
+        name=name,
+        model=model,
+        tokenizer=source.tokenizer,
+        anatomy=anatomy,
+        dispatcher=dispatcher,
+        chat=source.chat,
+        eos_ids=source.eos_ids,
+        source=source.source,
+        device=device,
+        weight_bytes=weight_bytes(model),
+        kv_bytes_per_token=_kv_bytes_per_token(model),
+        max_positions=_learned_positions(model),
+        forward_call=forward_call,
+    )
+
+
+def _kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of K and V one token adds to the cache, from the config (0 when the config does not say)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not layers or not heads:
+        return 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def _learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with a learned position table (GPT-2 style) can index, else None.
+
+    Past that, the embedding lookup reads out of bounds: a device-side assert on CUDA, which would poison the
+    daemon's CUDA context for every session. Rotary models have no table and no hard limit.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings"):
+            return module.num_embeddings
+    return None
+
+
+def weight_bytes(model: nn.Module) -> int:
+    storages = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
