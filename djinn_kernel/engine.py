@@ -1,8 +1,8 @@
 """The engine: models loaded once, sessions that own runs, and runs that pause inside their forward pass.
 
 Threads and ownership:
-- A run's forwards run on its own executor thread (a daemon thread, so a paused run never holds up interpreter
-  exit). The run binds itself to that thread (``hooks.bind``) so the shared hooks route activations to it and
+- A run's forwards run on its session's executor thread (``executor.Worker``: a daemon thread, so a paused run
+  never holds up interpreter exit). The run binds itself to that thread (``hooks.bind``) so the shared hooks route activations to it and
   to no other session.
 - The driver (the in-process API, or the daemon) calls engine methods from other threads. A session's lock
   serialises its drivers; the ``Handoff`` orders driver and executor (see handoff.py).
@@ -181,8 +181,7 @@ class Engine:
             with self._lock:
                 self._sessions.pop(sid, None)
             self.memory.release(sid)
-        if run is not None:
-            run.join()
+        session.worker.close()
 
     def sessions(self, owner: str | None = None) -> list[dict[str, object]]:
         with self._lock:
@@ -333,7 +332,7 @@ class Engine:
                 bool(keep_logits),
             )
             session.run = run
-            run.start()
+            session.worker.submit(run.execute)
             return self._await(run)
 
     def _turn_ids(self, session: SessionState, prompt: str | list[int], chat: bool | None) -> list[int]:

@@ -1,7 +1,7 @@
 """A run: one generation of a session, executed on the session's executor thread, pausable inside a forward.
 
 Invariants:
-- ``Run.execute`` runs on the run's executor thread (``Run.start``) and is the only code that drives the model's
+- ``Run.execute`` runs on its session's executor thread (``Worker``) and is the only code that drives the model's
   forward for this run; it binds the run to that thread (``hooks.bind``) so the shared hooks route activations here.
 - The executor blocks in ``Handoff.pause`` at a hit. While it is blocked the driver may read and edit
   ``PauseState.current``; the executor takes the value back, unchanged object or edited copy, on resume.
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import enum
 import itertools
+import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +41,38 @@ def cache_tensors(cache: object) -> list[torch.Tensor]:
             if isinstance(t, torch.Tensor):
                 out.append(t)
     return out
+
+
+class Worker:
+    """A session's executor thread: runs its runs one at a time, for as long as the session lives.
+
+    One thread per session, not per run: on the H200 a forward loop on a freshly started thread ran at twice the
+    per-token time of one on a thread that had run forwards before (82.5 vs 38.9 ms/token, 7B shape, measured
+    2026-12-02). A daemon thread, so a paused run never holds up interpreter exit; started on first use.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Let the thread finish its current job (a cancelled run unwinds first) and end."""
+        if self._thread is None:
+            return
+        self._jobs.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
 
 
 class RunState(enum.Enum):
@@ -134,17 +168,6 @@ class Run:
         self._stepping = False
         self._finishing = False
         self._aborting = False
-        self._thread = threading.Thread(
-            target=self.execute, name=f"djinn-session-{session.id}-run-{run_id}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def join(self) -> None:
-        """Wait for the executor thread to leave (after the run ended or was told to abort)."""
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
 
     # executor side ---------------------------------------------------------------------------------------
     def execute(self) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .breakpoints import BreakpointTable
-from .executor import ENDED, Run, Steering, cache_tensors
+from .executor import ENDED, Run, Steering, Worker, cache_tensors
 from .memory import MemoryManager
 from .registry import LoadedModel
 
@@ -27,8 +27,12 @@ class SessionState:
     cache: object | None = None  # K/V of the history, kept across runs
     closed: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
+    worker: Worker = field(init=False)  # the session's executor thread
     _steer_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _run_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        self.worker = Worker(f"djinn-session-{self.id}")
 
     def steering_at(self, path: str, side: str) -> list[Steering]:
         return [s for s in self.steering.values() if s.path == path and s.side == side]
