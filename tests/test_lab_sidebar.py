@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_sidebar_shows_the_pause_and_continue_advances_the_notebook(page):
     session = sidebar.locator(".djinn-session[data-state='paused']")
     expect(session).to_have_count(1)
     expect(session).to_contain_text("sidebar.ipynb")
-    expect(session).to_contain_text("MiB")  # its bytes on the device and on the host
+    expect(session).to_contain_text(re.compile(r"[\d.]+ [KMG]iB · [\d.]+ [KMG]iB host"))  # device and host bytes
     pause = sidebar.locator(".djinn-pause")
     expect(pause).to_contain_text("paused at layer 1 (output), token step 0")
     expect(sidebar.locator(".djinn-bp")).to_contain_text("layer 1 (output), 1 hit(s)")

@@ -34,7 +34,10 @@ export function bytes(n: number | null | undefined): string {
   if (n >= 1 << 60) {
     return 'unlimited';
   }
-  return n >= 2 ** 30 ? `${(n / 2 ** 30).toFixed(2)} GiB` : `${(n / 2 ** 20).toFixed(1)} MiB`;
+  if (n >= 2 ** 30) {
+    return `${(n / 2 ** 30).toFixed(2)} GiB`;
+  }
+  return n >= 2 ** 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : `${(n / 2 ** 10).toFixed(1)} KiB`;
 }
 
 /** Replace `node`'s children, skipping the absent ones (sections show optional lines). */

@@ -19,6 +19,7 @@
 .djinn-bar-used { background: var(--jp-brand-color3); }
 .djinn-bar-djinn { background: var(--jp-brand-color1); }
 .djinn-session { display: grid; grid-template-columns: 56px 1fr; gap: 0 6px; padding: 3px 0; border-bottom: 1px dotted var(--jp-border-color2); }
+.djinn-session > span:nth-child(n + 3) { grid-column: 2; }
 .djinn-state { font-weight: bold; }
 .djinn-session[data-state='paused'] .djinn-state { color: var(--jp-warn-color0); }
 .djinn-session[data-state='running'] .djinn-state { color: var(--jp-success-color0); }
