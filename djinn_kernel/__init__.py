@@ -61,6 +61,9 @@ def load_ipython_extension(ipython) -> None:
     from .magics import register
 
     register(ipython)
+    from .comm import open_sidebar_channel  # the JupyterLab sidebar's channel (djinn_kernel.comm)
+
+    open_sidebar_channel(ipython)
 
 
 __all__ = [
