@@ -11,6 +11,7 @@ import faulthandler
 import os
 
 import pytest
+import torch
 
 import djinn_kernel as dj
 from djinn_kernel.engine import Engine
@@ -106,3 +107,32 @@ def drain(run) -> list[tuple]:
         stops.append((p.layer, p.path, p.side, p.token_step))
         run.resume()
     return stops
+
+
+@pytest.fixture(scope="module")
+def backends():
+    """``backends(kind, budget)``: an in-process engine or a daemon client per kind ("inprocess", "daemon") and
+    session budget, shared by one test module, so a module's tests run both ways whatever DJINN_TEST_BACKEND says."""
+    from daemon_util import DaemonProcess
+
+    from djinn_kernel.memory import LRUPolicy, MemoryManager, MiB
+
+    made: dict[tuple[str, int | None], object] = {}
+    daemons: list[DaemonProcess] = []
+
+    def get(kind: str, budget: int | None = None):
+        if (kind, budget) not in made:
+            if kind == "inprocess":
+                memory = MemoryManager(torch.device(DEVICE), budget or 1 << 40, 1 << 30, LRUPolicy(), chunk_bytes=MiB)
+                made[kind, budget] = make_engine(memory=memory)
+            else:
+                daemons.append(DaemonProcess(*(["--gpu-memory", str(budget)] if budget else [])))
+                made[kind, budget] = daemons[-1].client()
+        return made[kind, budget]
+
+    yield get
+    for (kind, _), backend in made.items():
+        if kind == "inprocess":
+            backend.shutdown()
+    for daemon in daemons:
+        daemon.stop()

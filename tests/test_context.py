@@ -7,40 +7,13 @@ recomputing the whole history would. Tests marked with ``kind`` run in-process a
 from __future__ import annotations
 
 import pytest
-import torch
 
 import djinn_kernel as dj
-from conftest import DEVICE, make_engine
-from daemon_util import DaemonProcess
 from djinn_kernel.context import chat_turn_ids
-from djinn_kernel.memory import MiB, LRUPolicy, MemoryManager
 
 KINDS = ["inprocess", "daemon"]
 FIRST = list(range(5, 21))
 SECOND = list(range(30, 38))
-
-
-@pytest.fixture(scope="module")
-def backends():
-    made: dict[tuple[str, int | None], object] = {}
-    daemons: list[DaemonProcess] = []
-
-    def get(kind: str, budget: int | None = None):
-        if (kind, budget) not in made:
-            if kind == "inprocess":
-                memory = MemoryManager(torch.device(DEVICE), budget or 1 << 40, 1 << 30, LRUPolicy(), chunk_bytes=MiB)
-                made[kind, budget] = make_engine(memory=memory)
-            else:
-                daemons.append(DaemonProcess(*(["--gpu-memory", str(budget)] if budget else [])))
-                made[kind, budget] = daemons[-1].client()
-        return made[kind, budget]
-
-    yield get
-    for (kind, _), backend in made.items():
-        if kind == "inprocess":
-            backend.shutdown()
-    for daemon in daemons:
-        daemon.stop()
 
 
 def fresh_tokens(model: dj.Model, ids: list[int], n: int) -> list[int]:

@@ -22,36 +22,12 @@ import torch
 
 import djinn_kernel as dj
 from conftest import DEVICE, PROMPT, make_engine, reference
-from daemon_util import ROOT, DaemonProcess
+from daemon_util import ROOT
 from djinn_kernel.memory import MiB, LRUPolicy, MemoryManager
 
 KINDS = ["inprocess", "daemon"]
 IDS = list(range(5, 21))  # a prompt of exactly 16 tokens, so reservations are known to the byte
 NEW = 8
-
-
-@pytest.fixture(scope="module")
-def backends():
-    """``backends(kind, budget)``: one engine or daemon per kind and session budget, shared by this module."""
-    made: dict[tuple[str, int | None], object] = {}
-    daemons: list[DaemonProcess] = []
-
-    def get(kind: str, budget: int | None = None):
-        if (kind, budget) not in made:
-            if kind == "inprocess":
-                memory = MemoryManager(torch.device(DEVICE), budget or 1 << 40, 1 << 30, LRUPolicy(), chunk_bytes=MiB)
-                made[kind, budget] = make_engine(memory=memory)
-            else:
-                daemons.append(DaemonProcess(*(["--gpu-memory", str(budget)] if budget else [])))
-                made[kind, budget] = daemons[-1].client()
-        return made[kind, budget]
-
-    yield get
-    for key, backend in made.items():
-        if key[0] == "inprocess":
-            backend.shutdown()
-    for daemon in daemons:
-        daemon.stop()
 
 
 def run_bytes(model: dj.Model) -> int:
