@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,20 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from lab_util import CHROMIUM, CHROMIUM_ARGS
 from notebook_cells import readme_notebook_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "build" / "test-artifacts" / "browser"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 LONG_RUN = "%djinn delete\n%djinn run Write a very long story about the sea and its sailors. --max-new-tokens 400"
 AGAIN = "%djinn run Hi --max-new-tokens 2"
 

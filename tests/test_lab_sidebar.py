@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,19 +23,9 @@ import pytest
 from daemon_util import wait_until
 from djinn_kernel.client import start_local_daemon
 from djinn_kernel.runtime import pid_alive
-from lab_util import ROOT, JupyterServer
+from lab_util import CHROMIUM, CHROMIUM_ARGS, ROOT, JupyterServer
 
 ARTIFACTS = ROOT / "build" / "test-artifacts" / "lab-sidebar"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CELLS = [
     "%load_ext djinn_kernel",
     "%djinn load tiny-llama --daemon",
