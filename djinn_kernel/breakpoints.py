@@ -119,6 +119,15 @@ class BreakpointTable:
             bp.hits += 1
         return hit
 
+    def may_hit(self, token_step: int) -> bool:
+        """Whether any breakpoint could fire somewhere in forward number ``token_step`` (hits are not counted)."""
+        return any(
+            bp.enabled
+            and (bp.tokens is None or token_step in bp.tokens)
+            and (bp.max_hits is None or bp.hits < bp.max_hits)
+            for bp in self._items.values()
+        )
+
     def __iter__(self):
         return iter(list(self._items.values()))
 

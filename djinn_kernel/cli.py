@@ -41,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
         memory.pool.reserve(parse_bytes(args.host_reserve))
     key, key_file = new_key(folder)
     endpoints = [ipc_endpoint(folder), *args.listen]
-    engine = Engine(device=device, memory=memory, progress=_progress, deterministic=args.deterministic)
+    fast = {"auto": None, "on": True, "off": False}[args.fast]
+    engine = Engine(device=device, memory=memory, progress=_progress, deterministic=args.deterministic, fast=fast)
     daemon = Daemon(engine, key, endpoints, lease=args.client_lease)
     install_signal_handlers(daemon)
     write_info(folder, DaemonInfo(os.getpid(), endpoints, str(key_file)))
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--page-on-pause", action="store_true", help="page a session out as soon as it pauses")
     serve.add_argument("--deterministic", action="store_true",
                        help="math attention only, so runs repeat bit for bit on a GPU (slower)")
+    serve.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
+                       help="batched fast decode path for Llama-family models (default: on with CUDA, unless "
+                            "--deterministic)")
     serve.add_argument("--client-lease", type=float, default=5.0,
                        help="seconds without a heartbeat before a client's sessions are reclaimed (default: 5)")
     serve.set_defaults(func=_serve)

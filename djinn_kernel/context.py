@@ -7,9 +7,11 @@ Invariants:
 - A run that was cancelled or failed mid-forward may leave layers of different lengths (the layers before the
   stop saw one more token). ``trim`` crops every layer to the shortest, which makes the cache consistent again
   and only turns a few tokens back into pending ones; nothing in ``history`` is lost.
-- ``trim``, ``rewind`` and ``copy`` create views or copies of the cache tensors, so they run only while the
-  session is resident (inside ``MemoryManager.resident`` or after ``admit``); the length functions read shapes
-  alone and are safe on a paged cache.
+- ``trim``, ``clone`` and the conversions create views or copies of the cache tensors, so they run only while
+  the session is resident (inside ``MemoryManager.resident`` or after ``admit``); the length functions read
+  shapes alone and are safe on a paged cache.
+- The cache is a transformers cache (the module path) or a ``BlockKV`` (the fast path); every function here
+  takes either, and a run converts it to the kind its path reads (``for_module_path`` / ``for_fast_path``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,28 @@ import copy
 import torch
 
 from .errors import InvalidArgumentError
+from .kv_blocks import BlockKV, KVShape
 
 _SENTINEL = "DJINNREPLYSENTINEL"
 
 
+def tensors(cache: object | None) -> list[torch.Tensor]:
+    """The device tensors holding the cache's K/V (what the memory manager pages)."""
+    if isinstance(cache, BlockKV):
+        return list(cache.blocks)
+    out = []
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+    return out
+
+
 def layer_lengths(cache: object | None) -> list[int]:
     """Tokens held by each layer (0 for a layer that has not run yet)."""
+    if isinstance(cache, BlockKV):
+        return [cache.length] * cache.shape.layers
     out = []
     for layer in getattr(cache, "layers", ()):
         keys = getattr(layer, "keys", None)
@@ -40,6 +58,9 @@ def cached_length(cache: object | None) -> int:
 
 def trim(cache: object, length: int) -> None:
     """Crop every layer to ``length`` tokens (views; the storage is reused by the next step's growth)."""
+    if isinstance(cache, BlockKV):
+        cache.truncate(length)
+        return
     for layer, held in zip(cache.layers, layer_lengths(cache)):
         if held > length:
             layer.keys = layer.keys[..., :length, :]
@@ -49,7 +70,27 @@ def trim(cache: object, length: int) -> None:
 def clone(cache: object) -> object:
     """An independent copy of the cache, tensors included (for ``fork``)."""
     with torch.inference_mode():
-        return copy.deepcopy(cache)
+        return cache.clone() if isinstance(cache, BlockKV) else copy.deepcopy(cache)
+
+
+def for_module_path(cache: object | None, config: object) -> object:
+    """The cache as transformers' forward reads it: a ``DynamicCache`` (a copy when it was blocks)."""
+    if isinstance(cache, BlockKV):
+        with torch.inference_mode():
+            return cache.to_cache(config)
+    if cache is None:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=config)
+    return cache
+
+
+def for_fast_path(cache: object | None, shape: KVShape) -> BlockKV:
+    """The cache as the runner reads it: blocks (a copy of the consistent prefix when it was a transformers cache)."""
+    if isinstance(cache, BlockKV):
+        return cache
+    with torch.inference_mode():
+        return BlockKV.from_cache(shape, cache, cached_length(cache))
 
 
 def chat_turn_ids(tokenizer: object, history: list[int], eos_ids: tuple[int, ...], prompt: str) -> list[int]:

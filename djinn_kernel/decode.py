@@ -92,11 +92,12 @@ def decode(
     on_step: Callable[[int], None],
     keep_logits: bool = False,
     on_token: Callable[[int], None] | None = None,
+    generator: torch.Generator | None = None,
 ) -> DecodeResult:
-    """Generate up to ``max_new_tokens`` for one sequence. ``input_ids`` is ``[1, prompt_len]``."""
+    """Generate up to ``max_new_tokens`` for one sequence. ``input_ids`` is ``[1, prompt_len]``. ``generator`` is
+    the run's sampling state (kept by the run, so a run that changes paths mid-way samples on from where it was)."""
     result = DecodeResult()
     extra = call.kwargs(cache)
-    generator = sampling.generator(input_ids.device)
     ids = input_ids
     for step in range(max_new_tokens):
         on_step(step)

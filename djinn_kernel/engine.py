@@ -50,6 +50,7 @@ from .executor import ENDED, PauseState, Run, RunState, Steering
 from .handoff import Command, Event
 from .memory import GiB, LRUPolicy, MemoryManager, Transfer
 from .registry import LoadedModel, prepare
+from .scheduler import fast_steering
 from .sessions import SessionState
 
 
@@ -81,11 +82,19 @@ class Engine:
         progress: Callable[[str], None] | None = None,
         memory: MemoryManager | None = None,
         deterministic: bool = False,
+        fast: bool | None = None,
     ) -> None:
         """``deterministic=True`` restricts CUDA attention to the math kernel: the fused kernels are not bitwise
         repeatable across runs on the H100 (measured: two plain runs differ in the last bits), so exact
-        comparisons between runs on a GPU need it. It sets process-wide torch flags."""
+        comparisons between runs on a GPU need it. It sets process-wide torch flags.
+
+        ``fast`` serves Llama-family models through the batched fast path (runner.py, scheduler.py) for runs
+        that no breakpoint can stop; others take the module path. Its numerics differ from the module path in
+        bf16 rounding, so it is on by default on CUDA only, and never with ``deterministic``."""
         self.device = torch.device(device) if device is not None else default_device()
+        if fast and deterministic:
+            raise InvalidArgumentError("fast=True batches and fuses GEMMs, which deterministic=True rules out; pick one")
+        self.fast = (self.device.type == "cuda" and not deterministic) if fast is None else bool(fast)
         if deterministic and self.device.type == "cuda":
             torch.backends.cuda.enable_flash_sdp(False)
             torch.backends.cuda.enable_mem_efficient_sdp(False)
@@ -121,7 +130,7 @@ class Engine:
             return self._register(name, models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code"))
 
     def _register(self, name: str, source: models.ModelSource) -> dict[str, object]:
-        loaded = prepare(name, source, self.device)
+        loaded = prepare(name, source, self.device, fast=self.fast)
         self.memory.weights_loaded(loaded.weight_bytes)
         with self._lock:
             self._models[name] = loaded
@@ -316,11 +325,13 @@ class Engine:
                 self.memory.drop(sid)
                 session.history, session.cache = [], None
             self.memory.admit(sid, loaded.kv_bytes_per_token * total)
-            if session.cache is None:
-                from transformers import DynamicCache
-
-                session.cache = DynamicCache(config=loaded.model.config)
-            context.trim(session.cache, kept)
+            if session.cache is not None:
+                context.trim(session.cache, kept)
+            fast = loaded.scheduler is not None and fast_steering(session, 0) is not None
+            if fast:
+                session.cache = context.for_fast_path(session.cache, loaded.scheduler.runner.shape)
+            else:
+                session.cache = context.for_module_path(session.cache, loaded.model.config)
             run = Run(
                 next(session._run_ids),
                 session,
@@ -332,7 +343,10 @@ class Engine:
                 bool(keep_logits),
             )
             session.run = run
-            session.worker.submit(run.execute)
+            if fast:
+                loaded.scheduler.submit(run, input_ids)
+            else:
+                session.worker.submit(run.execute)
             return self._await(run)
 
     def _turn_ids(self, session: SessionState, prompt: str | list[int], chat: bool | None) -> list[int]:
@@ -625,4 +639,6 @@ class Engine:
         with self._lock:
             for loaded in self._models.values():
                 loaded.dispatcher.remove()
+                if loaded.scheduler is not None:
+                    loaded.scheduler.close()
             self._models.clear()

@@ -32,17 +32,6 @@ if TYPE_CHECKING:
     from .sessions import SessionState
 
 
-def cache_tensors(cache: object) -> list[torch.Tensor]:
-    """The KV tensors of a transformers cache (``cache.layers[i].keys/values`` in transformers 5)."""
-    out = []
-    for layer in getattr(cache, "layers", ()):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                out.append(t)
-    return out
-
-
 class Worker:
     """A session's executor thread: runs its runs one at a time, for as long as the session lives.
 
@@ -156,6 +145,7 @@ class Run:
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.keep_logits = keep_logits
+        self.generator = sampling.generator(input_ids.device)
         self.handoff = Handoff()
         self.seen = self.handoff.seq  # the last event the engine has processed
         self.state = RunState.RUNNING
@@ -171,7 +161,10 @@ class Run:
 
     # executor side ---------------------------------------------------------------------------------------
     def execute(self) -> None:
+        """Run the token loop on the module path; a run the fast path handed over continues where it stopped
+        (``input_ids`` is then its last token and ``cache`` its KV so far)."""
         loaded = self.session.model
+        done = len(self.tokens)
         try:
             with bind(self), torch.inference_mode():
                 result = decode(
@@ -179,14 +172,15 @@ class Run:
                     loaded.forward_call,
                     self.input_ids,
                     self.cache,
-                    self.max_new_tokens,
+                    self.max_new_tokens - done,
                     set(loaded.eos_ids),
                     self.sampling,
-                    on_step=self._on_step,
+                    on_step=lambda step: self._on_step(done + step),
                     keep_logits=self.keep_logits,
                     on_token=self.tokens.append,
+                    generator=self.generator,
                 )
-            self.logits = result.logits
+            self.logits.extend(result.logits)
             self.handoff.post(Event.FINISHED)
         except Aborted:
             self.handoff.post(Event.CANCELLED)

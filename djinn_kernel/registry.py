@@ -14,6 +14,8 @@ from .anatomy import Anatomy, inspect_model
 from .decode import ForwardCall
 from .errors import InvalidArgumentError
 from .hooks import HookDispatcher
+from .runner import Runner, unsupported_reason
+from .scheduler import Scheduler
 
 
 @dataclass
@@ -32,6 +34,8 @@ class LoadedModel:
     kv_bytes_per_token: int
     max_positions: int | None
     forward_call: ForwardCall
+    scheduler: Scheduler | None = None  # the fast path's step loop; None when runs take the module path only
+    fast_path: str = "off"  # "on", "off", or why the model cannot have it
 
     def encode(self, prompt: str | list[int], chat: bool | None) -> list[int]:
         """A new conversation's tokens: text through the tokenizer (and the chat template when ``chat``, or by
@@ -77,17 +81,26 @@ class LoadedModel:
             "weight_bytes": self.weight_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "chat": self.chat,
+            "fast_path": self.fast_path,
         }
 
 
-def prepare(name: str, source: models.ModelSource, device: torch.device) -> LoadedModel:
-    """Move a model to ``device`` and learn what serving it needs; its decoder layers get their routing hooks."""
+def prepare(name: str, source: models.ModelSource, device: torch.device, fast: bool = False) -> LoadedModel:
+    """Move a model to ``device`` and learn what serving it needs; its decoder layers get their routing hooks,
+    and with ``fast`` (and a Llama-family model) a runner and its scheduler for the batched fast path."""
     forward_call = ForwardCall.of(source.model)
     model = source.model.to(device)
     anatomy = inspect_model(model)
     dispatcher = HookDispatcher(model)
     for path in anatomy.layer_paths:
         dispatcher.ensure(path)
+    scheduler, fast_path = None, "off"
+    if fast:
+        reason = unsupported_reason(model)
+        if reason is None:
+            scheduler, fast_path = Scheduler(Runner(model), name), "on"
+        else:
+            fast_path = f"unavailable: {reason}"
     return LoadedModel(
         id=name,
         name=name,
@@ -103,6 +116,8 @@ def prepare(name: str, source: models.ModelSource, device: torch.device) -> Load
         kv_bytes_per_token=_kv_bytes_per_token(model),
         max_positions=_learned_positions(model),
         forward_call=forward_call,
+        scheduler=scheduler,
+        fast_path=fast_path,
     )
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .breakpoints import BreakpointTable
-from .executor import ENDED, Run, Steering, Worker, cache_tensors
+from . import context
+from .executor import ENDED, Run, Steering, Worker
 from .memory import MemoryManager
 from .registry import LoadedModel
 
@@ -38,7 +39,7 @@ class SessionState:
         return [s for s in self.steering.values() if s.path == path and s.side == side]
 
     def gpu_tensors(self) -> list[torch.Tensor]:
-        tensors = cache_tensors(self.cache) if self.cache is not None else []
+        tensors = context.tensors(self.cache)
         return tensors + ([] if self.run is None else self.run.gpu_tensors())
 
     def state(self) -> str:

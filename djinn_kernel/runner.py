@@ -1,0 +1,342 @@
+"""The fast decode path: a runner that owns the decoder-layer loop of a Llama-family model.
+
+Hugging Face's forward is built for one sequence and eager launches: at batch 1 on the H200 it spends ~8× the
+time the weights take to read. The runner calls the model's own weights in its own layer loop instead, so that
+many sessions decode in one batched forward (each row reading its own session's KV blocks in place), steering
+is a per-row vector added at a layer's output, and on CUDA the whole step is captured as a CUDA graph per batch
+size and replayed with new inputs.
+
+Invariants:
+- The runner reads the model's parameters; it never copies them. At build time the q/k/v and gate/up weights of
+  each layer are moved into one fused tensor each and the modules' parameters become views of it, so Hugging
+  Face's modules (the debugger's module path) and the runner share one copy.
+- The layer math is Hugging Face's (RMSNorm in float32, rotary halves, SiLU-gated MLP, attention scaled by
+  ``head_dim ** -0.5``): on the CPU in float32 its logits agree with the module path to float rounding. Fused and
+  batched GEMMs round differently in bf16, so bitwise claims belong to the module path (``deterministic``).
+- A step reads everything from device buffers of fixed shape (tokens, positions, block-address tables, steering
+  rows), filled before the step: what a captured graph needs to be replayed with new inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_blocks import BlockKV, KVShape
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the runner cannot drive this model (``None`` when it can): the Llama layer structure is required."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if config is None or layers is None or not hasattr(model, "lm_head") or not hasattr(inner, "rotary_emb"):
+        return f"{type(model).__name__} is not a Llama-family causal LM"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {getattr(config, 'hidden_act', None)!r} is not SiLU"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "mlp_bias", False):
+        return "MLP biases"
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        needed = [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"), (mlp, "gate_proj"),
+                  (mlp, "up_proj"), (mlp, "down_proj"), (layer, "input_layernorm"), (layer, "post_attention_layernorm")]
+        if any(getattr(owner, name, None) is None for owner, name in needed):
+            return "decoder layers without the Llama attention/MLP modules"
+        if hasattr(attn, "q_norm") or getattr(attn.o_proj, "bias", None) is not None:
+            return "attention with query/key norms or an output bias"
+    return None
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass
+class DecodeRow:
+    """One session's next token in a batched step: its KV, the token to feed, its steering by layer."""
+
+    kv: BlockKV
+    token: int
+    steering: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
+    """One tensor holding the modules' weights stacked by rows; each module's parameter becomes a view of it."""
+    fused = torch.cat([m.weight.detach() for m in modules])
+    start = 0
+    for m in modules:
+        rows = m.weight.shape[0]
+        m.weight.data = fused[start : start + rows]
+        start += rows
+    return fused
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class Runner:
+    """Prefill (one session, eager) and batched decode steps over sessions' block KV; see the module docstring."""
+
+    def __init__(self, model: nn.Module, max_batch: int = BUCKETS[-1], graphs: bool | None = None) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the fast path cannot run this model: {reason}")
+        config = model.config
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.norm = inner.norm
+        self.head = model.lm_head
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden = config.hidden_size
+        self.eps = inner.norm.variance_epsilon
+        weight = self.embed.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        with torch.no_grad():
+            self.layers = [self._take(layer) for layer in inner.layers]
+            positions = getattr(config, "max_position_embeddings", None) or 4096
+            self.max_positions = positions
+            cos, sin = inner.rotary_emb(weight[:1], torch.arange(positions, device=self.device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
+        self.shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
+        self.max_batch = max_batch
+        self.cuda = self.device.type == "cuda"
+        self._graphs = _CudaSteps(self, graphs if graphs is not None else True) if self.cuda else None
+
+    def _take(self, layer: nn.Module) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        biases = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        return _Layer(
+            ln1=layer.input_layernorm.weight,
+            ln2=layer.post_attention_layernorm.weight,
+            qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
+            qkv_bias=None if biases[0] is None else torch.cat([b.detach() for b in biases]),
+            o=attn.o_proj.weight,
+            gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
+            down=mlp.down_proj.weight,
+        )
+
+    def new_kv(self) -> BlockKV:
+        return BlockKV(self.shape)
+
+    # the layer ------------------------------------------------------------------------------------------
+    def _layer(
+        self,
+        index: int,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        steer: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One decoder layer on ``h`` (``[rows, tokens, hidden]``); ``attend`` stores K/V and returns attention."""
+        w = self.layers[index]
+        rows, tokens, _ = h.shape
+        qkv = F.linear(_rms(h, w.ln1, self.eps), w.qkv, w.qkv_bias)
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
+        q = _rope(q.view(rows, tokens, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = _rope(k.view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        o = attend(index, q, k, v).transpose(1, 2).reshape(rows, tokens, self.heads * self.head_dim)
+        h = h + F.linear(o, w.o)
+        gate, up = F.linear(_rms(h, w.ln2, self.eps), w.gate_up).chunk(2, dim=-1)
+        h = h + F.linear(F.silu(gate) * up, w.down)
+        return h if steer is None else h + steer
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        group = self.heads // self.kv_heads
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms(h, self.norm.weight, self.eps), self.head.weight)
+
+    # prefill --------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, kv: BlockKV, ids: list[int], steering: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Feed ``ids`` after the ``kv.length`` tokens the session holds; the last position's logits ``[vocab]``."""
+        start, count = kv.length, len(ids)
+        kv.ensure(start + count)
+        h = self.embed(torch.tensor([ids], device=self.device))
+        cos, sin = self.cos[start : start + count], self.sin[start : start + count]
+        mask = None
+        if count > 1:
+            mask = torch.arange(start + count, device=self.device)[None, :] <= torch.arange(start, start + count, device=self.device)[:, None]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            past_k, past_v = kv.read(layer, start)
+            kv.write(layer, start, k[0], v[0])
+            keys = torch.cat([past_k, k[0]], dim=1).unsqueeze(0)
+            values = torch.cat([past_v, v[0]], dim=1).unsqueeze(0)
+            return self._attention(q, keys, values, mask)
+
+        for index in range(len(self.layers)):
+            h = self._layer(index, h, cos, sin, attend, steering.get(index))
+        kv.length = start + count
+        return self._logits(h[:, -1])[0]
+
+    # decode ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """One token for every row in one batched forward; logits ``[rows, vocab]``. Each row's KV grows by one."""
+        if not 0 < len(rows) <= self.max_batch:
+            raise ValueError(f"a decode step takes 1 to {self.max_batch} rows, not {len(rows)}")
+        for row in rows:
+            if row.kv.length + 1 > self.max_positions:
+                raise ValueError(f"a session reached the model's {self.max_positions} positions")
+            row.kv.ensure(row.kv.length + 1)
+        logits = self._graphs.step(rows) if self._graphs is not None else self._decode_eager(rows)
+        for row in rows:
+            row.kv.length += 1
+        return logits
+
+    def _decode_eager(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """The reference step (CPU): batched GEMMs, attention row by row over copies of each row's blocks."""
+        positions = [row.kv.length for row in rows]
+        pos = torch.tensor(positions, device=self.device)
+        h = self.embed(torch.tensor([[row.token] for row in rows], device=self.device))
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = []
+            for b, row in enumerate(rows):
+                past_k, past_v = row.kv.read(layer, positions[b])
+                row.kv.write(layer, positions[b], k[b], v[b])
+                keys = torch.cat([past_k, k[b]], dim=1).unsqueeze(0)
+                values = torch.cat([past_v, v[b]], dim=1).unsqueeze(0)
+                out.append(self._attention(q[b : b + 1], keys, values, None))
+            return torch.cat(out)
+
+        for index in range(len(self.layers)):
+            h = self._layer(index, h, cos, sin, attend, _steer_rows(rows, index, self.hidden, h))
+        return self._logits(h[:, -1])
+
+
+def _steer_rows(rows: list[DecodeRow], layer: int, hidden: int, like: torch.Tensor) -> torch.Tensor | None:
+    """``[rows, 1, hidden]`` of each row's vector at ``layer`` (zeros for rows without one); ``None`` if no row
+    steers there."""
+    if not any(layer in row.steering for row in rows):
+        return None
+    out = torch.zeros((len(rows), 1, hidden), dtype=like.dtype, device=like.device)
+    for b, row in enumerate(rows):
+        if layer in row.steering:
+            out[b, 0] = row.steering[layer]
+    return out
+
+
+class _CudaSteps:
+    """Decode steps on CUDA: Triton attention over block tables, the step captured as a graph per batch bucket
+    and steered-layer set, inputs in fixed device buffers."""
+
+    def __init__(self, runner: Runner, graphs: bool) -> None:
+        from . import kernels
+
+        self.kernels = kernels
+        self.runner = runner
+        self.use_graphs = graphs
+        r = runner
+        self.max_blocks = math.ceil(r.max_positions / r.shape.block_tokens)
+        n, dev = r.max_batch, r.device
+        self.host = {
+            "tokens": torch.zeros(n, dtype=torch.long, pin_memory=True),
+            "pos": torch.zeros(n, dtype=torch.long, pin_memory=True),
+            "lens": torch.ones(n, dtype=torch.int32, pin_memory=True),
+            "ptrs": torch.zeros((n, self.max_blocks), dtype=torch.long, pin_memory=True),
+        }
+        self.dev = {name: t.to(dev) for name, t in self.host.items()}
+        self.steer = torch.zeros((len(r.layers), n, 1, r.hidden), dtype=r.dtype, device=dev)
+        self.scratch = r.new_kv()
+        self.scratch.ensure(1)
+        self.graphs: dict[tuple[int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def step(self, rows: list[DecodeRow]) -> torch.Tensor:
+        bucket = next(b for b in BUCKETS if b >= len(rows)) if len(rows) <= BUCKETS[-1] else len(rows)
+        self._fill(rows, bucket)
+        steered = tuple(sorted({layer for row in rows for layer in row.steering}))
+        for layer in steered:
+            self.steer[layer, :bucket].zero_()
+            for b, row in enumerate(rows):
+                if layer in row.steering:
+                    self.steer[layer, b, 0] = row.steering[layer]
+        if not self.use_graphs:
+            return self._step(bucket, steered)[: len(rows)]
+        key = (bucket, steered)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(bucket, steered)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out[: len(rows)]
+
+    def _fill(self, rows: list[DecodeRow], bucket: int) -> None:
+        h = self.host
+        scratch = self.scratch.pointers()[0]
+        h["ptrs"][:bucket, 0] = scratch
+        h["pos"][:bucket] = 0
+        h["lens"][:bucket] = 1
+        h["tokens"][:bucket] = 0
+        for b, row in enumerate(rows):
+            pointers = row.kv.pointers()
+            h["ptrs"][b, : len(pointers)] = torch.tensor(pointers, dtype=torch.long)
+            h["pos"][b] = row.kv.length
+            h["lens"][b] = row.kv.length + 1
+            h["tokens"][b] = row.token
+        for name, t in self.dev.items():
+            t[:bucket].copy_(h[name][:bucket], non_blocking=True)
+
+    def _step(self, bucket: int, steered: tuple[int, ...]) -> torch.Tensor:
+        r, k = self.runner, self.kernels
+        tokens, pos = self.dev["tokens"][:bucket], self.dev["pos"][:bucket]
+        lens, ptrs = self.dev["lens"][:bucket], self.dev["ptrs"][:bucket]
+        block = r.shape.block_tokens
+        h = r.embed(tokens)[:, None]
+        cos, sin = r.cos[pos][:, None, None], r.sin[pos][:, None, None]
+
+        def attend(layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            k.store_kv(keys[:, :, 0].contiguous(), values[:, :, 0].contiguous(), ptrs, pos, layer, block)
+            return k.attend(q[:, :, 0].contiguous(), ptrs, lens, layer, r.kv_heads, block)[:, :, None]
+
+        for index in range(len(r.layers)):
+            h = r._layer(index, h, cos, sin, attend, self.steer[index, :bucket] if index in steered else None)
+        return r._logits(h[:, -1])
+
+    def _capture(self, bucket: int, steered: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (kernel compilation, allocator), then capture one replayable step."""
+        side = torch.cuda.Stream(self.runner.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(bucket, steered)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._step(bucket, steered)
+        self.pool = graph.pool()
+        return graph, out

@@ -1,0 +1,190 @@
+"""The fast path's step loop: one thread per model owns the runs that decode on its runner.
+
+Each step it takes new runs from its inbox, prefills them one by one, and decodes every run that has a pending
+token in one batched forward (continuous batching: runs join and leave between steps). Request threads only
+submit and wait on their run's ``Handoff``, exactly as for a run on the module path, so the engine drives both
+kinds of run the same way.
+
+Invariants:
+- A run stays on the fast path only while nothing in its session needs the module path at the coming step: a
+  breakpoint that may hit at that step (``BreakpointTable.may_hit``) or steering other than an ``AddVector`` at
+  a decoder layer's output. Then, between steps, its KV is copied into a transformers cache and the run is
+  handed to its session's executor thread, where it continues on the module path (and may pause) to its end.
+  A pause therefore never stalls the batch: the paused run is no longer in it.
+- Between steps a run's KV (``BlockKV``) holds every token it has fed; the run's last token is pending. A failed
+  step leaves each row's ``length`` unchanged (the step advances it only on success), so the session's context
+  stays consistent and the failure ends only the runs of that step.
+- The scheduler thread is the only writer of a fast run's tokens and KV while the run is live; the engine reads
+  them after the run's end event.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .edits import AddVector
+from .handoff import Event
+from .runner import DecodeRow, Runner
+
+if TYPE_CHECKING:
+    from .executor import Run
+    from .sessions import SessionState
+
+
+def fast_steering(session: SessionState, token_step: int) -> dict[int, torch.Tensor] | None:
+    """The session's steering as one vector per decoder layer, or ``None`` when forward number ``token_step``
+    needs the module path (a breakpoint may hit, or an edit the runner does not apply)."""
+    if session.breakpoints.may_hit(token_step):
+        return None
+    vectors: dict[int, torch.Tensor] = {}
+    layer_paths = session.model.anatomy.layer_paths
+    for steer in list(session.steering.values()):
+        edit = steer.edit
+        if (
+            steer.side != "output"
+            or steer.layer is None
+            or steer.path != layer_paths[steer.layer]
+            or not isinstance(edit, AddVector)
+            or edit.positions is not None
+        ):
+            return None
+        add = edit.alpha * edit.vector
+        vectors[steer.layer] = add if steer.layer not in vectors else vectors[steer.layer] + add
+    return vectors
+
+
+@dataclass
+class _Job:
+    run: Run
+    feed: list[int]  # tokens the next forward consumes: the prompt before prefill, then the last token
+    prefilled: bool = False
+    steering: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Scheduler:
+    """The step loop of one model's fast path (see the module docstring). Its thread starts on first use."""
+
+    def __init__(self, runner: Runner, name: str) -> None:
+        self.runner = runner
+        self._name = name
+        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: list[_Job] = []
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.steps = 0
+        self.batched_rows = 0  # rows decoded in batched steps, for the mean batch size
+
+    def submit(self, run: Run, feed: list[int]) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"djinn-scheduler-{self._name}", daemon=True)
+                self._thread.start()
+        self._inbox.put(_Job(run, list(feed)))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            if not self._jobs:
+                job = self._inbox.get()
+                if job is None:
+                    return
+                self._jobs.append(job)
+            try:
+                while True:
+                    job = self._inbox.get_nowait()
+                    if job is None:
+                        return
+                    self._jobs.append(job)
+            except queue.Empty:
+                pass
+            self._step()
+
+    def _step(self) -> None:
+        ready = [job for job in list(self._jobs) if self._admit(job)]
+        decode = [job for job in ready if job.prefilled]
+        for job in ready:
+            if not job.prefilled:
+                self._prefill(job)
+        limit = self.runner.max_batch
+        for start in range(0, len(decode), limit):
+            self._decode(decode[start : start + limit])
+
+    def _admit(self, job: _Job) -> bool:
+        """Whether the job's run takes part in this step; otherwise it was cancelled or handed over."""
+        run = job.run
+        step = len(run.tokens)
+        if run._aborting:
+            self._end(job, Event.CANCELLED)
+            return False
+        steering = fast_steering(run.session, step)
+        if steering is None:
+            self._hand_over(job)
+            return False
+        job.steering = steering
+        run.token_step = step
+        if step > 0:
+            run.session.memory.on_growth(run.session.id)
+        return True
+
+    def _prefill(self, job: _Job) -> None:
+        try:
+            logits = self.runner.prefill(job.run.cache, job.feed, job.steering)
+        except BaseException as exc:  # noqa: BLE001 - a failed forward ends this run only
+            self._end(job, Event.FAILED, exc)
+            return
+        job.prefilled = True
+        self._deliver([job], logits.unsqueeze(0))
+
+    def _decode(self, jobs: list[_Job]) -> None:
+        rows = [DecodeRow(job.run.cache, job.feed[-1], job.steering) for job in jobs]
+        try:
+            logits = self.runner.decode(rows)
+        except BaseException as exc:  # noqa: BLE001 - a failed step ends the runs in it, nothing else
+            for job in jobs:
+                self._end(job, Event.FAILED, exc)
+            return
+        self.steps += 1
+        self.batched_rows += len(rows)
+        self._deliver(jobs, logits)
+
+    def _deliver(self, jobs: list[_Job], logits: torch.Tensor) -> None:
+        """Pick each row's token (one host sync for all greedy rows), record it, end runs that are done."""
+        greedy = logits.argmax(dim=-1).tolist()
+        for b, job in enumerate(jobs):
+            run = job.run
+            if run.keep_logits:
+                run.logits.append(logits[b].detach().to("cpu", copy=True))
+            token = greedy[b] if run.generator is None else int(run.sampling.pick(logits[b : b + 1], run.generator)[0])
+            run.tokens.append(token)
+            if token in run.session.model.eos_ids or len(run.tokens) >= run.max_new_tokens:
+                self._end(job, Event.FINISHED)
+            else:
+                job.feed = [token]
+
+    def _end(self, job: _Job, event: Event, payload: object = None) -> None:
+        self._jobs.remove(job)
+        job.run.handoff.post(event, payload)
+
+    def _hand_over(self, job: _Job) -> None:
+        """Move the run to the module path: its KV into a transformers cache, its loop to the session's thread."""
+        self._jobs.remove(job)
+        run = job.run
+        session = run.session
+        try:
+            cache = run.cache.to_cache(session.model.model.config)
+        except BaseException as exc:  # noqa: BLE001 - e.g. no device memory for the copy: the run ends, clearly
+            run.handoff.post(Event.FAILED, exc)
+            return
+        run.cache = session.cache = cache
+        run.input_ids = torch.tensor([job.feed], dtype=torch.long, device=session.model.device)
+        session.worker.submit(run.execute)
