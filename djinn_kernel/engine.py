@@ -131,6 +131,10 @@ class Engine:
 
     def _register(self, name: str, source: models.ModelSource) -> dict[str, object]:
         loaded = prepare(name, source, self.device, fast=self.fast)
+        if loaded.scheduler is not None and self.device.type == "cuda":
+            if self._progress is not None:
+                self._progress(f"djinn: compiling and capturing {name}'s decode step for batch sizes 1-64 (once)…")
+            loaded.scheduler.runner.warm_up()
         self.memory.weights_loaded(loaded.weight_bytes)
         with self._lock:
             self._models[name] = loaded

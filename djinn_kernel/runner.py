@@ -99,10 +99,43 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def attention_inputs(
+    h: torch.Tensor, ln1: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
+    sin: torch.Tensor, eps: float, heads: int, kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, fused q/k/v projection and rotary embedding: q ``[rows, heads, tokens, head_dim]``, k and v with
+    ``kv_heads``, each contiguous (the layout the attention kernels read). Takes only tensors and constants that
+    every layer shares, so one compiled copy serves all layers."""
+    rows, tokens, _ = h.shape
+    head_dim = cos.shape[-1]
+    q, k, v = F.linear(_rms(h, ln1, eps), qkv, bias).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q = _rope(q.view(rows, tokens, heads, head_dim).transpose(1, 2), cos, sin)
+    k = _rope(k.view(rows, tokens, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    v = v.view(rows, tokens, kv_heads, head_dim).transpose(1, 2)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def attention_output_and_mlp(
+    h: torch.Tensor, attn: torch.Tensor, o: torch.Tensor, ln2: torch.Tensor, gate_up: torch.Tensor,
+    down: torch.Tensor, eps: float, steer: torch.Tensor | None,
+) -> torch.Tensor:
+    """The rest of the layer after attention (``attn``: ``[rows, heads, tokens, head_dim]``): output projection,
+    residual, norm, SiLU-gated MLP, residual, and the steering rows if any."""
+    rows, tokens, _ = h.shape
+    h = h + F.linear(attn.transpose(1, 2).reshape(rows, tokens, -1), o)
+    gate, up = F.linear(_rms(h, ln2, eps), gate_up).chunk(2, dim=-1)
+    h = h + F.linear(F.silu(gate) * up, down)
+    return h if steer is None else h + steer
+
+
 class Runner:
     """Prefill (one session, eager) and batched decode steps over sessions' block KV; see the module docstring."""
 
-    def __init__(self, model: nn.Module, max_batch: int = BUCKETS[-1], graphs: bool | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, max_batch: int = BUCKETS[-1], graphs: bool | None = None, compile: bool = True
+    ) -> None:
+        """On CUDA, ``graphs`` captures each decode step (default on) and ``compile`` fuses the elementwise work
+        around the GEMMs with ``torch.compile`` (default on; the first step of each batch size pays for it)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fast path cannot run this model: {reason}")
@@ -127,7 +160,7 @@ class Runner:
         self.shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self.max_batch = max_batch
         self.cuda = self.device.type == "cuda"
-        self._graphs = _CudaSteps(self, graphs if graphs is not None else True) if self.cuda else None
+        self._graphs = _CudaSteps(self, graphs if graphs is not None else True, compile) if self.cuda else None
 
     def _take(self, layer: nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -145,6 +178,14 @@ class Runner:
     def new_kv(self) -> BlockKV:
         return BlockKV(self.shape)
 
+    def warm_up(self) -> None:
+        """Compile and capture the unsteered decode step of every batch bucket now (seconds, once per model), so
+        no session pays for it when a batch first grows to that size. Nothing to do on the CPU."""
+        if self._graphs is not None:
+            for bucket in BUCKETS:
+                if bucket <= self.max_batch:
+                    self._graphs.prepare(bucket)
+
     # the layer ------------------------------------------------------------------------------------------
     def _layer(
         self,
@@ -154,20 +195,14 @@ class Runner:
         sin: torch.Tensor,
         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         steer: torch.Tensor | None,
+        qkv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+        mlp: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One decoder layer on ``h`` (``[rows, tokens, hidden]``); ``attend`` stores K/V and returns attention."""
+        """One decoder layer on ``h`` (``[rows, tokens, hidden]``); ``attend`` stores K/V and returns attention.
+        ``qkv``/``mlp`` replace the two halves around attention (the CUDA step passes compiled ones)."""
         w = self.layers[index]
-        rows, tokens, _ = h.shape
-        qkv = F.linear(_rms(h, w.ln1, self.eps), w.qkv, w.qkv_bias)
-        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
-        q = _rope(q.view(rows, tokens, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = _rope(k.view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        o = attend(index, q, k, v).transpose(1, 2).reshape(rows, tokens, self.heads * self.head_dim)
-        h = h + F.linear(o, w.o)
-        gate, up = F.linear(_rms(h, w.ln2, self.eps), w.gate_up).chunk(2, dim=-1)
-        h = h + F.linear(F.silu(gate) * up, w.down)
-        return h if steer is None else h + steer
+        q, k, v = (qkv or attention_inputs)(h, w.ln1, w.qkv, w.qkv_bias, cos, sin, self.eps, self.heads, self.kv_heads)
+        return (mlp or attention_output_and_mlp)(h, attend(index, q, k, v), w.o, w.ln2, w.gate_up, w.down, self.eps, steer)
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         group = self.heads // self.kv_heads
@@ -180,27 +215,48 @@ class Runner:
 
     # prefill --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, kv: BlockKV, ids: list[int], steering: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Feed ``ids`` after the ``kv.length`` tokens the session holds; the last position's logits ``[vocab]``."""
-        start, count = kv.length, len(ids)
-        kv.ensure(start + count)
-        h = self.embed(torch.tensor([ids], device=self.device))
-        cos, sin = self.cos[start : start + count], self.sin[start : start + count]
-        mask = None
-        if count > 1:
-            mask = torch.arange(start + count, device=self.device)[None, :] <= torch.arange(start, start + count, device=self.device)[:, None]
+    def prefill(self, rows: list[tuple[BlockKV, list[int], dict[int, torch.Tensor]]]) -> torch.Tensor:
+        """Feed each row's tokens after the ``kv.length`` its session holds, all rows packed into one sequence
+        (the GEMMs run once over every new token; attention runs per row); the last position's logits of each
+        row, ``[rows, vocab]``."""
+        starts = [kv.length for kv, _, _ in rows]
+        counts = [len(ids) for _, ids, _ in rows]
+        for (kv, _, _), start, count in zip(rows, starts, counts):
+            if start + count > self.max_positions:
+                raise ValueError(f"{start + count} positions exceed the model's {self.max_positions}")
+            kv.ensure(start + count)
+        dev = self.device
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        h = self.embed(torch.tensor([[t for _, ids, _ in rows for t in ids]], device=dev))
+        pos = torch.cat([torch.arange(start, start + count, device=dev) for start, count in zip(starts, counts)])
+        cos, sin = self.cos[pos], self.sin[pos]
+        masks = [
+            None if count == 1 else torch.arange(start + count, device=dev)[None, :] <= torch.arange(start, start + count, device=dev)[:, None]
+            for start, count in zip(starts, counts)
+        ]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            past_k, past_v = kv.read(layer, start)
-            kv.write(layer, start, k[0], v[0])
-            keys = torch.cat([past_k, k[0]], dim=1).unsqueeze(0)
-            values = torch.cat([past_v, v[0]], dim=1).unsqueeze(0)
-            return self._attention(q, keys, values, mask)
+            out = []
+            for (kv, _, _), start, end, count, mask in zip(rows, starts, ends, counts, masks):
+                span = slice(end - count, end)
+                past_k, past_v = kv.read(layer, start)
+                kv.write(layer, start, k[0, :, span], v[0, :, span])
+                keys = torch.cat([past_k, k[0, :, span]], dim=1).unsqueeze(0)
+                values = torch.cat([past_v, v[0, :, span]], dim=1).unsqueeze(0)
+                out.append(self._attention(q[:, :, span], keys, values, mask))
+            return torch.cat(out, dim=2)
 
         for index in range(len(self.layers)):
-            h = self._layer(index, h, cos, sin, attend, steering.get(index))
-        kv.length = start + count
-        return self._logits(h[:, -1])[0]
+            steer = None
+            if any(index in steering for _, _, steering in rows):
+                steer = torch.zeros_like(h)
+                for (_, _, steering), end, count in zip(rows, ends, counts):
+                    if index in steering:
+                        steer[0, end - count : end] = steering[index]
+            h = self._layer(index, h, cos, sin, attend, steer)
+        for (kv, _, _), start, count in zip(rows, starts, counts):
+            kv.length = start + count
+        return self._logits(h[0, [end - 1 for end in ends]])
 
     # decode ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -255,10 +311,12 @@ class _CudaSteps:
     """Decode steps on CUDA: Triton attention over block tables, the step captured as a graph per batch bucket
     and steered-layer set, inputs in fixed device buffers."""
 
-    def __init__(self, runner: Runner, graphs: bool) -> None:
+    def __init__(self, runner: Runner, graphs: bool, compile: bool = True) -> None:
         from . import kernels
 
         self.kernels = kernels
+        self.qkv = torch.compile(attention_inputs, dynamic=True) if compile else attention_inputs
+        self.mlp = torch.compile(attention_output_and_mlp, dynamic=True) if compile else attention_output_and_mlp
         self.runner = runner
         self.use_graphs = graphs
         r = runner
@@ -276,6 +334,16 @@ class _CudaSteps:
         self.scratch.ensure(1)
         self.graphs: dict[tuple[int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+
+    def prepare(self, bucket: int) -> None:
+        """Capture the bucket's unsteered step over padding rows only (they write to the scratch block)."""
+        with torch.inference_mode():
+            self._fill([], bucket)
+            if self.use_graphs and (bucket, ()) not in self.graphs:
+                self.graphs[bucket, ()] = self._capture(bucket, ())
+            elif not self.use_graphs:
+                self._step(bucket, ())
+        torch.cuda.synchronize(self.runner.device)
 
     def step(self, rows: list[DecodeRow]) -> torch.Tensor:
         bucket = next(b for b in BUCKETS if b >= len(rows)) if len(rows) <= BUCKETS[-1] else len(rows)
@@ -320,11 +388,12 @@ class _CudaSteps:
         cos, sin = r.cos[pos][:, None, None], r.sin[pos][:, None, None]
 
         def attend(layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-            k.store_kv(keys[:, :, 0].contiguous(), values[:, :, 0].contiguous(), ptrs, pos, layer, block)
-            return k.attend(q[:, :, 0].contiguous(), ptrs, lens, layer, r.kv_heads, block)[:, :, None]
+            k.store_kv(keys[:, :, 0], values[:, :, 0], ptrs, pos, layer, block)
+            return k.attend(q[:, :, 0], ptrs, lens, layer, r.kv_heads, block)[:, :, None]
 
         for index in range(len(r.layers)):
-            h = r._layer(index, h, cos, sin, attend, self.steer[index, :bucket] if index in steered else None)
+            steer = self.steer[index, :bucket] if index in steered else None
+            h = r._layer(index, h, cos, sin, attend, steer, self.qkv, self.mlp)
         return r._logits(h[:, -1])
 
     def _capture(self, bucket: int, steered: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -1,6 +1,6 @@
 """The fast path's step loop: one thread per model owns the runs that decode on its runner.
 
-Each step it takes new runs from its inbox, prefills them one by one, and decodes every run that has a pending
+Each step it takes new runs from its inbox, prefills them together (packed into one sequence), and decodes every run that has a pending
 token in one batched forward (continuous batching: runs join and leave between steps). Request threads only
 submit and wait on their run's ``Handoff``, exactly as for a run on the module path, so the engine drives both
 kinds of run the same way.
@@ -69,8 +69,10 @@ class _Job:
 class Scheduler:
     """The step loop of one model's fast path (see the module docstring). Its thread starts on first use."""
 
-    def __init__(self, runner: Runner, name: str) -> None:
+    def __init__(self, runner: Runner, name: str, prefill_tokens: int = 8192) -> None:
+        """``prefill_tokens`` bounds one packed prefill (activation memory); a longer prompt goes alone."""
         self.runner = runner
+        self.prefill_tokens = prefill_tokens
         self._name = name
         self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._jobs: list[_Job] = []
@@ -112,9 +114,13 @@ class Scheduler:
     def _step(self) -> None:
         ready = [job for job in list(self._jobs) if self._admit(job)]
         decode = [job for job in ready if job.prefilled]
-        for job in ready:
-            if not job.prefilled:
-                self._prefill(job)
+        waiting = [job for job in ready if not job.prefilled]
+        while waiting:
+            group, tokens = [], 0
+            while waiting and (not group or tokens + len(waiting[0].feed) <= self.prefill_tokens):
+                tokens += len(waiting[0].feed)
+                group.append(waiting.pop(0))
+            self._prefill(group)
         limit = self.runner.max_batch
         for start in range(0, len(decode), limit):
             self._decode(decode[start : start + limit])
@@ -136,14 +142,16 @@ class Scheduler:
             run.session.memory.on_growth(run.session.id)
         return True
 
-    def _prefill(self, job: _Job) -> None:
+    def _prefill(self, jobs: list[_Job]) -> None:
         try:
-            logits = self.runner.prefill(job.run.cache, job.feed, job.steering)
-        except BaseException as exc:  # noqa: BLE001 - a failed forward ends this run only
-            self._end(job, Event.FAILED, exc)
+            logits = self.runner.prefill([(job.run.cache, job.feed, job.steering) for job in jobs])
+        except BaseException as exc:  # noqa: BLE001 - a failed forward ends the runs in it, nothing else
+            for job in jobs:
+                self._end(job, Event.FAILED, exc)
             return
-        job.prefilled = True
-        self._deliver([job], logits.unsqueeze(0))
+        for job in jobs:
+            job.prefilled = True
+        self._deliver(jobs, logits)
 
     def _decode(self, jobs: list[_Job]) -> None:
         rows = [DecodeRow(job.run.cache, job.feed[-1], job.steering) for job in jobs]

@@ -111,8 +111,9 @@ def drain(run) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def backends():
-    """``backends(kind, budget)``: an in-process engine or a daemon client per kind ("inprocess", "daemon") and
-    session budget, shared by one test module, so a module's tests run both ways whatever DJINN_TEST_BACKEND says."""
+    """``backends(kind, budget)``: an in-process engine or a daemon client per kind and session budget, shared by
+    one test module, so a module's tests run every way whatever DJINN_TEST_BACKEND says. Kinds: "inprocess",
+    "daemon" (deterministic, module path only), "inprocess-fast", "daemon-fast" (the batched fast path)."""
     from daemon_util import DaemonProcess
 
     from djinn_kernel.memory import LRUPolicy, MemoryManager, MiB
@@ -122,17 +123,19 @@ def backends():
 
     def get(kind: str, budget: int | None = None):
         if (kind, budget) not in made:
-            if kind == "inprocess":
+            fast = kind.endswith("-fast")
+            if kind.startswith("inprocess"):
                 memory = MemoryManager(torch.device(DEVICE), budget or 1 << 40, 1 << 30, LRUPolicy(), chunk_bytes=MiB)
-                made[kind, budget] = make_engine(memory=memory)
+                made[kind, budget] = Engine(device=DEVICE, memory=memory, fast=True) if fast else make_engine(memory=memory)
             else:
-                daemons.append(DaemonProcess(*(["--gpu-memory", str(budget)] if budget else [])))
+                args = (["--gpu-memory", str(budget)] if budget else []) + (["--fast", "on"] if fast else [])
+                daemons.append(DaemonProcess(*args))
                 made[kind, budget] = daemons[-1].client()
         return made[kind, budget]
 
     yield get
     for (kind, _), backend in made.items():
-        if kind == "inprocess":
+        if kind.startswith("inprocess"):
             backend.shutdown()
     for daemon in daemons:
         daemon.stop()

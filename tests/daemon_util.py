@@ -28,7 +28,8 @@ class DaemonProcess:
         os.environ["DJINN_RUNTIME_DIR"] = str(self.folder)
         try:
             self.info: DaemonInfo = start_local_daemon(
-                self.folder, ["--device", DEVICE, "--deterministic", "--client-lease", "1", *args]
+                self.folder, ["--device", DEVICE, *([] if "--fast" in args else ["--deterministic"]),
+                              "--client-lease", "1", *args]
             )
         finally:
             if saved is None:

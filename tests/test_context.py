@@ -1,7 +1,8 @@
 """Sessions keep their conversation: history and KV across runs, fork, rewind, idle paging, chat turns.
 
 The reference for every continued run is a fresh run over the same tokens: continuing must give what
-recomputing the whole history would. Tests marked with ``kind`` run in-process and against a daemon.
+recomputing the whole history would. Tests marked with ``kind`` run in-process and against a daemon, each on the
+module path only and with the batched fast path (where a breakpoint hands a run over to the module path).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import djinn_kernel as dj
 from djinn_kernel.context import chat_turn_ids
 
-KINDS = ["inprocess", "daemon"]
+KINDS = ["inprocess", "daemon", "inprocess-fast", "daemon-fast"]
 FIRST = list(range(5, 21))
 SECOND = list(range(30, 38))
 

@@ -1,0 +1,141 @@
+"""The batched fast path: a runner that owns the layer loop, a scheduler that batches every session's decode.
+
+References: Hugging Face's own forward (the runner's logits on the CPU in float32 must equal it), a session
+decoding alone (a batch must give it the same tokens), and the module path (steering and hand-over to a
+breakpoint must give what the debugger gives).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import djinn_kernel as dj
+from djinn_kernel.engine import Engine
+from djinn_kernel.runner import DecodeRow, Runner, unsupported_reason
+
+PROMPTS = [list(range(5, 21)), list(range(40, 47)), [3, 9, 27, 81, 50, 60], list(range(60, 90))]
+
+
+def tiny_gqa_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_runner_reproduces_hugging_face_bit_for_bit_on_the_cpu():
+    model = tiny_gqa_llama()
+    prompt = PROMPTS[0]
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    runner = Runner(model)
+    kv = runner.new_kv()
+    logits = [runner.prefill([(kv, prompt, {})])[0]]
+    tokens = [int(logits[-1].argmax())]
+    for _ in range(11):
+        logits.append(runner.decode([DecodeRow(kv, tokens[-1])])[0])
+        tokens.append(int(logits[-1].argmax()))
+    assert tokens == ref.sequences[0, len(prompt):].tolist()
+    assert torch.equal(torch.stack(logits), torch.stack([step[0] for step in ref.logits]))
+    assert kv.length == len(prompt) + 11, "the last token is pending: no forward has consumed it yet"
+
+
+def test_hugging_face_modules_keep_working_on_the_fused_weights():
+    model = tiny_gqa_llama()
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.inference_mode():
+        before = model(ids).logits
+        Runner(model)
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+
+
+def test_models_without_the_llama_structure_take_the_module_path():
+    engine = Engine(device="cpu", fast=True)
+    try:
+        gpt2 = dj.load("tiny-gpt2", backend=engine)
+        assert gpt2.info["fast_path"].startswith("unavailable")
+        with gpt2.session() as s:
+            assert len(s.generate(PROMPTS[0], 4).tokens) == 4
+        assert dj.load("tiny-llama", backend=engine).info["fast_path"] == "on"
+    finally:
+        engine.shutdown()
+    assert unsupported_reason(torch.nn.Linear(2, 2)) is not None
+
+
+def concurrent_tokens(model: dj.Model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    sessions = [model.session() for _ in prompts]
+    barrier = threading.Barrier(len(prompts))
+    out: dict[int, list[int]] = {}
+
+    def drive(i: int) -> None:
+        barrier.wait()
+        out[i] = sessions[i].generate(prompts[i], n).tokens
+
+    threads = [threading.Thread(target=drive, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in sessions:
+        s.close()
+    return [out[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("kind", ["inprocess-fast", "daemon-fast"])
+def test_sessions_decoding_at_once_get_the_tokens_they_get_alone(kind, backends):
+    model = dj.load("tiny-llama", backend=backends(kind))
+    alone = []
+    for prompt in PROMPTS:
+        with model.session() as s:
+            alone.append(s.generate(prompt, 24).tokens)
+    assert concurrent_tokens(model, PROMPTS, 24) == alone
+
+
+def test_concurrent_sessions_share_decode_steps(backends):
+    engine = backends("inprocess-fast")
+    model = dj.load("tiny-llama", backend=engine)
+    scheduler = engine._models[model.info["id"]].scheduler
+    steps, rows = scheduler.steps, scheduler.batched_rows
+    concurrent_tokens(model, PROMPTS, 40)
+    assert scheduler.batched_rows - rows > scheduler.steps - steps, "some step decoded several sessions"
+
+
+@pytest.mark.parametrize("kind", ["inprocess-fast", "daemon-fast"])
+def test_a_paused_session_never_blocks_the_others(kind, backends):
+    model = dj.load("tiny-llama", backend=backends(kind))
+    with model.session() as ref:
+        expected = ref.generate(PROMPTS[0], 10).tokens
+    with model.session() as paused, model.session() as other:
+        paused.break_at(1, tokens=3)
+        run = paused.generate(PROMPTS[0], 10)
+        assert run.paused and run.token_step == 3 and run.tokens == expected[:3]
+        assert other.generate(PROMPTS[1], 30).state == "finished", "finished while the other waits at its pause"
+        run.finish()
+        assert run.tokens == expected, "handed over to the module path mid-run, same tokens"
+
+
+@pytest.mark.parametrize("kind", ["inprocess-fast", "daemon-fast"])
+def test_steering_on_the_fast_path_matches_the_module_path(kind, backends):
+    vector = torch.linspace(-1, 1, 64)
+    results = []
+    for backend in (backends(kind), backends("inprocess")):
+        model = dj.load("tiny-llama", backend=backend)
+        with model.session() as s:
+            s.steer(2, vector, alpha=3.0)
+            results.append(s.generate(PROMPTS[2], 12).tokens)
+    assert results[0] == results[1]
+    with dj.load("tiny-llama", backend=backends(kind)).session() as plain:
+        assert plain.generate(PROMPTS[2], 12).tokens != results[0], "the steering changes the continuation"
+
+
+def test_fast_and_deterministic_exclude_each_other():
+    with pytest.raises(dj.InvalidArgumentError, match="pick one"):
+        Engine(device="cpu", fast=True, deterministic=True)
