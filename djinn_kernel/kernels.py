@@ -72,6 +72,61 @@ def _attend(
     tl.store(O + q_rows[:, None] * HEAD_DIM + d[None, :], out.to(O.dtype.element_ty), mask=live[:, None])
 
 
+@triton.jit
+def _attend_part(
+    Q, PART, STATS, PTRS, LENS, layer_offset, value_offset, max_blocks, scale,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """``_attend`` over every ``SPLITS``-th block from ``split`` on: unnormalised partial sums for ``_combine``."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    n = tl.load(LENS + row)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    t = tl.arange(0, BLOCK)
+    live = g < GROUP
+    q_rows = row * HEADS + kv_head * GROUP + g
+    q = tl.load(Q + q_rows[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for i in range(split, tl.cdiv(n, BLOCK), SPLITS):
+        base = tl.load(PTRS + row * max_blocks + i).to(tl.pointer_type(Q.dtype.element_ty))
+        valid = i * BLOCK + t < n
+        at = base + layer_offset + (kv_head * BLOCK + t[:, None]) * HEAD_DIM + d[None, :]
+        k = tl.load(at, mask=valid[:, None], other=0.0)
+        v = tl.load(at + value_offset, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        total = total * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    slot = q_rows * SPLITS + split
+    tl.store(PART + slot[:, None] * HEAD_DIM + d[None, :], acc, mask=live[:, None])
+    tl.store(STATS + slot * 2, m, mask=live)
+    tl.store(STATS + slot * 2 + 1, total, mask=live)
+
+
+@triton.jit
+def _combine(PART, STATS, O, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Merge one query head's partial sums (a split that saw no block has ``m = -inf`` and weighs nothing)."""
+    head = tl.program_id(0)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.load(STATS + (head * SPLITS + s) * 2)
+    total = tl.load(STATS + (head * SPLITS + s) * 2 + 1)
+    top = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+    acc = tl.load(PART + (head * SPLITS + s[:, None]) * HEAD_DIM + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(total * w, 0)
+    tl.store(O + head * HEAD_DIM + d, out.to(O.dtype.element_ty))
+
+
 def store_kv(
     keys: torch.Tensor, values: torch.Tensor, ptrs: torch.Tensor, pos: torch.Tensor, layer: int, block: int
 ) -> None:
@@ -85,14 +140,29 @@ def store_kv(
 
 
 def attend(q: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, layer: int, kv_heads: int, block: int) -> torch.Tensor:
-    """Attention of one query per row (``q``: ``[rows, heads, head_dim]``) over each row's first ``lens`` tokens."""
+    """Attention of one query per row (``q``: ``[rows, heads, head_dim]``) over each row's first ``lens`` tokens;
+    split over blocks (flash-decoding) when there are too few (row, kv head) pairs to fill the GPU."""
     rows, heads, head_dim = q.shape
     group = heads // kv_heads
     per_kind = kv_heads * block * head_dim
     out = torch.empty_like(q)
-    _attend[(rows, kv_heads)](
-        q, out, ptrs, lens, layer * 2 * per_kind, per_kind, ptrs.shape[1], head_dim**-0.5,
-        HEADS=heads, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        BLOCK=block, HEAD_DIM=head_dim,
-    )
+    common = dict(HEADS=heads, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+                  BLOCK=block, HEAD_DIM=head_dim)
+    args = (ptrs, lens, layer * 2 * per_kind, per_kind, ptrs.shape[1], head_dim**-0.5)
+    splits = split_count(rows * kv_heads)
+    if splits == 1:
+        _attend[(rows, kv_heads)](q, out, *args, **common)
+        return out
+    part = torch.empty((rows * heads * splits, head_dim), dtype=torch.float32, device=q.device)
+    stats = torch.empty((rows * heads * splits, 2), dtype=torch.float32, device=q.device)
+    _attend_part[(rows, kv_heads, splits)](q, part, stats, *args, **common, SPLITS=splits)
+    _combine[(rows * heads,)](part, stats, out, SPLITS=splits, HEAD_DIM=head_dim)
     return out
+
+
+def split_count(programs: int, target: int = 256) -> int:
+    """Splits of each row's blocks so that a small batch still fills the GPU (132 SMs on an H100/H200): one
+    program per (row, kv head) leaves most of them idle at batch 1, where attention is then latency-bound."""
+    if programs >= target // 2:
+        return 1
+    return min(16, triton.next_power_of_2(-(-target // programs)))

@@ -322,13 +322,12 @@ class _CudaSteps:
         r = runner
         self.max_blocks = math.ceil(r.max_positions / r.shape.block_tokens)
         n, dev = r.max_batch, r.device
-        self.host = {
-            "tokens": torch.zeros(n, dtype=torch.long, pin_memory=True),
-            "pos": torch.zeros(n, dtype=torch.long, pin_memory=True),
-            "lens": torch.ones(n, dtype=torch.int32, pin_memory=True),
-            "ptrs": torch.zeros((n, self.max_blocks), dtype=torch.long, pin_memory=True),
-        }
-        self.dev = {name: t.to(dev) for name, t in self.host.items()}
+        # One pinned host buffer and its device twin hold every step input (tokens, positions, lengths, block
+        # tables), so a step costs one host-to-device copy; the host side is filled through numpy views.
+        self.host = torch.zeros(n * (3 + self.max_blocks), dtype=torch.long, pin_memory=True)
+        self.device_inputs = self.host.to(dev)
+        self.fields = self._views(self.host.numpy(), n)
+        self.inputs = self._views(self.device_inputs, n)
         self.steer = torch.zeros((len(r.layers), n, 1, r.hidden), dtype=r.dtype, device=dev)
         self.scratch = r.new_kv()
         self.scratch.ensure(1)
@@ -363,26 +362,34 @@ class _CudaSteps:
         graph.replay()
         return out[: len(rows)]
 
+    def _views(self, buffer, n: int) -> dict[str, object]:
+        """Contiguous views of the step inputs inside one flat buffer (numpy on the host, a tensor on the device)."""
+        return {
+            "tokens": buffer[:n],
+            "pos": buffer[n : 2 * n],
+            "lens": buffer[2 * n : 3 * n],
+            "ptrs": buffer[3 * n :].reshape(n, self.max_blocks),
+        }
+
     def _fill(self, rows: list[DecodeRow], bucket: int) -> None:
-        h = self.host
-        scratch = self.scratch.pointers()[0]
-        h["ptrs"][:bucket, 0] = scratch
-        h["pos"][:bucket] = 0
-        h["lens"][:bucket] = 1
-        h["tokens"][:bucket] = 0
+        f = self.fields
+        f["ptrs"][:bucket, 0] = self.scratch.pointers()[0]
+        f["pos"][:bucket] = 0
+        f["lens"][:bucket] = 1
+        f["tokens"][:bucket] = 0
         for b, row in enumerate(rows):
             pointers = row.kv.pointers()
-            h["ptrs"][b, : len(pointers)] = torch.tensor(pointers, dtype=torch.long)
-            h["pos"][b] = row.kv.length
-            h["lens"][b] = row.kv.length + 1
-            h["tokens"][b] = row.token
-        for name, t in self.dev.items():
-            t[:bucket].copy_(h[name][:bucket], non_blocking=True)
+            f["ptrs"][b, : len(pointers)] = pointers
+            f["pos"][b] = row.kv.length
+            f["lens"][b] = row.kv.length + 1
+            f["tokens"][b] = row.token
+        used = 3 * self.runner.max_batch + bucket * self.max_blocks
+        self.device_inputs[:used].copy_(self.host[:used], non_blocking=True)
 
     def _step(self, bucket: int, steered: tuple[int, ...]) -> torch.Tensor:
         r, k = self.runner, self.kernels
-        tokens, pos = self.dev["tokens"][:bucket], self.dev["pos"][:bucket]
-        lens, ptrs = self.dev["lens"][:bucket], self.dev["ptrs"][:bucket]
+        tokens, pos = self.inputs["tokens"][:bucket], self.inputs["pos"][:bucket]
+        lens, ptrs = self.inputs["lens"][:bucket], self.inputs["ptrs"][:bucket]
         block = r.shape.block_tokens
         h = r.embed(tokens)[:, None]
         cos, sin = r.cos[pos][:, None, None], r.sin[pos][:, None, None]

@@ -138,8 +138,6 @@ class Scheduler:
             return False
         job.steering = steering
         run.token_step = step
-        if step > 0:
-            run.session.memory.on_growth(run.session.id)
         return True
 
     def _prefill(self, jobs: list[_Job]) -> None:
@@ -151,16 +149,20 @@ class Scheduler:
             return
         for job in jobs:
             job.prefilled = True
+            job.run.session.memory.on_growth(job.run.session.id)
         self._deliver(jobs, logits)
 
     def _decode(self, jobs: list[_Job]) -> None:
         rows = [DecodeRow(job.run.cache, job.feed[-1], job.steering) for job in jobs]
+        growing = [job for job in jobs if job.run.cache.length + 1 > job.run.cache.capacity]
         try:
             logits = self.runner.decode(rows)
         except BaseException as exc:  # noqa: BLE001 - a failed step ends the runs in it, nothing else
             for job in jobs:
                 self._end(job, Event.FAILED, exc)
             return
+        for job in growing:  # a new block: the memory manager hears of growth once per block, not per token
+            job.run.session.memory.on_growth(job.run.session.id)
         self.steps += 1
         self.batched_rows += len(rows)
         self._deliver(jobs, logits)
