@@ -73,6 +73,14 @@ class Breakpoint:
             return False
         return self.max_hits is None or self.hits < self.max_hits
 
+    def may_hit(self, token_step: int) -> bool:
+        """Whether it could fire somewhere in forward number ``token_step`` (without counting a hit)."""
+        return (
+            self.enabled
+            and (self.tokens is None or token_step in self.tokens)
+            and (self.max_hits is None or self.hits < self.max_hits)
+        )
+
     def describe(self) -> dict[str, object]:
         return {
             "id": self.id,
@@ -121,12 +129,7 @@ class BreakpointTable:
 
     def may_hit(self, token_step: int) -> bool:
         """Whether any breakpoint could fire somewhere in forward number ``token_step`` (hits are not counted)."""
-        return any(
-            bp.enabled
-            and (bp.tokens is None or token_step in bp.tokens)
-            and (bp.max_hits is None or bp.hits < bp.max_hits)
-            for bp in self._items.values()
-        )
+        return any(bp.may_hit(token_step) for bp in self._items.values())
 
     def __iter__(self):
         return iter(list(self._items.values()))

@@ -50,7 +50,7 @@ from .executor import ENDED, PauseState, Run, RunState, Steering
 from .handoff import Command, Event
 from .memory import GiB, LRUPolicy, MemoryManager, Transfer
 from .registry import LoadedModel, prepare
-from .scheduler import fast_steering
+from .scheduler import fast_plan
 from .sessions import SessionState
 
 
@@ -333,7 +333,7 @@ class Engine:
             self.memory.admit(sid, loaded.kv_bytes_per_token * total)
             if session.cache is not None:
                 context.trim(session.cache, kept)
-            fast = loaded.scheduler is not None and fast_steering(session, 0) is not None
+            fast = loaded.scheduler is not None and fast_plan(session, 0) is not None
             if fast:
                 session.cache = context.for_fast_path(session.cache, loaded.scheduler.runner.shape)
             else:

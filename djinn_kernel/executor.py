@@ -194,12 +194,13 @@ class Run:
         if step > 0:
             self.session.memory.on_growth(self.session.id)
 
-    def on_activation(self, path: str, side: str, value: torch.Tensor) -> torch.Tensor | None:
+    def on_activation(self, path: str, side: str, value: torch.Tensor, steer: bool = True) -> torch.Tensor | None:
+        """A hook's report (or the fast path's, with ``steer=False``: it applied the steering itself)."""
         if self._aborting:
             raise Aborted
         changed = False
-        for steer in self.session.steering_at(path, side):
-            value = steer.edit.apply(value)
+        for steering in self.session.steering_at(path, side) if steer else ():
+            value = steering.edit.apply(value)
             changed = True
         layer = self.session.model.anatomy.layer_index(path)
         if not self._finishing:

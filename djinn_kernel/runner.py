@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ from torch import nn
 from .kv_blocks import BlockKV, KVShape
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+# Called with (layer index, that layer's output) where a solo step may stop; returns a replacement or None.
+AfterLayer = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -160,7 +164,9 @@ class Runner:
         self.shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self.max_batch = max_batch
         self.cuda = self.device.type == "cuda"
+        self._compile = compile
         self._graphs = _CudaSteps(self, graphs if graphs is not None else True, compile) if self.cuda else None
+        self._solo: _CudaSteps | None = None  # segment graphs for steps that may stop (decode_solo)
 
     def _take(self, layer: nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -215,10 +221,12 @@ class Runner:
 
     # prefill --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, rows: list[tuple[BlockKV, list[int], dict[int, torch.Tensor]]]) -> torch.Tensor:
+    def prefill(
+        self, rows: list[tuple[BlockKV, list[int], dict[int, torch.Tensor]]], after_layer: AfterLayer | None = None
+    ) -> torch.Tensor:
         """Feed each row's tokens after the ``kv.length`` its session holds, all rows packed into one sequence
         (the GEMMs run once over every new token; attention runs per row); the last position's logits of each
-        row, ``[rows, vocab]``."""
+        row, ``[rows, vocab]``. ``after_layer`` (one row only) sees every layer's output and may replace it."""
         starts = [kv.length for kv, _, _ in rows]
         counts = [len(ids) for _, ids, _ in rows]
         for (kv, _, _), start, count in zip(rows, starts, counts):
@@ -254,6 +262,8 @@ class Runner:
                     if index in steering:
                         steer[0, end - count : end] = steering[index]
             h = self._layer(index, h, cos, sin, attend, steer)
+            if after_layer is not None:
+                h = _replaced(h, after_layer(index, h))
         for (kv, _, _), start, count in zip(rows, starts, counts):
             kv.length = start + count
         return self._logits(h[0, [end - 1 for end in ends]])
@@ -273,7 +283,27 @@ class Runner:
             row.kv.length += 1
         return logits
 
-    def _decode_eager(self, rows: list[DecodeRow]) -> torch.Tensor:
+    @torch.inference_mode()
+    def decode_solo(
+        self, row: DecodeRow, stops: set[int], after_layer: AfterLayer, stepping: Callable[[], bool] = lambda: False
+    ) -> torch.Tensor:
+        """One token for one row that may stop after the layers in ``stops`` (after every layer while
+        ``stepping()``): ``after_layer`` runs there, between CUDA-graph spans cut at those layers, and may
+        replace the layer's output (on the CPU it runs after every layer and decides itself). It runs on the
+        caller's thread, apart from the batch; logits ``[1, vocab]``."""
+        if row.kv.length + 1 > self.max_positions:
+            raise ValueError(f"a session reached the model's {self.max_positions} positions")
+        row.kv.ensure(row.kv.length + 1)
+        if self._graphs is None:
+            logits = self._decode_eager([row], after_layer)
+        else:
+            if self._solo is None:
+                self._solo = _CudaSteps(self, self._graphs.use_graphs, self._compile, max_rows=1)
+            logits = self._solo.segments(row, stops, after_layer, stepping)
+        row.kv.length += 1
+        return logits
+
+    def _decode_eager(self, rows: list[DecodeRow], after_layer: AfterLayer | None = None) -> torch.Tensor:
         """The reference step (CPU): batched GEMMs, attention row by row over copies of each row's blocks."""
         positions = [row.kv.length for row in rows]
         pos = torch.tensor(positions, device=self.device)
@@ -292,7 +322,18 @@ class Runner:
 
         for index in range(len(self.layers)):
             h = self._layer(index, h, cos, sin, attend, _steer_rows(rows, index, self.hidden, h))
+            if after_layer is not None:
+                h = _replaced(h, after_layer(index, h))
         return self._logits(h[:, -1])
+
+
+def _replaced(h: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
+    """The layer output after a stop: unchanged, or the edited value (same shape, dtype and device)."""
+    if new is None:
+        return h
+    if new.shape != h.shape or new.dtype != h.dtype or new.device != h.device:
+        raise ValueError(f"an edited activation must keep shape {tuple(h.shape)} and dtype {h.dtype}")
+    return new
 
 
 def _steer_rows(rows: list[DecodeRow], layer: int, hidden: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -308,10 +349,14 @@ def _steer_rows(rows: list[DecodeRow], layer: int, hidden: int, like: torch.Tens
 
 
 class _CudaSteps:
-    """Decode steps on CUDA: Triton attention over block tables, the step captured as a graph per batch bucket
-    and steered-layer set, inputs in fixed device buffers."""
+    """Decode steps on CUDA: Triton attention over block tables, inputs in fixed device buffers, and each span of
+    layers captured as a graph per (batch bucket, steered layers, first layer, last layer) and replayed.
 
-    def __init__(self, runner: Runner, graphs: bool, compile: bool = True) -> None:
+    A whole step is one span. A step that may stop (``segments``) is cut into spans at its stops; the hidden
+    state crosses a cut in a fixed buffer (the cut costs a replay boundary, ~0.05 ms measured on the H200).
+    """
+
+    def __init__(self, runner: Runner, graphs: bool, compile: bool = True, max_rows: int | None = None) -> None:
         from . import kernels
 
         self.kernels = kernels
@@ -321,7 +366,8 @@ class _CudaSteps:
         self.use_graphs = graphs
         r = runner
         self.max_blocks = math.ceil(r.max_positions / r.shape.block_tokens)
-        n, dev = r.max_batch, r.device
+        self.rows = n = max_rows or r.max_batch
+        dev = r.device
         # One pinned host buffer and its device twin hold every step input (tokens, positions, lengths, block
         # tables), so a step costs one host-to-device copy; the host side is filled through numpy views.
         self.host = torch.zeros(n * (3 + self.max_blocks), dtype=torch.long, pin_memory=True)
@@ -329,38 +375,47 @@ class _CudaSteps:
         self.fields = self._views(self.host.numpy(), n)
         self.inputs = self._views(self.device_inputs, n)
         self.steer = torch.zeros((len(r.layers), n, 1, r.hidden), dtype=r.dtype, device=dev)
+        self.hidden = torch.zeros((n, 1, r.hidden), dtype=r.dtype, device=dev)
         self.scratch = r.new_kv()
         self.scratch.ensure(1)
-        self.graphs: dict[tuple[int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[object, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.lock = threading.Lock()  # one user of the buffers at a time (solo steps come from several threads)
 
     def prepare(self, bucket: int) -> None:
         """Capture the bucket's unsteered step over padding rows only (they write to the scratch block)."""
         with torch.inference_mode():
             self._fill([], bucket)
-            if self.use_graphs and (bucket, ()) not in self.graphs:
-                self.graphs[bucket, ()] = self._capture(bucket, ())
-            elif not self.use_graphs:
-                self._step(bucket, ())
+            self._span(bucket, (), 0, len(self.runner.layers) - 1, True)
         torch.cuda.synchronize(self.runner.device)
 
     def step(self, rows: list[DecodeRow]) -> torch.Tensor:
-        bucket = next(b for b in BUCKETS if b >= len(rows)) if len(rows) <= BUCKETS[-1] else len(rows)
-        self._fill(rows, bucket)
-        steered = tuple(sorted({layer for row in rows for layer in row.steering}))
-        for layer in steered:
-            self.steer[layer, :bucket].zero_()
-            for b, row in enumerate(rows):
-                if layer in row.steering:
-                    self.steer[layer, b, 0] = row.steering[layer]
-        if not self.use_graphs:
-            return self._step(bucket, steered)[: len(rows)]
-        key = (bucket, steered)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, steered)
-        graph, out = self.graphs[key]
-        graph.replay()
-        return out[: len(rows)]
+        bucket = next(b for b in BUCKETS if b >= len(rows))
+        steered = self._fill(rows, bucket)
+        return self._span(bucket, steered, 0, len(self.runner.layers) - 1, True)[: len(rows)]
+
+    def segments(
+        self, row: DecodeRow, stops: set[int], after_layer: AfterLayer, stepping: Callable[[], bool]
+    ) -> torch.Tensor:
+        """One row's step cut after each layer in ``stops`` (after every layer while ``stepping()``), where
+        ``after_layer`` runs outside the lock (it may block for as long as a pause lasts); logits ``[1, vocab]``."""
+        layers = len(self.runner.layers)
+        first, h = 0, None
+        while True:
+            if first == layers:
+                last, ends = layers - 1, True  # the last layer was a stop: only the logits remain
+            else:
+                last = first if stepping() else min((i for i in stops if i >= first), default=layers - 1)
+                ends = not (stepping() or last in stops)
+            with self.lock:
+                steered = self._fill([row], 1)
+                if first > 0:
+                    self.hidden[:1].copy_(h)
+                out = self._span(1, steered, first, last, ends).clone()
+            if ends:
+                return out
+            h = _replaced(out, after_layer(last, out))
+            first = last + 1
 
     def _views(self, buffer, n: int) -> dict[str, object]:
         """Contiguous views of the step inputs inside one flat buffer (numpy on the host, a tensor on the device)."""
@@ -371,7 +426,8 @@ class _CudaSteps:
             "ptrs": buffer[3 * n :].reshape(n, self.max_blocks),
         }
 
-    def _fill(self, rows: list[DecodeRow], bucket: int) -> None:
+    def _fill(self, rows: list[DecodeRow], bucket: int) -> tuple[int, ...]:
+        """Write the rows' inputs (and steering rows) to the device buffers; returns the steered layers."""
         f = self.fields
         f["ptrs"][:bucket, 0] = self.scratch.pointers()[0]
         f["pos"][:bucket] = 0
@@ -383,36 +439,58 @@ class _CudaSteps:
             f["pos"][b] = row.kv.length
             f["lens"][b] = row.kv.length + 1
             f["tokens"][b] = row.token
-        used = 3 * self.runner.max_batch + bucket * self.max_blocks
+        used = 3 * self.rows + bucket * self.max_blocks
         self.device_inputs[:used].copy_(self.host[:used], non_blocking=True)
+        steered = tuple(sorted({layer for row in rows for layer in row.steering}))
+        for layer in steered:
+            self.steer[layer, :bucket].zero_()
+            for b, row in enumerate(rows):
+                if layer in row.steering:
+                    self.steer[layer, b, 0] = row.steering[layer]
+        return steered
 
-    def _step(self, bucket: int, steered: tuple[int, ...]) -> torch.Tensor:
+    def _span(self, bucket: int, steered: tuple[int, ...], first: int, last: int, ends: bool) -> torch.Tensor:
+        if not self.use_graphs:
+            return self._layers(bucket, steered, first, last, ends)
+        key = (bucket, steered, first, last, ends)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(lambda: self._layers(bucket, steered, first, last, ends))
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def _layers(self, bucket: int, steered: tuple[int, ...], first: int, last: int, ends: bool) -> torch.Tensor:
+        """Layers ``first..last`` from the token embeddings (``first == 0``) or the hidden buffer; the logits
+        when ``ends``, else the hidden buffer holding the last layer's output."""
         r, k = self.runner, self.kernels
         tokens, pos = self.inputs["tokens"][:bucket], self.inputs["pos"][:bucket]
         lens, ptrs = self.inputs["lens"][:bucket], self.inputs["ptrs"][:bucket]
         block = r.shape.block_tokens
-        h = r.embed(tokens)[:, None]
+        h = r.embed(tokens)[:, None] if first == 0 else self.hidden[:bucket]
         cos, sin = r.cos[pos][:, None, None], r.sin[pos][:, None, None]
 
         def attend(layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             k.store_kv(keys[:, :, 0], values[:, :, 0], ptrs, pos, layer, block)
             return k.attend(q[:, :, 0], ptrs, lens, layer, r.kv_heads, block)[:, :, None]
 
-        for index in range(len(r.layers)):
+        for index in range(first, last + 1):
             steer = self.steer[index, :bucket] if index in steered else None
             h = r._layer(index, h, cos, sin, attend, steer, self.qkv, self.mlp)
-        return r._logits(h[:, -1])
+        if ends:
+            return r._logits(h[:, -1])
+        self.hidden[:bucket].copy_(h)
+        return self.hidden[:bucket]
 
-    def _capture(self, bucket: int, steered: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warm up on a side stream (kernel compilation, allocator), then capture one replayable step."""
+    def _capture(self, run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (kernel compilation, allocator), then capture one replayable span."""
         side = torch.cuda.Stream(self.runner.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(bucket, steered)
+                run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._step(bucket, steered)
+            out = run()
         self.pool = graph.pool()
         return graph, out

@@ -6,11 +6,14 @@ submit and wait on their run's ``Handoff``, exactly as for a run on the module p
 kinds of run the same way.
 
 Invariants:
-- A run stays on the fast path only while nothing in its session needs the module path at the coming step: a
-  breakpoint that may hit at that step (``BreakpointTable.may_hit``) or steering other than an ``AddVector`` at
-  a decoder layer's output. Then, between steps, its KV is copied into a transformers cache and the run is
-  handed to its session's executor thread, where it continues on the module path (and may pause) to its end.
-  A pause therefore never stalls the batch: the paused run is no longer in it.
+- A step of a run whose breakpoints may hit at that step (``Breakpoint.may_hit``), all at decoder-layer outputs,
+  or that is stepping layer by layer, leaves the batch: it runs alone on the session's executor thread
+  (``Runner.decode_solo``: graph spans cut at those layers), pauses there like a hook would
+  (``Run.on_activation``), and the run rejoins the batch for its next step. A pause therefore never stalls the
+  batch.
+- A run that needs what only the module path offers (a breakpoint on a submodule or an input, steering other
+  than an ``AddVector`` at a decoder layer's output) is handed over between steps: its KV is copied into a
+  transformers cache and it continues on the session's executor thread on the module path to its end.
 - Between steps a run's KV (``BlockKV``) holds every token it has fed; the run's last token is pending. A failed
   step leaves each row's ``length`` unchanged (the step advances it only on success), so the session's context
   stays consistent and the failure ends only the runs of that step.
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .edits import AddVector
+from .executor import Aborted
 from .handoff import Event
 from .runner import DecodeRow, Runner
 
@@ -36,13 +40,30 @@ if TYPE_CHECKING:
     from .sessions import SessionState
 
 
-def fast_steering(session: SessionState, token_step: int) -> dict[int, torch.Tensor] | None:
-    """The session's steering as one vector per decoder layer, or ``None`` when forward number ``token_step``
-    needs the module path (a breakpoint may hit, or an edit the runner does not apply)."""
-    if session.breakpoints.may_hit(token_step):
-        return None
-    vectors: dict[int, torch.Tensor] = {}
+@dataclass(frozen=True)
+class FastPlan:
+    """How one forward of a run goes on the fast path: its steering (one vector per decoder layer) and the layers
+    after which it may stop (empty: it joins the batch)."""
+
+    steering: dict[int, torch.Tensor]
+    stops: frozenset[int]
+
+
+def fast_plan(
+    session: SessionState, token_step: int, stepping: bool = False, finishing: bool = False
+) -> FastPlan | None:
+    """The plan of forward number ``token_step``, or ``None`` when it needs the module path (a breakpoint on a
+    submodule or an input that may hit, or an edit the runner does not apply)."""
     layer_paths = session.model.anatomy.layer_paths
+    stops = set(range(len(layer_paths))) if stepping else set()
+    if not finishing:
+        for bp in session.breakpoints:
+            if not bp.may_hit(token_step):
+                continue
+            if bp.side != "output" or bp.layer is None or bp.path != layer_paths[bp.layer]:
+                return None
+            stops.add(bp.layer)
+    vectors: dict[int, torch.Tensor] = {}
     for steer in list(session.steering.values()):
         edit = steer.edit
         if (
@@ -55,7 +76,7 @@ def fast_steering(session: SessionState, token_step: int) -> dict[int, torch.Ten
             return None
         add = edit.alpha * edit.vector
         vectors[steer.layer] = add if steer.layer not in vectors else vectors[steer.layer] + add
-    return vectors
+    return FastPlan(vectors, frozenset(stops))
 
 
 @dataclass
@@ -126,19 +147,52 @@ class Scheduler:
             self._decode(decode[start : start + limit])
 
     def _admit(self, job: _Job) -> bool:
-        """Whether the job's run takes part in this step; otherwise it was cancelled or handed over."""
+        """Whether the job's run takes part in this step's batch; otherwise it was cancelled, steps alone
+        (it may stop), or was handed over to the module path."""
         run = job.run
         step = len(run.tokens)
         if run._aborting:
             self._end(job, Event.CANCELLED)
             return False
-        steering = fast_steering(run.session, step)
-        if steering is None:
+        plan = fast_plan(run.session, step, run._stepping, run._finishing)
+        if plan is None:
+            self._jobs.remove(job)
             self._hand_over(job)
             return False
-        job.steering = steering
+        job.steering = plan.steering
         run.token_step = step
+        if plan.stops:
+            self._jobs.remove(job)
+            run.session.worker.submit(lambda: self._solo(job, plan.stops))
+            return False
         return True
+
+    def _solo(self, job: _Job, stops: frozenset[int]) -> None:
+        """One forward of a run that may stop, on its session's executor thread; then back to the batch."""
+        run = job.run
+        paths = run.session.model.anatomy.layer_paths
+
+        def after_layer(layer: int, h: torch.Tensor) -> torch.Tensor | None:
+            if layer not in stops and not run._stepping:
+                return None
+            return run.on_activation(paths[layer], "output", h, steer=False)
+
+        try:
+            if job.prefilled:
+                row = DecodeRow(run.cache, job.feed[-1], job.steering)
+                logits = self.runner.decode_solo(row, set(stops), after_layer, lambda: run._stepping)
+            else:
+                logits = self.runner.prefill([(run.cache, job.feed, job.steering)], after_layer)
+                job.prefilled = True
+        except Aborted:
+            run.handoff.post(Event.CANCELLED)
+            return
+        except BaseException as exc:  # noqa: BLE001 - a failed forward ends this run only
+            run.handoff.post(Event.FAILED, exc)
+            return
+        run.session.memory.on_growth(run.session.id)
+        if self._deliver([job], logits):
+            self._inbox.put(job)
 
     def _prefill(self, jobs: list[_Job]) -> None:
         try:
@@ -150,7 +204,7 @@ class Scheduler:
         for job in jobs:
             job.prefilled = True
             job.run.session.memory.on_growth(job.run.session.id)
-        self._deliver(jobs, logits)
+        self._keep(jobs, self._deliver(jobs, logits))
 
     def _decode(self, jobs: list[_Job]) -> None:
         rows = [DecodeRow(job.run.cache, job.feed[-1], job.steering) for job in jobs]
@@ -165,10 +219,17 @@ class Scheduler:
             job.run.session.memory.on_growth(job.run.session.id)
         self.steps += 1
         self.batched_rows += len(rows)
-        self._deliver(jobs, logits)
+        self._keep(jobs, self._deliver(jobs, logits))
 
-    def _deliver(self, jobs: list[_Job], logits: torch.Tensor) -> None:
-        """Pick each row's token (one host sync for all greedy rows), record it, end runs that are done."""
+    def _keep(self, jobs: list[_Job], going_on: list[_Job]) -> None:
+        for job in jobs:
+            if job not in going_on:
+                self._jobs.remove(job)
+
+    def _deliver(self, jobs: list[_Job], logits: torch.Tensor) -> list[_Job]:
+        """Pick each row's token (one host sync for all greedy rows), record it, end runs that are done; the
+        jobs that go on."""
+        going_on = []
         greedy = logits.argmax(dim=-1).tolist()
         for b, job in enumerate(jobs):
             run = job.run
@@ -177,9 +238,11 @@ class Scheduler:
             token = greedy[b] if run.generator is None else int(run.sampling.pick(logits[b : b + 1], run.generator)[0])
             run.tokens.append(token)
             if token in run.session.model.eos_ids or len(run.tokens) >= run.max_new_tokens:
-                self._end(job, Event.FINISHED)
+                run.handoff.post(Event.FINISHED)
             else:
                 job.feed = [token]
+                going_on.append(job)
+        return going_on
 
     def _end(self, job: _Job, event: Event, payload: object = None) -> None:
         self._jobs.remove(job)
@@ -187,7 +250,6 @@ class Scheduler:
 
     def _hand_over(self, job: _Job) -> None:
         """Move the run to the module path: its KV into a transformers cache, its loop to the session's thread."""
-        self._jobs.remove(job)
         run = job.run
         session = run.session
         try:

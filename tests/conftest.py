@@ -17,6 +17,7 @@ import djinn_kernel as dj
 from djinn_kernel.engine import Engine
 
 PROMPT = "Hello, world"
+# "inprocess" (deterministic, module path only), "fast" (in-process with the batched fast path) or "daemon".
 BACKEND = os.environ.get("DJINN_TEST_BACKEND", "inprocess")
 # DJINN_TEST_DEVICE=cuda runs the engine tests on a GPU; deterministic attention keeps runs bitwise repeatable.
 DEVICE = os.environ.get("DJINN_TEST_DEVICE", "cpu")
@@ -40,14 +41,19 @@ def make_engine(**kwargs) -> Engine:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "inprocess: needs the in-process engine's internals")
+    config.addinivalue_line("markers", "module_path: observes Hugging Face's modules running (not the fast path)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if BACKEND == "daemon":
-        skip = pytest.mark.skip(reason="reaches into engine internals; covered by the in-process run")
+    skips = {
+        "daemon": ("inprocess", "reaches into engine internals; covered by the in-process run"),
+        "fast": ("module_path", "counts Hugging Face module calls, which the fast path does not make"),
+    }
+    if BACKEND in skips:
+        marker, reason = skips[BACKEND]
         for item in items:
-            if "inprocess" in item.keywords:
-                item.add_marker(skip)
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,7 @@ def engine():
         yield daemon.client()
         daemon.stop()
         return
-    eng = make_engine()
+    eng = Engine(device=DEVICE, fast=True) if BACKEND == "fast" else make_engine()
     yield eng
     eng.shutdown()
 

@@ -139,3 +139,25 @@ def test_steering_on_the_fast_path_matches_the_module_path(kind, backends):
 def test_fast_and_deterministic_exclude_each_other():
     with pytest.raises(dj.InvalidArgumentError, match="pick one"):
         Engine(device="cpu", fast=True, deterministic=True)
+
+
+def test_a_pause_at_a_layer_keeps_the_run_on_the_fast_path_and_pages_exactly(backends):
+    from djinn_kernel.kv_blocks import BlockKV
+
+    engine = backends("inprocess-fast")
+    model = dj.load("tiny-llama", backend=engine)
+    with model.session() as ref:
+        expected = ref.generate(PROMPTS[3], 8, keep_logits=True)
+        expected_logits = expected.logits
+    with model.session() as s:
+        s.break_at(2, tokens=(2, 5))
+        run = s.generate(PROMPTS[3], 8, keep_logits=True)
+        pauses = 0
+        while run.paused:
+            assert isinstance(engine._session(s.id).cache, BlockKV), "paused on the fast path, not handed over"
+            moved = s.page_out()
+            assert moved["bytes"] > 0 and s.status()["state"] == "paged"
+            pauses += 1
+            run.resume()
+        assert pauses == 4 and run.tokens == expected.tokens
+        assert torch.equal(run.logits, expected_logits), "pauses and paging leave no trace, bit for bit"

@@ -10,6 +10,7 @@ from conftest import DEVICE, PROMPT, drain, reference, torch_model
 
 
 @pytest.mark.inprocess
+@pytest.mark.module_path
 def test_pause_blocks_later_layers(engine, session, model):
     net = torch_model(engine, model)
     layers = engine._model(model.info["id"]).anatomy.layer_paths
