@@ -60,8 +60,8 @@ def default_device() -> torch.device:
 
 def default_memory(device: torch.device, budget: int | None = None, host: int | None = None) -> MemoryManager:
     """A manager whose budget is what the device has free less a margin (models loaded later take their weights
-    out of it), and a host pool of half the RAM; on CUDA 2 GiB of it are pinned ahead of need in the background,
-    so no page-out pays for pinning (it took 1.4-2.7 s for a 1 GiB session's first page-out on the H200)."""
+    out of it), and a host pool of half the RAM. On CUDA 2 GiB of the pool are pinned now (~3 s, once), so the
+    first page-outs do not pin on the swap path (that took 1.0-2.7 s for a 1 GiB session on the H200)."""
     derived = budget is None and device.type == "cuda"
     if budget is None:
         if device.type == "cuda":
@@ -71,8 +71,8 @@ def default_memory(device: torch.device, budget: int | None = None, host: int | 
             budget = 1 << 62
     if host is None:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    headroom = min(host, 2 * GiB) if device.type == "cuda" else 0
-    return MemoryManager(device, budget, host, LRUPolicy(), budget_from_free_memory=derived, host_headroom=headroom)
+    reserve = min(host, 2 * GiB) if device.type == "cuda" else 0
+    return MemoryManager(device, budget, host, LRUPolicy(), budget_from_free_memory=derived, host_reserve=reserve)
 
 
 class Engine:

@@ -77,60 +77,24 @@ class Extent:
 class HostPool:
     """Pinned (on CUDA machines) host memory in large chunks, handed out as first-fit contiguous extents.
 
-    With ``headroom``, a background thread keeps that many bytes free and pinned ahead of need (pinning costs
-    ~0.6 s per GiB, measured), so a page-out finds its room ready instead of pinning on the swap path. A request
-    that arrives while that thread is pinning waits for its chunk; only one that nothing ahead can serve grows
-    the pool itself (``grown_on_swap_path`` counts those chunks).
+    Pinning is slow (0.6-1.4 s per GiB measured) and, worse, holds the CUDA driver: on the H200 a chunk pinned
+    on a background thread stalled a concurrent page-out's copies for the whole 2 s it took. So the pool pins
+    ``reserve`` bytes when it is made, before any session runs, and grows only when a page-out finds no room
+    (``grown_on_swap_path`` counts those chunks: a sign the reserve is too small).
     """
 
-    def __init__(
-        self, capacity: int, chunk_bytes: int = GiB, pin: bool = False, reserve: int = 0, headroom: int = 0
-    ) -> None:
+    def __init__(self, capacity: int, chunk_bytes: int = GiB, pin: bool = False, reserve: int = 0) -> None:
         if chunk_bytes <= 0:
             raise InvalidArgumentError("chunk_bytes must be positive")
         self.capacity = capacity
         self.chunk_bytes = chunk_bytes
         self.pin = pin
-        self.headroom = min(headroom, capacity)
         self._chunks: list[torch.Tensor] = []
         self._free: list[list[tuple[int, int]]] = []  # per chunk, sorted (offset, size) holes
         self._lock = threading.Lock()
-        self._grown = threading.Condition(self._lock)
-        self._growing = False
         self.used = 0
         self.grown_on_swap_path = 0
         self.reserve(reserve)
-        with self._lock:
-            self._keep_headroom()
-
-    def _free_bytes(self) -> int:
-        return sum(size for holes in self._free for _, size in holes)
-
-    def _keep_headroom(self) -> None:
-        """Start the background grower if free pinned bytes fell below the headroom (call with the lock held)."""
-        if self._growing or self._free_bytes() >= self.headroom or self.reserved >= self.capacity:
-            return
-        self._growing = True
-        threading.Thread(target=self._grow_ahead, name="djinn-host-pool", daemon=True).start()
-
-    def _grow_ahead(self) -> None:
-        while True:
-            with self._lock:
-                if self._free_bytes() >= self.headroom or self.reserved >= self.capacity:
-                    self._growing = False
-                    self._grown.notify_all()
-                    return
-                size = min(self.chunk_bytes, self.capacity - self.reserved)
-            chunk = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)  # the slow part, outside the lock
-            with self._lock:
-                self._chunks.append(chunk)
-                self._free.append([(0, size)])
-                self._grown.notify_all()
-
-    def wait_ready(self) -> None:
-        """Block until the background grower is idle (the headroom is pinned, or the pool is full)."""
-        with self._lock:
-            self._grown.wait_for(lambda: not self._growing)
 
     def reserve(self, nbytes: int) -> None:
         """Allocate (and pin) chunks now, until ``nbytes`` are reserved, so no page-out pays for pinning."""
@@ -151,23 +115,16 @@ class HostPool:
         """A contiguous extent of ``nbytes``; grows by a chunk if no hole fits, within ``capacity``."""
         nbytes = max(nbytes, 1)
         with self._lock:
-            try:
-                return self._alloc(nbytes)
-            finally:
-                self._keep_headroom()
+            return self._alloc(nbytes)
 
     def _alloc(self, nbytes: int) -> Extent:
-        while True:
-            for index, holes in enumerate(self._free):
-                for h, (offset, size) in enumerate(holes):
-                    if size >= nbytes:
-                        holes[h] = (offset + nbytes, size - nbytes)
-                        if holes[h][1] == 0:
-                            del holes[h]
-                        return self._extent(index, offset, nbytes)
-            if not (self._growing and nbytes <= self.chunk_bytes):
-                break
-            self._grown.wait()  # a chunk pinned ahead is on its way: cheaper than pinning another here
+        for index, holes in enumerate(self._free):
+            for h, (offset, size) in enumerate(holes):
+                if size >= nbytes:
+                    holes[h] = (offset + nbytes, size - nbytes)
+                    if holes[h][1] == 0:
+                        del holes[h]
+                    return self._extent(index, offset, nbytes)
         # Whole chunks, a power of two when larger: torch's pinned allocator rounds up to one anyway.
         grow = self.chunk_bytes if nbytes <= self.chunk_bytes else 1 << (nbytes - 1).bit_length()
         if self.reserved + grow > self.capacity:
@@ -206,7 +163,7 @@ class HostPool:
 
     def stats(self) -> dict[str, int | bool]:
         return {"capacity": self.capacity, "reserved": self.reserved, "used": self.used, "pinned": self.pin,
-                "headroom": self.headroom, "grown_on_swap_path": self.grown_on_swap_path}
+                "grown_on_swap_path": self.grown_on_swap_path}
 
 
 def unique_storages(tensors: Iterable[torch.Tensor]) -> list[torch.UntypedStorage]:
@@ -299,19 +256,15 @@ class MemoryManager:
         chunk_bytes: int = GiB,
         host_reserve: int = 0,
         budget_from_free_memory: bool = False,
-        host_headroom: int = 0,
     ) -> None:
-        """``host_headroom``: pinned host bytes kept free ahead of need by a background thread (see ``HostPool``).
-        ``budget_from_free_memory``: the budget was measured as free device memory before any model was
+        """``budget_from_free_memory``: the budget was measured as free device memory before any model was
         loaded, so each model's weights are taken out of it as it loads (``weights_loaded``); otherwise the
         budget is what the operator asked for (``--gpu-memory``) and is kept as given."""
         self.device = torch.device(device)
         self.budget = budget
         self.budget_from_free_memory = budget_from_free_memory
         self.policy = policy or LRUPolicy()
-        self.pool = HostPool(
-            host_capacity, chunk_bytes, pin=self.device.type == "cuda", reserve=host_reserve, headroom=host_headroom
-        )
+        self.pool = HostPool(host_capacity, chunk_bytes, pin=self.device.type == "cuda", reserve=host_reserve)
         self._sessions: dict[int, SessionMemory] = {}
         self._lock = threading.RLock()
         self.transfers: deque[Transfer] = deque(maxlen=1024)

@@ -210,11 +210,13 @@ class Runner:
         q, k, v = (qkv or attention_inputs)(h, w.ln1, w.qkv, w.qkv_bias, cos, sin, self.eps, self.heads, self.kv_heads)
         return (mlp or attention_output_and_mlp)(h, attend(index, q, k, v), w.o, w.ln2, w.gate_up, w.down, self.eps, steer)
 
-    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool = False
+    ) -> torch.Tensor:
         group = self.heads // self.kv_heads
         if group > 1:
             keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms(h, self.norm.weight, self.eps), self.head.weight)
@@ -238,8 +240,10 @@ class Runner:
         h = self.embed(torch.tensor([[t for _, ids, _ in rows for t in ids]], device=dev))
         pos = torch.cat([torch.arange(start, start + count, device=dev) for start, count in zip(starts, counts)])
         cos, sin = self.cos[pos], self.sin[pos]
+        # A fresh row attends causally within itself (SDPA's causal kernels); a continued one needs the offset mask.
         masks = [
-            None if count == 1 else torch.arange(start + count, device=dev)[None, :] <= torch.arange(start, start + count, device=dev)[:, None]
+            None if count == 1 or start == 0
+            else torch.arange(start + count, device=dev)[None, :] <= torch.arange(start, start + count, device=dev)[:, None]
             for start, count in zip(starts, counts)
         ]
 
@@ -247,11 +251,13 @@ class Runner:
             out = []
             for (kv, _, _), start, end, count, mask in zip(rows, starts, ends, counts, masks):
                 span = slice(end - count, end)
-                past_k, past_v = kv.read(layer, start)
+                keys, values = k[0, :, span], v[0, :, span]
+                if start:
+                    past_k, past_v = kv.read(layer, start)
+                    keys, values = torch.cat([past_k, keys], dim=1), torch.cat([past_v, values], dim=1)
                 kv.write(layer, start, k[0, :, span], v[0, :, span])
-                keys = torch.cat([past_k, k[0, :, span]], dim=1).unsqueeze(0)
-                values = torch.cat([past_v, v[0, :, span]], dim=1).unsqueeze(0)
-                out.append(self._attention(q[:, :, span], keys, values, mask))
+                causal = start == 0 and count > 1
+                out.append(self._attention(q[:, :, span], keys.unsqueeze(0), values.unsqueeze(0), mask, causal))
             return torch.cat(out, dim=2)
 
         for index in range(len(self.layers)):
@@ -375,7 +381,11 @@ class _CudaSteps:
         self.fields = self._views(self.host.numpy(), n)
         self.inputs = self._views(self.device_inputs, n)
         self.steer = torch.zeros((len(r.layers), n, 1, r.hidden), dtype=r.dtype, device=dev)
-        self.hidden = torch.zeros((n, 1, r.hidden), dtype=r.dtype, device=dev)
+        # A span reads the hidden state from one buffer and writes it to another: its warm-up runs (before
+        # capture) then see the same input each time, so they recompute the same K/V instead of feeding on
+        # their own output.
+        self.hidden_in = torch.zeros((n, 1, r.hidden), dtype=r.dtype, device=dev)
+        self.hidden_out = torch.zeros((n, 1, r.hidden), dtype=r.dtype, device=dev)
         self.scratch = r.new_kv()
         self.scratch.ensure(1)
         self.graphs: dict[tuple[object, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -410,7 +420,7 @@ class _CudaSteps:
             with self.lock:
                 steered = self._fill([row], 1)
                 if first > 0:
-                    self.hidden[:1].copy_(h)
+                    self.hidden_in[:1].copy_(h)
                 out = self._span(1, steered, first, last, ends).clone()
             if ends:
                 return out
@@ -461,12 +471,12 @@ class _CudaSteps:
 
     def _layers(self, bucket: int, steered: tuple[int, ...], first: int, last: int, ends: bool) -> torch.Tensor:
         """Layers ``first..last`` from the token embeddings (``first == 0``) or the hidden buffer; the logits
-        when ``ends``, else the hidden buffer holding the last layer's output."""
+        when ``ends``, else the output buffer holding the last layer's output."""
         r, k = self.runner, self.kernels
         tokens, pos = self.inputs["tokens"][:bucket], self.inputs["pos"][:bucket]
         lens, ptrs = self.inputs["lens"][:bucket], self.inputs["ptrs"][:bucket]
         block = r.shape.block_tokens
-        h = r.embed(tokens)[:, None] if first == 0 else self.hidden[:bucket]
+        h = r.embed(tokens)[:, None] if first == 0 else self.hidden_in[:bucket]
         cos, sin = r.cos[pos][:, None, None], r.sin[pos][:, None, None]
 
         def attend(layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -478,8 +488,8 @@ class _CudaSteps:
             h = r._layer(index, h, cos, sin, attend, steer, self.qkv, self.mlp)
         if ends:
             return r._logits(h[:, -1])
-        self.hidden[:bucket].copy_(h)
-        return self.hidden[:bucket]
+        self.hidden_out[:bucket].copy_(h)
+        return self.hidden_out[:bucket]
 
     def _capture(self, run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (kernel compilation, allocator), then capture one replayable span."""

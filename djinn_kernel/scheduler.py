@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,9 @@ class Scheduler:
         self._start_lock = threading.Lock()
         self.steps = 0
         self.batched_rows = 0  # rows decoded in batched steps, for the mean batch size
+        self.prefills = 0
+        self.prefill_seconds = 0.0  # wall time of packed prefills and of batched decode steps (token pick included)
+        self.decode_seconds = 0.0
 
     def submit(self, run: Run, feed: list[int]) -> None:
         with self._start_lock:
@@ -195,6 +199,7 @@ class Scheduler:
             self._inbox.put(job)
 
     def _prefill(self, jobs: list[_Job]) -> None:
+        start = time.perf_counter()
         try:
             logits = self.runner.prefill([(job.run.cache, job.feed, job.steering) for job in jobs])
         except BaseException as exc:  # noqa: BLE001 - a failed forward ends the runs in it, nothing else
@@ -205,8 +210,11 @@ class Scheduler:
             job.prefilled = True
             job.run.session.memory.on_growth(job.run.session.id)
         self._keep(jobs, self._deliver(jobs, logits))
+        self.prefills += 1
+        self.prefill_seconds += time.perf_counter() - start
 
     def _decode(self, jobs: list[_Job]) -> None:
+        start = time.perf_counter()
         rows = [DecodeRow(job.run.cache, job.feed[-1], job.steering) for job in jobs]
         growing = [job for job in jobs if job.run.cache.length + 1 > job.run.cache.capacity]
         try:
@@ -217,9 +225,19 @@ class Scheduler:
             return
         for job in growing:  # a new block: the memory manager hears of growth once per block, not per token
             job.run.session.memory.on_growth(job.run.session.id)
+        self._keep(jobs, self._deliver(jobs, logits))
         self.steps += 1
         self.batched_rows += len(rows)
-        self._keep(jobs, self._deliver(jobs, logits))
+        self.decode_seconds += time.perf_counter() - start
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "decode_steps": self.steps,
+            "mean_rows_per_step": self.batched_rows / max(self.steps, 1),
+            "decode_seconds": self.decode_seconds,
+            "prefills": self.prefills,
+            "prefill_seconds": self.prefill_seconds,
+        }
 
     def _keep(self, jobs: list[_Job], going_on: list[_Job]) -> None:
         for job in jobs:

@@ -39,23 +39,15 @@ def test_host_pool_first_fit_coalesce_and_growth():
     assert big.alloc(600).nbytes == 600 and big.reserved == 1024, "an oversized request grows by a power of two"
 
 
-def test_host_pool_keeps_headroom_pinned_ahead_of_need():
-    pool = HostPool(capacity=1000, chunk_bytes=300, headroom=500)
-    pool.wait_ready()
-    assert pool.reserved == 600, "two chunks grown in the background"
-    extents = [pool.alloc(250), pool.alloc(250)]
-    assert pool.grown_on_swap_path == 0, "the page-outs found their room ready"
-    pool.wait_ready()
-    assert pool.reserved == 1000, "the headroom is topped up behind them, up to the capacity"
-    extents.append(pool.alloc(300))
-    assert pool.stats()["grown_on_swap_path"] == 0
+def test_host_pool_reserve_up_front():
+    pool = HostPool(capacity=2000, chunk_bytes=300, reserve=700)
+    assert pool.reserved == 900 and pool.used == 0
+    extents = [pool.alloc(250), pool.alloc(250), pool.alloc(250)]
+    assert pool.stats()["grown_on_swap_path"] == 0, "the page-outs found their room pinned"
+    extents.append(pool.alloc(250))
+    assert pool.stats()["grown_on_swap_path"] == 1
     for extent in extents:
         pool.free(extent)
-
-
-def test_host_pool_reserve_up_front():
-    pool = HostPool(capacity=1000, chunk_bytes=300, reserve=700)
-    assert pool.reserved == 900 and pool.used == 0
 
 
 def test_extent_views_write_through():
