@@ -86,46 +86,50 @@ class DaemonClient:
         self._beats = threading.Thread(target=self._heartbeat, args=(interval,), name="djinn-heartbeat", daemon=True)
         self._beats.start()
 
-    def _socket_for(self, endpoint: str) -> zmq.Socket:
+    def _socket_for(self, endpoint: str, handshake: bool = False) -> zmq.Socket:
+        """A connected DEALER; with ``handshake``, returned only once its CURVE handshake succeeded, so a wrong
+        server key fails here instead of leaving every call waiting for an answer that cannot come."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        monitor = None
         if self._server_key is not None:
             sock.curve_serverkey = self._server_key
             sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            if handshake:
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED)
         sock.connect(endpoint)
+        if monitor is not None:
+            try:
+                self._await_handshake(monitor, 30.0)
+            except DjinnError:
+                sock.disable_monitor()
+                sock.close(0)
+                raise
+            finally:
+                monitor.close(0)
+            sock.disable_monitor()
         return sock
+
+    def _await_handshake(self, monitor: zmq.Socket, timeout: float) -> None:
+        if not monitor.poll(timeout * 1000):
+            raise DaemonConnectionError(f"no answer from the daemon at {self.endpoint}; is it listening there?")
+        if recv_monitor_message(monitor)["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            raise DaemonConnectionError(
+                f"the encrypted handshake with {self.endpoint} failed: wrong server key? Use the one `djinn serve` "
+                f"printed (server_key=...)"
+            )
 
     def _stream(self) -> _Stream:
         stream = getattr(self._local, "stream", None)
         if stream is None:
-            sock = self._socket_for(self.endpoint)
-            try:
-                if self._server_key is not None:
-                    self._handshake(sock, 30.0)
-                with self._sockets_lock:
-                    if self._closed.is_set():
-                        raise DaemonConnectionError("this client is closed; connect again with djinn_kernel.connect()")
-                    self._sockets.append(sock)
-            except DjinnError:
-                sock.close(0)
-                raise
+            sock = self._socket_for(self.endpoint, handshake=True)
+            with self._sockets_lock:
+                if self._closed.is_set():
+                    sock.close(0)
+                    raise DaemonConnectionError("this client is closed; connect again with djinn_kernel.connect()")
+                self._sockets.append(sock)
             stream = self._local.stream = _Stream(sock)
         return stream
-
-    def _handshake(self, sock: zmq.Socket, timeout: float) -> None:
-        """Wait for the first socket's CURVE handshake, so a wrong server key fails now instead of hanging."""
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED)
-        try:
-            if not monitor.poll(timeout * 1000):
-                raise DaemonConnectionError(f"no answer from the daemon at {self.endpoint}; is it listening there?")
-            if recv_monitor_message(monitor)["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                raise DaemonConnectionError(
-                    f"the encrypted handshake with {self.endpoint} failed: wrong server key? Use the one "
-                    f"`djinn serve` printed (server_key=...)"
-                )
-        finally:
-            sock.disable_monitor()
-            monitor.close(0)
 
     def _send(self, stream: _Stream, header: dict[str, Any]) -> None:
         frames = encode(MsgType.REQUEST, stream.stamp({**header, **self._addressing}), self._key, self.user)

@@ -224,13 +224,15 @@ class Daemon:
 
     def _execute(self, peer: Peer, client: Client, header: dict[str, Any]) -> None:
         request_id = header.get("id") if isinstance(header.get("id"), int) else 0
+        stopping = False
         try:
             result = self._dispatch(client, header.get("op"), header.get("args", {}))
             frames = encode(MsgType.REPLY, {"id": request_id, "result": result}, client.key, client.user)
+            stopping = header.get("op") == "shutdown"
         except BaseException as exc:  # noqa: BLE001 - every failure becomes this request's error reply
             frames = encode(MsgType.ERROR, {"id": request_id, "error": error_body(exc)}, client.key, client.user)
         self._push().send_multipart([bytes([peer[0]]), peer[1], *frames], copy=False)
-        if header.get("op") == "shutdown":
+        if stopping:
             self.stop()  # after the reply is queued, so the caller learns that the daemon is going
 
     def _dispatch(self, client: Client, op: object, args: object) -> Any:
