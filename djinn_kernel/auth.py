@@ -9,8 +9,8 @@ Transport: ``tcp://`` endpoints are encrypted with CurveZMQ. The daemon's long-t
 ``curve.json`` (0600) so the public key remote users were given stays valid across restarts; each client
 makes a fresh key pair per connection. ``ipc://`` is protected by the folder's permissions instead.
 
-Invariant (``ReplayGuard``): for each client and each of its sockets ("stream"), the ``seq`` of accepted
-requests strictly increases; the guard is touched only by the daemon's IO thread.
+Invariant (``ReplayGuard``): a client's sequence number is accepted at most once, and only within a window
+below the newest one accepted; the guard is touched only by the daemon's IO thread.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,35 +136,53 @@ class TokenStore:
         return self._keys.get(name)
 
 
+@dataclass
+class _Window:
+    """The sequence numbers one client used lately: the highest, and a bit for each of the ``size`` below it."""
+
+    highest: int = 0
+    mask: int = 0  # bit i set: sequence number ``highest - i`` was accepted
+
+    def accept(self, seq: int, size: int) -> None:
+        if seq > self.highest:
+            shift = seq - self.highest
+            self.mask = 1 if shift >= size else ((self.mask << shift) | 1) & ((1 << size) - 1)
+            self.highest = seq
+            return
+        offset = self.highest - seq
+        if offset >= size:
+            raise ProtocolError(f"request too old (sequence number {seq}, newest {self.highest}): refused as a replay")
+        if self.mask >> offset & 1:
+            raise ProtocolError(f"replayed request refused: sequence number {seq} was used already")
+        self.mask |= 1 << offset
+
+
 class ReplayGuard:
     """Refuses a request the daemon has accepted before, or one meant for an earlier daemon.
 
-    A client id stays remembered after its client goes, until ``max_clients`` newer ones push it out, so its
-    captured messages cannot bring it back; ``max_streams`` bounds what one client can make the daemon keep.
+    A client numbers its requests 1, 2, 3, ... across all its sockets, so two threads' requests may arrive out
+    of order: any number not used yet within ``window`` of the newest is accepted. A client stays remembered
+    after it goes, until ``max_clients`` newer ones push it out, so its captured messages cannot bring it back.
+    Clients are kept per user, so one user cannot spend another's numbers.
     """
 
-    def __init__(self, instance: str, max_clients: int = 100_000, max_streams: int = 1024) -> None:
+    def __init__(self, instance: str, max_clients: int = 100_000, window: int = 4096) -> None:
         self.instance = instance
         self.max_clients = max_clients
-        self.max_streams = max_streams
-        self._seen: collections.OrderedDict[str, dict[str, int]] = collections.OrderedDict()
+        self.window = window
+        self._seen: collections.OrderedDict[tuple[str, str], _Window] = collections.OrderedDict()
 
-    def check(self, header: dict[str, Any]) -> None:
-        """Accept ``header`` once: raises ``ProtocolError`` for a replayed, reordered or misaddressed request."""
-        client, stream, seq = header.get("client"), header.get("stream"), header.get("seq")
-        if not all(isinstance(v, str) and 0 < len(v) <= 64 for v in (client, stream)):
-            raise ProtocolError("a request must carry its client and stream ids")
+    def check(self, user: str, header: dict[str, Any]) -> None:
+        """Accept ``header`` once: raises ``ProtocolError`` for a replayed, too old or misaddressed request."""
+        client, seq = header.get("client"), header.get("seq")
+        if not isinstance(client, str) or not 0 < len(client) <= 64:
+            raise ProtocolError("a request must carry its client id")
         if type(seq) is not int or seq < 1:
             raise ProtocolError("a request must carry a sequence number (1, 2, ...)")
         if header.get("op") != "hello" and header.get("daemon") != self.instance:
             raise ProtocolError("this request was meant for another daemon (it restarted?); connect again")
-        streams = self._seen.setdefault(client, {})
-        self._seen.move_to_end(client)
-        last = streams.get(stream, 0)
-        if seq <= last:
-            raise ProtocolError(f"replayed request refused: sequence number {seq} after {last} on this stream")
-        if stream not in streams and len(streams) >= self.max_streams:
-            raise ProtocolError(f"a client may use at most {self.max_streams} sockets; connect again")
-        streams[stream] = seq
+        window = self._seen.setdefault((user, client), _Window())
+        self._seen.move_to_end((user, client))
+        window.accept(seq, self.window)
         while len(self._seen) > self.max_clients:
             self._seen.popitem(last=False)

@@ -3,7 +3,7 @@
 ``connect()`` finds the user's local daemon through the private runtime folder, starting one if there is none;
 ``connect("tcp://host:port", token=..., server_key=...)`` attaches to a remote one over CurveZMQ. A client holds
 no weights and no engine state: only its sockets, the key that signs its messages, and the id of the request it
-is waiting for. Each socket numbers what it sends (``stream``, ``seq``), so the daemon can refuse a replay.
+is waiting for. Every request carries the next number of one counter (``seq``), so the daemon can refuse a replay.
 """
 
 from __future__ import annotations
@@ -31,18 +31,6 @@ from .runtime import DaemonInfo, pid_alive, read_info, runtime_dir
 HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
-
-
-class _Stream:
-    """One socket and the sequence numbers it has used; the daemon refuses a number it has already seen."""
-
-    def __init__(self, sock: zmq.Socket) -> None:
-        self.sock = sock
-        self.id = uuid.uuid4().hex
-        self._seq = itertools.count(1)
-
-    def stamp(self, header: dict[str, Any]) -> dict[str, Any]:
-        return {**header, "stream": self.id, "seq": next(self._seq)}
 
 
 class DaemonClient:
@@ -76,6 +64,7 @@ class DaemonClient:
         self._sockets: list[zmq.Socket] = []
         self._sockets_lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._seq = itertools.count(1)  # one counter for every socket of this client (next() is atomic)
         self._closed = threading.Event()
         self._addressing: dict[str, Any] = {"client": self.client_id}
         self._max_message: int | None = None
@@ -119,20 +108,21 @@ class DaemonClient:
                 f"printed (server_key=...)"
             )
 
-    def _stream(self) -> _Stream:
-        stream = getattr(self._local, "stream", None)
-        if stream is None:
+    def _socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "socket", None)
+        if sock is None:
             sock = self._socket_for(self.endpoint, handshake=True)
             with self._sockets_lock:
                 if self._closed.is_set():
                     sock.close(0)
                     raise DaemonConnectionError("this client is closed; connect again with djinn_kernel.connect()")
                 self._sockets.append(sock)
-            stream = self._local.stream = _Stream(sock)
-        return stream
+            self._local.socket = sock
+        return sock
 
-    def _send(self, stream: _Stream, header: dict[str, Any]) -> None:
-        frames = encode(MsgType.REQUEST, stream.stamp({**header, **self._addressing}), self._key, self.user)
+    def _send(self, sock: zmq.Socket, header: dict[str, Any]) -> None:
+        message = {**header, **self._addressing, "seq": next(self._seq)}
+        frames = encode(MsgType.REQUEST, message, self._key, self.user)
         largest = max(len(f) for f in frames)
         if self._max_message is not None and largest > self._max_message:
             raise MessageTooLargeError(
@@ -140,18 +130,18 @@ class DaemonClient:
                 f"{self._max_message} bytes; send a smaller tensor or restart the daemon with a larger "
                 f"`djinn serve --max-message-size`"
             )
-        stream.sock.send_multipart(frames, copy=False)
+        sock.send_multipart(frames, copy=False)
 
     def _heartbeat(self, interval: float) -> None:
-        stream = _Stream(self._socket_for(self.endpoint))
+        sock = self._socket_for(self.endpoint)
         try:
             beat = itertools.count(1)
             while not self._closed.wait(interval):
-                self._send(stream, {"op": "heartbeat", "args": {}, "id": -next(beat)})
-                while stream.sock.poll(0):
-                    stream.sock.recv_multipart()
+                self._send(sock, {"op": "heartbeat", "args": {}, "id": -next(beat)})
+                while sock.poll(0):
+                    sock.recv_multipart()
         finally:
-            stream.sock.close(0)
+            sock.close(0)
 
     def __getattr__(self, op: str) -> Any:
         if op in OPS:
@@ -161,17 +151,17 @@ class DaemonClient:
     def call(self, op: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Send one request and wait for its reply; a Djinn error in the daemon is raised here, same type."""
         header = {"op": op, "args": bind_args(op, args, kwargs)}
-        stream = self._stream()
-        if stream.sock.closed:
+        sock = self._socket()
+        if sock.closed:
             raise DaemonConnectionError("this client is closed; connect again with djinn_kernel.connect()")
         request_id = next(self._ids)
-        self._send(stream, {**header, "id": request_id})
+        self._send(sock, {**header, "id": request_id})
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if not stream.sock.poll(500):
+            if not sock.poll(500):
                 self._check_alive(op, deadline)
                 continue
-            kind, reply = decode(stream.sock.recv_multipart(), self._key)
+            kind, reply = decode(sock.recv_multipart(), self._key)
             if reply.get("id") not in (request_id, 0):
                 continue  # the late answer to a request whose caller was interrupted
             if kind is MsgType.ERROR:

@@ -199,7 +199,7 @@ class Daemon:
             user = signer(frames)
             key = self.security.key_for(user)
             header = self._request(frames, key)
-            self._guard.check(header)
+            self._guard.check(user, header)
             client = self._client(header["client"], user, key)
         except DjinnError as exc:
             request_id = header.get("id") if isinstance(header.get("id"), int) else 0

@@ -11,10 +11,9 @@ A message is a list of ZeroMQ frames:
   ``{"__tensor__": i, "dtype": "bfloat16", "shape": [..]}`` whose bytes are raw buffer ``i``; an activation
   edit is ``{"__edit__": kind, "fields": {..}}``; a NaN or infinite float is ``{"__float__": "nan"}``.
 - A request's header also carries what makes it unrepeatable: ``"client"`` (a random id per client),
-  ``"stream"`` (a random id per client socket), ``"seq"`` (1, 2, 3, ... on that stream) and, after ``hello``,
-  ``"daemon"`` (the id the daemon gave itself at start). The daemon refuses a ``seq`` it has already seen on
-  that stream, a client it has retired, and another daemon's id, so a captured message cannot be replayed
-  (see ``auth.ReplayGuard``).
+  ``"seq"`` (1, 2, 3, ... across the client's sockets) and, after ``hello``, ``"daemon"`` (the id the daemon
+  gave itself at start). The daemon refuses a number it has seen from that client, one far older than its
+  newest, and another daemon's id, so a captured message cannot be replayed (see ``auth.ReplayGuard``).
 - ``signature`` names the key (empty for the daemon's own key, else the user of a ``djinn token add`` token)
   and is HMAC-SHA256 over that name, the type, the header and every buffer. It is checked with
   ``hmac.compare_digest`` before anything is decoded, so an unauthenticated peer cannot make the daemon parse

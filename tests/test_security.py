@@ -86,8 +86,8 @@ def peer(daemon):
     p.close()
 
 
-def request(instance: str, seq: int, client: str = "c" * 32, stream: str = "s" * 32, op: str = "status") -> dict:
-    return {"op": op, "args": {}, "id": seq, "client": client, "stream": stream, "seq": seq, "daemon": instance}
+def request(instance: str, seq: int, client: str = "c" * 32, op: str = "status") -> dict:
+    return {"op": op, "args": {}, "id": seq, "client": client, "seq": seq, "daemon": instance}
 
 
 # tokens and keys ---------------------------------------------------------------------------------------------
@@ -143,24 +143,25 @@ def test_token_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_replay_guard_bookkeeping():
-    guard = ReplayGuard("d1", max_clients=2, max_streams=2)
-    guard.check(request("d1", 1))
-    guard.check(request("d1", 5))
-    for seq in (5, 4):
-        with pytest.raises(dj.ProtocolError, match=f"replayed request refused: sequence number {seq} after 5"):
-            guard.check(request("d1", seq))
-    guard.check(request("d1", 1, stream="t" * 32))  # each socket counts on its own
-    with pytest.raises(dj.ProtocolError, match="at most 2 sockets"):
-        guard.check(request("d1", 1, stream="u" * 32))
+    guard = ReplayGuard("d1", max_clients=2, window=8)
+    for seq in (1, 5, 3):  # two sockets of one client: numbers may arrive out of order, each once
+        guard.check("", request("d1", seq))
+    for seq in (5, 3, 1):
+        with pytest.raises(dj.ProtocolError, match=f"replayed request refused: sequence number {seq} was used"):
+            guard.check("", request("d1", seq))
+    guard.check("", request("d1", 10**18))  # a jump far ahead keeps nothing but the newest
+    with pytest.raises(dj.ProtocolError, match="too old"):
+        guard.check("", request("d1", 10**18 - 8))
+    guard.check("", request("d1", 10**18 - 7))
+    guard.check("alice", request("d1", 1))  # another user's client of the same id counts on its own
     with pytest.raises(dj.ProtocolError, match="another daemon"):
-        guard.check(request("d0", 9))
-    guard.check({**request("", 1, client="h" * 32), "op": "hello"})  # hello comes before the daemon's id is known
+        guard.check("", request("d0", 9))
     with pytest.raises(dj.ProtocolError, match="sequence number"):
-        guard.check({**request("d1", 1), "seq": True})
-    with pytest.raises(dj.ProtocolError, match="client and stream"):
-        guard.check({**request("d1", 9), "stream": None})
-    guard.check(request("d1", 1, client="n" * 32))  # a third client pushes out the least recent one
-    guard.check(request("d1", 1))
+        guard.check("", {**request("d1", 1), "seq": True})
+    with pytest.raises(dj.ProtocolError, match="client id"):
+        guard.check("", {**request("d1", 9), "client": None})
+    guard.check("", {**request("", 1, client="h" * 32), "op": "hello"})  # before the daemon's id is known
+    guard.check("", request("d1", 1))  # a third client pushed out the least recent one, ("", "c" * 32)
 
 
 def test_a_captured_message_replayed_is_refused(daemon, peer):
@@ -171,8 +172,9 @@ def test_a_captured_message_replayed_is_refused(daemon, peer):
     assert kind is MsgType.ERROR and reply["id"] == 1
     assert reply["error"]["type"] == "ProtocolError" and "replayed" in reply["error"]["message"]
     assert peer.ask(encode(MsgType.REQUEST, request(instance, 3), peer.key))[0] is MsgType.REPLY
+    assert peer.ask(encode(MsgType.REQUEST, request(instance, 2), peer.key))[0] is MsgType.REPLY, "out of order"
     kind, reply = peer.ask(encode(MsgType.REQUEST, request(instance, 2), peer.key))
-    assert kind is MsgType.ERROR and "sequence number 2 after 3" in reply["error"]["message"]
+    assert kind is MsgType.ERROR and "sequence number 2 was used" in reply["error"]["message"]
     assert peer.ask(encode(MsgType.REQUEST, request(instance, 4, op="goodbye"), peer.key))[0] is MsgType.REPLY
     kind, reply = peer.ask(first)
     assert kind is MsgType.ERROR and "replayed" in reply["error"]["message"], "a client that left stays refused"
@@ -421,7 +423,7 @@ BAD = [
     Bad("bad non-finite float", lambda k, h: forge(k, {**h, "x": {"__float__": "1e999"}}), "non-finite float"),
     Bad("edit without fields", lambda k, h: forge(k, {**h, "e": {"__edit__": "scale"}}), "edit without fields"),
     Bad("no sequence number", lambda k, h: forge(k, {**h, "seq": None}), "sequence number", daemon_only=True),
-    Bad("no client id", lambda k, h: forge(k, {**h, "client": 7}), "client and stream", daemon_only=True),
+    Bad("no client id", lambda k, h: forge(k, {**h, "client": 7}), "client id", daemon_only=True),
     Bad("another daemon's id", lambda k, h: forge(k, {**h, "daemon": "0" * 16}), "another daemon", daemon_only=True),
 ]
 
