@@ -36,7 +36,17 @@ from . import __version__
 from .auth import OWNER, ReplayGuard, TokenStore, require_curve
 from .engine import Engine
 from .errors import DjinnError, InvalidArgumentError, PermissionDeniedError, ProtocolError, SessionClosedError
-from .protocol import OPS, OWNER_OPS, PROTOCOL_VERSION, MsgType, decode, encode, error_body, signer
+from .protocol import (
+    OPS,
+    OWNER_OPS,
+    PROTOCOL_VERSION,
+    MsgType,
+    decode,
+    encode,
+    error_body,
+    protocol_1_refusal,
+    signer,
+)
 
 REPLIES = "inproc://djinn-replies"
 MAX_MESSAGE = 1 << 30  # bytes per frame; ZeroMQ drops a larger one unread (`djinn serve --max-message-size`)
@@ -194,6 +204,10 @@ class Daemon:
         return client
 
     def _on_request(self, peer: Peer, frames: list[bytes]) -> None:
+        refusal = protocol_1_refusal(frames, self.security.key)
+        if refusal is not None:
+            self._send(peer, refusal)
+            return
         user, key, header = OWNER, self.security.key, {}
         try:
             user = signer(frames)

@@ -180,7 +180,10 @@ def _split(frames: list[bytes | memoryview]) -> tuple[bytes, bytes, bytes, bytes
     kind, head, signature, *buffers = frames
     user, sep, mac = bytes(signature).partition(b":")
     if not sep:
-        raise ProtocolError("the signature frame does not name its key: the peer speaks an older protocol")
+        raise ProtocolError(
+            "the signature frame does not name its key: the other side runs an older djinn-kernel (protocol 1); "
+            "upgrade it, or stop the old daemon with `djinn stop`"
+        )
     return bytes(kind), bytes(head), user, mac, buffers
 
 
@@ -221,6 +224,17 @@ def decode(frames: list[bytes | memoryview], key: bytes) -> tuple[MsgType, dict[
         raise ProtocolError("header is nested too deeply") from None
     claimed.check_all_claimed()
     return MsgType(kind[0]), decoded
+
+
+def protocol_1_refusal(frames: list[bytes | memoryview], key: bytes) -> list[bytes] | None:
+    """The answer to a protocol-1 peer (its signature frame names no key), framed and signed as protocol 1 did, so
+    that peer reads "protocol version 2, this side speaks 1: upgrade" rather than "wrong token"; None otherwise."""
+    if len(frames) < 3 or b":" in bytes(frames[2]):
+        return None
+    error = {"type": "ProtocolError", "message": f"this daemon speaks protocol {PROTOCOL_VERSION}; upgrade djinn-kernel"}
+    kind = bytes([MsgType.ERROR])
+    head = json.dumps({"v": PROTOCOL_VERSION, "id": 0, "error": error}).encode()
+    return [kind, head, sign(key, [kind, head])]
 
 
 def error_body(exc: BaseException) -> dict[str, str]:

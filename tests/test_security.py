@@ -386,7 +386,6 @@ class Bad:
 
 BAD = [
     Bad("two frames", lambda k, h: forge(k, h)[:2], "at least 3 frames"),
-    Bad("unsigned (no key name)", lambda k, h: [*forge(k, h)[:2], sign(k, forge(k, h)[:2])], "does not name its key"),
     Bad("tampered buffer", lambda k, h: [*forge(k, {**h, "t": tensor()}, bytes(8))[:3], b"\x01" * 8], "bad signature"),
     Bad("wrong key", lambda k, h: forge(b"x" * 64, h), "bad signature"),
     Bad("unknown user", lambda k, h: forge(k, h, user=b"mallory"), "no such token", daemon_only=True),
@@ -432,6 +431,20 @@ BAD = [
 def test_the_decoder_refuses(bad):
     with pytest.raises(dj.ProtocolError, match=bad.match):
         decode(bad.build(KEY, request("d", 1)), KEY)
+
+
+def test_a_protocol_1_client_is_told_to_upgrade(daemon, peer):
+    """A client of the previous version verifies the answer with its own framing and reads the version in it."""
+    kind = bytes([MsgType.REQUEST])
+    head = json.dumps({"v": 1, "op": "status", "args": {}, "id": 1, "client": "old"}).encode()
+    peer.sock.send_multipart([kind, head, sign(peer.key, [kind, head])])
+    assert peer.sock.poll(WAIT_MS)
+    reply_kind, reply_head, signature = peer.sock.recv_multipart()
+    assert signature == sign(peer.key, [reply_kind, reply_head]), "signed as protocol 1 signs"
+    header = json.loads(reply_head)
+    assert header["v"] == 2 and header["error"]["type"] == "ProtocolError"
+    with pytest.raises(dj.ProtocolError, match="does not name its key: the other side runs an older djinn-kernel"):
+        decode([reply_kind, reply_head, signature], peer.key)  # and this side, reading protocol 1, says so too
 
 
 @pytest.fixture(scope="module")
