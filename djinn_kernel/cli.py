@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--client-lease", type=float, default=5.0,
                        help="seconds without a heartbeat before a client's sessions are reclaimed (default: 5)")
     serve.add_argument("--max-message-size", default="1GiB",
-                       help="largest frame (one tensor) a client may send; larger ones are dropped unread (default: 1GiB)")
+                       help="largest frame (one tensor) a client may send; larger ones are dropped unread "
+                       "(default: 1GiB)")
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="tokens for other users of this daemon (`token add NAME` prints one)")

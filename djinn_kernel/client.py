@@ -76,37 +76,39 @@ class DaemonClient:
         self._beats.start()
 
     def _socket_for(self, endpoint: str, handshake: bool = False) -> zmq.Socket:
-        """A connected DEALER; with ``handshake``, returned only once its CURVE handshake succeeded, so a wrong
-        server key fails here instead of leaving every call waiting for an answer that cannot come."""
+        """A connected DEALER; with ``handshake``, returned only once its CURVE handshake succeeded."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        monitor = None
-        if self._server_key is not None:
-            sock.curve_serverkey = self._server_key
-            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-            if handshake:
-                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED)
-        sock.connect(endpoint)
-        if monitor is not None:
-            try:
-                self._await_handshake(monitor, 30.0)
-            except DjinnError:
-                sock.disable_monitor()
-                sock.close(0)
-                raise
-            finally:
-                monitor.close(0)
-            sock.disable_monitor()
+        if self._server_key is None:
+            sock.connect(endpoint)
+            return sock
+        sock.curve_serverkey = self._server_key
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        if handshake:
+            self._connect_encrypted(sock, endpoint, 30.0)
+        else:
+            sock.connect(endpoint)
         return sock
 
-    def _await_handshake(self, monitor: zmq.Socket, timeout: float) -> None:
-        if not monitor.poll(timeout * 1000):
-            raise DaemonConnectionError(f"no answer from the daemon at {self.endpoint}; is it listening there?")
-        if recv_monitor_message(monitor)["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            raise DaemonConnectionError(
-                f"the encrypted handshake with {self.endpoint} failed: wrong server key? Use the one `djinn serve` "
-                f"printed (server_key=...)"
-            )
+    def _connect_encrypted(self, sock: zmq.Socket, endpoint: str, timeout: float) -> None:
+        """Connect and wait for the handshake, so a wrong server key fails now instead of leaving every call
+        waiting for an answer that cannot come (the monitor is attached first, or the event could be missed)."""
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED)
+        try:
+            sock.connect(endpoint)
+            event = recv_monitor_message(monitor)["event"] if monitor.poll(timeout * 1000) else None
+        finally:
+            sock.disable_monitor()
+            monitor.close(0)
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return
+        sock.close(0)
+        if event is None:
+            raise DaemonConnectionError(f"no answer from the daemon at {endpoint}; is it listening there?")
+        raise DaemonConnectionError(
+            f"the encrypted handshake with {endpoint} failed: wrong server key? Use the one `djinn serve` printed "
+            f"(server_key=...)"
+        )
 
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "socket", None)

@@ -82,7 +82,9 @@ class Security:
 
     def key_for(self, user: str) -> bytes:
         """The key ``user``'s messages must be signed with; an unknown user fails like a wrong signature."""
-        key = self.key if user == OWNER else self.tokens.key(user) if self.tokens is not None else None
+        if user == OWNER:
+            return self.key
+        key = self.tokens.key(user) if self.tokens is not None else None
         if key is None:
             raise ProtocolError("bad signature: this daemon has no such token (removed with `djinn token remove`?)")
         return key
@@ -95,7 +97,7 @@ class Daemon:
         if any(e.startswith("tcp://") for e in endpoints):
             require_curve()
             if security.curve_secret is None:
-                raise InvalidArgumentError("a tcp:// endpoint needs the daemon's CURVE secret key (auth.server_keypair)")
+                raise InvalidArgumentError("a tcp:// endpoint needs the daemon's CURVE secret (auth.server_keypair)")
         self.engine = engine
         self.security = security
         self.endpoints = endpoints

@@ -231,7 +231,7 @@ def protocol_1_refusal(frames: list[bytes | memoryview], key: bytes) -> list[byt
     that peer reads "protocol version 2, this side speaks 1: upgrade" rather than "wrong token"; None otherwise."""
     if len(frames) < 3 or b":" in bytes(frames[2]):
         return None
-    error = {"type": "ProtocolError", "message": f"this daemon speaks protocol {PROTOCOL_VERSION}; upgrade djinn-kernel"}
+    error = {"type": "ProtocolError", "message": f"this daemon speaks protocol {PROTOCOL_VERSION}; upgrade djinn"}
     kind = bytes([MsgType.ERROR])
     head = json.dumps({"v": PROTOCOL_VERSION, "id": 0, "error": error}).encode()
     return [kind, head, sign(key, [kind, head])]

@@ -384,6 +384,17 @@ class Bad:
     daemon_only: bool = False  # refused by the daemon's checks after decoding, not by the decoder
 
 
+def carrying(values: dict, *buffers: bytes) -> Callable[[bytes, dict], list[bytes]]:
+    """A well-signed request with ``values`` added to its header and ``buffers`` as its raw frames."""
+    return lambda k, h: forge(k, {**h, **values}, *buffers)
+
+
+def raw_header(head: bytes) -> Callable[[bytes, dict], list[bytes]]:
+    return lambda k, h: forge(k, head)
+
+
+DEEP = b'{"v": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
 BAD = [
     Bad("two frames", lambda k, h: forge(k, h)[:2], "at least 3 frames"),
     Bad("tampered buffer", lambda k, h: [*forge(k, {**h, "t": tensor()}, bytes(8))[:3], b"\x01" * 8], "bad signature"),
@@ -395,35 +406,31 @@ BAD = [
     Bad("unknown message type", lambda k, h: forge(k, h, kind=b"\x09"), "unknown message type"),
     Bad("two-byte type", lambda k, h: forge(k, h, kind=b"\x01\x01"), "unknown message type"),
     Bad("a reply sent to the daemon", lambda k, h: forge(k, h, kind=b"\x02"), "accepts requests", daemon_only=True),
-    Bad("header not JSON", lambda k, h: forge(k, b"{not json"), "not JSON"),
-    Bad("header not UTF-8", lambda k, h: forge(k, b'{"v": 2, "x": "\xff"}'), "not JSON"),
-    Bad("header a list", lambda k, h: forge(k, b"[2]"), "not a JSON object"),
-    Bad("header nested too deeply", lambda k, h: forge(k, b'{"v": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-        "nested too deeply"),
-    Bad("a 10^12-byte tensor", lambda k, h: forge(k, {**h, "t": tensor(shape=(250_000_000_000,))}, bytes(8)),
+    Bad("header not JSON", raw_header(b"{not json"), "not JSON"),
+    Bad("header not UTF-8", raw_header(b'{"v": 2, "x": "\xff"}'), "not JSON"),
+    Bad("header a list", raw_header(b"[2]"), "not a JSON object"),
+    Bad("header nested too deeply", raw_header(DEEP), "nested too deeply"),
+    Bad("a 10^12-byte tensor", carrying({"t": tensor(shape=(250_000_000_000,))}, bytes(8)),
         "needs 1000000000000 bytes, buffer has 8"),
-    Bad("truncated tensor bytes", lambda k, h: forge(k, {**h, "t": tensor()}, bytes(5)), "needs 8 bytes, buffer has 5"),
-    Bad("dimension beyond int64", lambda k, h: forge(k, {**h, "t": tensor(shape=(0, 2**63))}, b""), "bad tensor shape"),
-    Bad("negative dimension", lambda k, h: forge(k, {**h, "t": tensor(shape=(-1,))}, b""), "bad tensor shape"),
-    Bad("65 dimensions", lambda k, h: forge(k, {**h, "t": tensor(shape=(1,) * 65)}, bytes(4)), "bad tensor shape"),
-    Bad("boolean dimension", lambda k, h: forge(k, {**h, "t": tensor(shape=(True,))}, bytes(4)), "bad tensor shape"),
-    Bad("shape not a list", lambda k, h: forge(k, {**h, "t": {**tensor(), "shape": "2"}}, bytes(8)), "bad tensor shape"),
-    Bad("dtype float128", lambda k, h: forge(k, {**h, "t": tensor(dtype="float128")}, bytes(8)), "unsupported tensor dtype"),
-    Bad("dtype object", lambda k, h: forge(k, {**h, "t": tensor(dtype="object")}, bytes(8)), "unsupported tensor dtype"),
-    Bad("dtype not a string", lambda k, h: forge(k, {**h, "t": tensor(dtype=["float32"])}, bytes(8)),
-        "unsupported tensor dtype"),
-    Bad("buffer index past the frames", lambda k, h: forge(k, {**h, "t": tensor(index=1)}, bytes(8)), "refers to buffer 1"),
-    Bad("buffer index a string", lambda k, h: forge(k, {**h, "t": tensor(index="0")}, bytes(8)), "refers to buffer"),
-    Bad("one buffer, two tensors", lambda k, h: forge(k, {**h, "a": tensor(), "b": tensor()}, bytes(8)),
-        "claimed by two tensors"),
-    Bad("a buffer no tensor claims", lambda k, h: forge(k, {**h, "t": tensor()}, bytes(8), bytes(8)),
-        "2 buffers, but its header uses 1"),
-    Bad("buffers and no tensor", lambda k, h: forge(k, h, bytes(8)), "1 buffers, but its header uses 0"),
-    Bad("bad non-finite float", lambda k, h: forge(k, {**h, "x": {"__float__": "1e999"}}), "non-finite float"),
-    Bad("edit without fields", lambda k, h: forge(k, {**h, "e": {"__edit__": "scale"}}), "edit without fields"),
-    Bad("no sequence number", lambda k, h: forge(k, {**h, "seq": None}), "sequence number", daemon_only=True),
-    Bad("no client id", lambda k, h: forge(k, {**h, "client": 7}), "client id", daemon_only=True),
-    Bad("another daemon's id", lambda k, h: forge(k, {**h, "daemon": "0" * 16}), "another daemon", daemon_only=True),
+    Bad("truncated tensor bytes", carrying({"t": tensor()}, bytes(5)), "needs 8 bytes, buffer has 5"),
+    Bad("dimension beyond int64", carrying({"t": tensor(shape=(0, 2**63))}, b""), "bad tensor shape"),
+    Bad("negative dimension", carrying({"t": tensor(shape=(-1,))}, b""), "bad tensor shape"),
+    Bad("65 dimensions", carrying({"t": tensor(shape=(1,) * 65)}, bytes(4)), "bad tensor shape"),
+    Bad("boolean dimension", carrying({"t": tensor(shape=(True,))}, bytes(4)), "bad tensor shape"),
+    Bad("shape not a list", carrying({"t": {**tensor(), "shape": "2"}}, bytes(8)), "bad tensor shape"),
+    Bad("dtype float128", carrying({"t": tensor(dtype="float128")}, bytes(8)), "unsupported tensor dtype"),
+    Bad("dtype object", carrying({"t": tensor(dtype="object")}, bytes(8)), "unsupported tensor dtype"),
+    Bad("dtype not a string", carrying({"t": tensor(dtype=["float32"])}, bytes(8)), "unsupported tensor dtype"),
+    Bad("buffer index past the frames", carrying({"t": tensor(index=1)}, bytes(8)), "refers to buffer 1"),
+    Bad("buffer index a string", carrying({"t": tensor(index="0")}, bytes(8)), "refers to buffer"),
+    Bad("one buffer, two tensors", carrying({"a": tensor(), "b": tensor()}, bytes(8)), "claimed by two tensors"),
+    Bad("a buffer no tensor claims", carrying({"t": tensor()}, bytes(8), bytes(8)), "2 buffers, but its header uses 1"),
+    Bad("buffers and no tensor", carrying({}, bytes(8)), "1 buffers, but its header uses 0"),
+    Bad("bad non-finite float", carrying({"x": {"__float__": "1e999"}}), "non-finite float"),
+    Bad("edit without fields", carrying({"e": {"__edit__": "scale"}}), "edit without fields"),
+    Bad("no sequence number", carrying({"seq": None}), "sequence number", daemon_only=True),
+    Bad("no client id", carrying({"client": 7}), "client id", daemon_only=True),
+    Bad("another daemon's id", carrying({"daemon": "0" * 16}), "another daemon", daemon_only=True),
 ]
 
 
