@@ -39,11 +39,13 @@ def connect(
     endpoint: str | None = None,
     token: str | None = None,
     *,
+    server_key: str | None = None,
     start: bool = True,
     name: str | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> Any:
-    """Use a daemon from now on: the local one (started if needed) or ``tcp://host:port`` with its token.
+    """Use a daemon from now on: the local one (started if needed) or ``tcp://host:port`` with a token and the
+    daemon's server key (`djinn serve --listen` prints both; `djinn token add NAME` makes a token per user).
 
     Later ``load()`` calls go to it; the returned client can also be passed as ``backend=`` explicitly.
     ``name`` is what other clients see as this session's owner (default: the notebook's name, else
@@ -57,7 +59,7 @@ def connect(
     if endpoint is None and start and progress is not None and read_info(runtime_dir()) is None:
         progress("djinn: starting the local daemon (a few seconds, once per machine)…")
         started = time.monotonic()
-    client = connect_client(endpoint, token, start=start, name=name or client_name())
+    client = connect_client(endpoint, token, server_key=server_key, start=start, name=name or client_name())
     if started is not None and progress is not None:
         progress(f"djinn: daemon pid {client.daemon['pid']} ready in {time.monotonic() - started:.1f} s")
     with _lock:

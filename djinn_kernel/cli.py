@@ -1,4 +1,5 @@
-"""The ``djinn`` command: ``djinn demo`` runs the scripted debugging session on the default model."""
+"""The ``djinn`` command: ``djinn demo`` runs the scripted debugging session on the default model; ``serve``,
+``status`` and ``stop`` run and watch the daemon; ``token`` makes, lists and revokes the tokens of other users."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .daemon import Daemon, install_signal_handlers
+    from .auth import TokenStore, require_curve, server_keypair
+    from .daemon import Daemon, Security, install_signal_handlers
     from .engine import Engine, default_device, default_memory
     from .memory import LRUPolicy, parse_bytes
     from .report import format_size
@@ -30,6 +32,10 @@ def _serve(args: argparse.Namespace) -> int:
     if running is not None:
         print(f"djinn: a daemon is already running (pid {running.pid}, {', '.join(running.endpoints)})", file=sys.stderr)
         return 1
+    public = secret = None
+    if args.listen:
+        require_curve()  # before any work: tcp:// is encrypted or not served at all
+        public, secret = server_keypair(folder)
     device = torch_device(args.device) if args.device else default_device()
     memory = default_memory(
         device,
@@ -40,17 +46,20 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host_reserve:
         memory.pool.reserve(parse_bytes(args.host_reserve))
     key, key_file = new_key(folder)
+    security = Security(key, TokenStore(folder), secret, parse_bytes(args.max_message_size))
     endpoints = [ipc_endpoint(folder), *args.listen]
     fast = {"auto": None, "on": True, "off": False}[args.fast]
     engine = Engine(device=device, memory=memory, progress=_progress, deterministic=args.deterministic, fast=fast)
-    daemon = Daemon(engine, key, endpoints, lease=args.client_lease)
+    daemon = Daemon(engine, security, endpoints, lease=args.client_lease)
     install_signal_handlers(daemon)
-    write_info(folder, DaemonInfo(os.getpid(), endpoints, str(key_file)))
+    write_info(folder, DaemonInfo(os.getpid(), endpoints, str(key_file), public.decode() if public else None))
     print(f"djinn daemon pid {os.getpid()} on {device}, session budget {format_size(memory.budget)}, listening on:")
     for endpoint in endpoints:
         print(f"  {endpoint}")
-    if args.listen:
-        print(f"token for tcp clients: {key.decode()}")
+    if public is not None:
+        print(f"owner token for tcp clients: {key.decode()}")
+        print(f"server key for tcp clients: {public.decode()}")
+        print("other users: `djinn token add NAME` makes a token of their own")
     sys.stdout.flush()
     try:
         daemon.serve_forever()
@@ -101,6 +110,27 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> int:
+    """Tokens live in the private runtime folder: making one needs this user's account, like starting the daemon."""
+    from .auth import TokenStore, server_keypair
+    from .runtime import runtime_dir
+
+    folder = runtime_dir()
+    store = TokenStore(folder)
+    if args.action == "list":
+        for name in store.names():
+            print(name)
+        return 0
+    if args.action == "remove":
+        store.remove(args.name)
+        print(f"token of {args.name} removed; its clients are refused from their next message")
+        return 0
+    print(store.add(args.name))
+    public = server_keypair(folder)[0].decode()
+    print(f"give {args.name} this token and the server key {public} (`djinn serve --listen` uses it)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="djinn", description="Interactive debugger for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the GPU-owning daemon in the foreground")
     serve.add_argument("--listen", action="append", default=[], metavar="tcp://HOST:PORT",
-                       help="also accept remote clients here (they need the printed token)")
+                       help="also accept remote clients here, encrypted (they need the printed token and server key)")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     serve.add_argument("--gpu-memory", default=None, help="session-state budget, e.g. 16GiB (default: free less 2 GiB)")
     serve.add_argument("--host-memory", default=None, help="host pool capacity, e.g. 64GiB (default: half the RAM)")
@@ -126,7 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "--deterministic)")
     serve.add_argument("--client-lease", type=float, default=5.0,
                        help="seconds without a heartbeat before a client's sessions are reclaimed (default: 5)")
+    serve.add_argument("--max-message-size", default="1GiB",
+                       help="largest frame (one tensor) a client may send; larger ones are dropped unread "
+                       "(default: 1GiB)")
     serve.set_defaults(func=_serve)
+
+    token = sub.add_parser("token", help="tokens for other users of this daemon (`token add NAME` prints one)")
+    token_actions = token.add_subparsers(dest="action", required=True)
+    for action, text in (("add", "make a token for NAME and print it"), ("remove", "revoke NAME's token")):
+        token_actions.add_parser(action, help=text).add_argument("name", metavar="NAME")
+    token_actions.add_parser("list", help="the names that have a token")
+    token.set_defaults(func=_token)
 
     status = sub.add_parser("status", help="show the daemon's models, sessions and memory")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")

@@ -1,16 +1,20 @@
 """The GPU-owning daemon: one engine, many clients over ZeroMQ.
 
 Threads:
-- The IO thread owns both sockets. It verifies and decodes requests, answers heartbeats, expires clients
+- The IO thread owns the sockets: one ROUTER for the local ``ipc://`` endpoint and one, CURVE-encrypted, for
+  the ``tcp://`` ones. It verifies and decodes requests, refuses replays, answers heartbeats, expires clients
   whose lease ran out, and forwards replies; it never waits on a forward.
 - Worker threads run engine calls (a ``generate`` blocks its worker until the run pauses or ends) and send
   their reply through a per-thread PUSH socket to the IO thread, since ZeroMQ sockets are single-threaded.
 
-Edge rules: a request must be signed with the daemon's key, name a known op with known arguments, and may
-touch only sessions its client opened; a session of another client is reported exactly like a missing one.
-A client is known by the id in every request header and kept alive by heartbeats from its own thread; when
-none arrives for ``lease`` seconds (kernel restart, crash, lost network), every session it owned is closed and
-its memory reclaimed. A failing request produces an error reply to that request only.
+Edge rules: a frame larger than ``max_message`` is dropped by ZeroMQ before it is buffered; a request must be
+signed with the daemon's key or a user's token (``auth.py``), carry a sequence number not seen before, name a
+known op with known arguments, and may touch only sessions its client opened; a session of another client is
+reported exactly like a missing one. Only the owner (the daemon's own key) may ask for ``OWNER_OPS``.
+A client is known by the id in every request header, bound to the user who signed its first request, and kept
+alive by heartbeats from its own thread; when none arrives for ``lease`` seconds (kernel restart, crash, lost
+network), every session it owned is closed and its memory reclaimed. A failing request produces an error reply
+to that request only.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import concurrent.futures
 import inspect
 import itertools
 import os
+import secrets
 import signal
 import threading
 import time
@@ -28,31 +33,79 @@ from typing import Any
 import zmq
 
 from . import __version__
+from .auth import OWNER, ReplayGuard, TokenStore, require_curve
 from .engine import Engine
-from .errors import DjinnError, InvalidArgumentError, ProtocolError, SessionClosedError
-from .protocol import OPS, PROTOCOL_VERSION, MsgType, decode, encode, error_body
+from .errors import DjinnError, InvalidArgumentError, PermissionDeniedError, ProtocolError, SessionClosedError
+from .protocol import (
+    OPS,
+    OWNER_OPS,
+    PROTOCOL_VERSION,
+    MsgType,
+    decode,
+    encode,
+    error_body,
+    protocol_1_refusal,
+    signer,
+)
 
 REPLIES = "inproc://djinn-replies"
+MAX_MESSAGE = 1 << 30  # bytes per frame; ZeroMQ drops a larger one unread (`djinn serve --max-message-size`)
+
+Peer = tuple[int, bytes]  # (which ROUTER, the peer's routing id on it)
 
 
 @dataclass
 class Client:
     label: str
+    user: str = OWNER
+    key: bytes = b""
     name: str = "?"
     pid: int | None = None
     sessions: set[int] = field(default_factory=set)
     last_seen: float = field(default_factory=time.monotonic)
+    expired: bool = False
+
+    @property
+    def owner(self) -> str:
+        """The owner its sessions show: the user of a named token, else this client's label."""
+        return self.user or self.label
+
+
+@dataclass(frozen=True)
+class Security:
+    """What the daemon checks at its edge: its own key, the named tokens, the CURVE secret for ``tcp://``."""
+
+    key: bytes
+    tokens: TokenStore | None = None
+    curve_secret: bytes | None = None
+    max_message: int = MAX_MESSAGE
+
+    def key_for(self, user: str) -> bytes:
+        """The key ``user``'s messages must be signed with; an unknown user fails like a wrong signature."""
+        if user == OWNER:
+            return self.key
+        key = self.tokens.key(user) if self.tokens is not None else None
+        if key is None:
+            raise ProtocolError("bad signature: this daemon has no such token (removed with `djinn token remove`?)")
+        return key
 
 
 class Daemon:
     def __init__(
-        self, engine: Engine, key: bytes, endpoints: list[str], workers: int = 64, lease: float = 5.0
+        self, engine: Engine, security: Security, endpoints: list[str], workers: int = 64, lease: float = 5.0
     ) -> None:
+        if any(e.startswith("tcp://") for e in endpoints):
+            require_curve()
+            if security.curve_secret is None:
+                raise InvalidArgumentError("a tcp:// endpoint needs the daemon's CURVE secret (auth.server_keypair)")
         self.engine = engine
-        self.key = key
+        self.security = security
         self.endpoints = endpoints
         self.lease = lease
+        self.instance = secrets.token_hex(8)
+        self._guard = ReplayGuard(self.instance)
         self._ctx = zmq.Context()
+        self._routers: list[zmq.Socket] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="djinn-request")
         self._clients: dict[str, Client] = {}
         self._clients_lock = threading.Lock()
@@ -61,35 +114,57 @@ class Daemon:
         self._stop = threading.Event()
 
     # IO thread ------------------------------------------------------------------------------------------
-    def serve_forever(self) -> None:
+    def _router(self, endpoints: list[str], encrypted: bool) -> zmq.Socket:
+        """A ROUTER bound to ``endpoints``; CURVE is a property of the whole socket, hence one per transport."""
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        for endpoint in self.endpoints:
-            if endpoint.startswith("tcp://"):
-                router.setsockopt(zmq.TCP_KEEPALIVE, 1)
-                router.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        router.setsockopt(zmq.MAXMSGSIZE, self.security.max_message)
+        if encrypted:
+            router.curve_server = True
+            router.curve_secretkey = self.security.curve_secret
+            router.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            router.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        for endpoint in endpoints:
             router.bind(endpoint)
+        return router
+
+    def _bind(self) -> list[zmq.Socket]:
+        remote = [e for e in self.endpoints if e.startswith("tcp://")]
+        local = [e for e in self.endpoints if e not in remote]
+        return [self._router(group, encrypted) for group, encrypted in ((local, False), (remote, True)) if group]
+
+    def serve_forever(self) -> None:
+        self._routers = self._bind()
         replies = self._ctx.socket(zmq.PULL)
         replies.bind(REPLIES)
         poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(replies, zmq.POLLIN)
+        for router in (*self._routers, replies):
+            poller.register(router, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(200))
-                while router in ready and router.poll(0):
-                    identity, *frames = router.recv_multipart()
-                    self._on_request(router, identity, frames)
+                for index, router in enumerate(self._routers):
+                    while router in ready and router.poll(0):
+                        identity, *frames = router.recv_multipart()
+                        self._on_request((index, identity), frames)
                 while replies in ready and replies.poll(0):
-                    router.send_multipart(replies.recv_multipart(), copy=False)
+                    self._forward(replies.recv_multipart())
                 self._expire()
             while replies.poll(100):  # the last replies, the answer to `shutdown` among them
-                router.send_multipart(replies.recv_multipart(), copy=False)
+                self._forward(replies.recv_multipart())
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self.engine.shutdown()
-            router.close(0)
-            replies.close(0)
+            for sock in (*self._routers, replies):
+                sock.close(0)
+
+    def _forward(self, message: list[bytes]) -> None:
+        """Send a worker's reply (``[router index, identity, *frames]``) out through the router it came in on."""
+        index, *frames = message
+        self._routers[index[0]].send_multipart(frames, copy=False)
+
+    def _send(self, peer: Peer, frames: list[bytes | memoryview]) -> None:
+        self._routers[peer[0]].send_multipart([peer[1], *frames], copy=False)
 
     def stop(self) -> None:
         self._stop.set()
@@ -100,9 +175,11 @@ class Daemon:
         with self._clients_lock:
             dead = [cid for cid, c in self._clients.items() if now - c.last_seen > self.lease]
             gone = [self._clients.pop(cid) for cid in dead]
-        for client in gone:
-            for sid in sorted(client.sessions):
-                self._pool.submit(self._reclaim, sid)
+            for client in gone:
+                client.expired = True
+            orphans = [sid for client in gone for sid in sorted(client.sessions)]
+        for sid in orphans:
+            self._pool.submit(self._reclaim, sid)
 
     def _reclaim(self, sid: int) -> None:
         try:
@@ -110,28 +187,46 @@ class Daemon:
         except SessionClosedError:
             pass
 
-    def _on_request(self, router: zmq.Socket, identity: bytes, frames: list[bytes]) -> None:
-        try:
-            kind, header = decode(frames, self.key)
-            if kind is not MsgType.REQUEST:
-                raise ProtocolError(f"the daemon accepts requests, not {kind.name}")
-            client_id = header.get("client")
-            if not isinstance(client_id, str) or not 0 < len(client_id) <= 64:
-                raise ProtocolError("a request must carry its client id")
-        except DjinnError as exc:
-            router.send_multipart([identity, *encode(MsgType.ERROR, {"id": 0, "error": error_body(exc)}, self.key)])
-            return
+    @staticmethod
+    def _request(frames: list[bytes], key: bytes) -> dict[str, Any]:
+        kind, header = decode(frames, key)
+        if kind is not MsgType.REQUEST:
+            raise ProtocolError(f"the daemon accepts requests, not {kind.name}")
+        return header
+
+    def _client(self, client_id: str, user: str, key: bytes) -> Client:
+        """The client record for ``client_id``, made on its first request and bound to the user who signed it."""
         with self._clients_lock:
             client = self._clients.get(client_id)
             if client is None:
-                client = self._clients[client_id] = Client(f"client-{next(self._labels)}")
+                client = self._clients[client_id] = Client(f"client-{next(self._labels)}", user, key)
+            if client.user != user:
+                raise ProtocolError("this client id belongs to another user; connect again")
             client.last_seen = time.monotonic()
+        return client
+
+    def _on_request(self, peer: Peer, frames: list[bytes]) -> None:
+        refusal = protocol_1_refusal(frames, self.security.key)
+        if refusal is not None:
+            self._send(peer, refusal)
+            return
+        user, key, header = OWNER, self.security.key, {}
+        try:
+            user = signer(frames)
+            key = self.security.key_for(user)
+            header = self._request(frames, key)
+            self._guard.check(user, header)
+            client = self._client(header["client"], user, key)
+        except DjinnError as exc:
+            request_id = header.get("id") if isinstance(header.get("id"), int) else 0
+            self._send(peer, encode(MsgType.ERROR, {"id": request_id, "error": error_body(exc)}, key, user))
+            return
         if header.get("op") in ("heartbeat", "goodbye"):
             if header["op"] == "goodbye":
                 client.last_seen = float("-inf")  # expired on this very loop iteration
-            router.send_multipart([identity, *encode(MsgType.REPLY, {"id": header.get("id"), "result": None}, self.key)])
+            self._send(peer, encode(MsgType.REPLY, {"id": header.get("id"), "result": None}, key, user))
             return
-        self._pool.submit(self._execute, identity, client, header)
+        self._pool.submit(self._execute, peer, client, header)
 
     # worker threads -------------------------------------------------------------------------------------
     def _push(self) -> zmq.Socket:
@@ -143,15 +238,17 @@ class Daemon:
             self._local.push = sock
         return sock
 
-    def _execute(self, identity: bytes, client: Client, header: dict[str, Any]) -> None:
+    def _execute(self, peer: Peer, client: Client, header: dict[str, Any]) -> None:
         request_id = header.get("id") if isinstance(header.get("id"), int) else 0
+        stopping = False
         try:
             result = self._dispatch(client, header.get("op"), header.get("args", {}))
-            frames = encode(MsgType.REPLY, {"id": request_id, "result": result}, self.key)
+            frames = encode(MsgType.REPLY, {"id": request_id, "result": result}, client.key, client.user)
+            stopping = header.get("op") == "shutdown"
         except BaseException as exc:  # noqa: BLE001 - every failure becomes this request's error reply
-            frames = encode(MsgType.ERROR, {"id": request_id, "error": error_body(exc)}, self.key)
-        self._push().send_multipart([identity, *frames], copy=False)
-        if header.get("op") == "shutdown":
+            frames = encode(MsgType.ERROR, {"id": request_id, "error": error_body(exc)}, client.key, client.user)
+        self._push().send_multipart([bytes([peer[0]]), peer[1], *frames], copy=False)
+        if stopping:
             self.stop()  # after the reply is queued, so the caller learns that the daemon is going
 
     def _dispatch(self, client: Client, op: object, args: object) -> Any:
@@ -159,26 +256,28 @@ class Daemon:
             raise InvalidArgumentError(f"unknown operation {op!r}")
         if not isinstance(args, dict) or set(args) - set(OPS[op]):
             raise InvalidArgumentError(f"{op} takes arguments {', '.join(OPS[op]) or 'none'}, got {args!r}")
+        if op in OWNER_OPS and client.user != OWNER:
+            raise PermissionDeniedError(
+                f"only the daemon's owner may {op} it; you are signed in as {client.user!r}. Ask the user who "
+                f"started it (`djinn stop` on that machine)"
+            )
         if "sid" in args:
             self._check_owner(client, args["sid"])
         if op == "hello":
             client.name, client.pid = str(args.get("name", "?")), args.get("pid")
-            return {**self.describe(), "lease": self.lease}
+            return {**self.describe(), "lease": self.lease, "user": client.user}
         if op == "shutdown":
             return {"stopping": True}
         if op == "open_session":
-            sid = self.engine.open_session(args.get("model_id"), owner=client.label)
-            client.sessions.add(sid)
-            return sid
+            return self._adopt(client, self.engine.open_session(args.get("model_id"), owner=client.owner))
         if op == "fork":
-            sid = self.engine.fork(args["sid"])
-            client.sessions.add(sid)
-            return sid
+            return self._adopt(client, self.engine.fork(args["sid"]))
         if op == "close_session":
-            client.sessions.discard(args["sid"])
+            with self._clients_lock:
+                client.sessions.discard(args["sid"])
             return self.engine.close_session(args["sid"])
         if op == "sessions":
-            return self.engine.sessions(owner=client.label)
+            return [s for s in self.engine.sessions() if self._owns(client, s["id"])]
         if op == "status":
             return self._status(client)
         method = getattr(self.engine, op)
@@ -188,9 +287,22 @@ class Daemon:
             raise InvalidArgumentError(f"{op}: {exc}") from None
         return method(**args)
 
-    @staticmethod
-    def _check_owner(client: Client, sid: object) -> None:
-        if isinstance(sid, bool) or not isinstance(sid, int) or sid not in client.sessions:
+    def _adopt(self, client: Client, sid: int) -> int:
+        """Give a new session to ``client``; if its lease ran out meanwhile, reclaim the session at once, since
+        ``_expire`` has already closed everything it knew the client owned."""
+        with self._clients_lock:
+            if not client.expired:
+                client.sessions.add(sid)
+                return sid
+        self._reclaim(sid)
+        raise SessionClosedError("this client's lease ran out while the session opened; connect again")
+
+    def _owns(self, client: Client, sid: object) -> bool:
+        with self._clients_lock:
+            return sid in client.sessions
+
+    def _check_owner(self, client: Client, sid: object) -> None:
+        if isinstance(sid, bool) or not isinstance(sid, int) or not self._owns(client, sid):
             raise SessionClosedError(f"session {sid!r} does not exist or was closed; open a new one with model.session()")
 
     def _status(self, client: Client) -> dict[str, Any]:
@@ -198,11 +310,14 @@ class Daemon:
         status = self.engine.status()
         sessions = []
         for s in status["sessions"]:
-            mine = s["id"] in client.sessions
+            mine = self._owns(client, s["id"])
             sessions.append(s if mine else {k: s[k] for k in ("id", "owner", "model", "state", "memory")})
             sessions[-1]["mine"] = mine
         with self._clients_lock:
-            clients = [{"label": c.label, "name": c.name, "sessions": len(c.sessions)} for c in self._clients.values()]
+            clients = [
+                {"label": c.label, "user": c.user, "name": c.name, "sessions": len(c.sessions)}
+                for c in self._clients.values()
+            ]
         return {**status, "sessions": sessions, "clients": clients, "daemon": self.describe()}
 
     def describe(self) -> dict[str, Any]:
@@ -210,6 +325,8 @@ class Daemon:
             "pid": os.getpid(),
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
+            "instance": self.instance,
+            "max_message": self.security.max_message,
             "endpoints": self.endpoints,
             "device": str(self.engine.device),
         }

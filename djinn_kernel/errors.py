@@ -65,7 +65,19 @@ class DaemonConnectionError(DjinnError):
 
 
 class ProtocolError(DaemonConnectionError):
-    """A message that is unsigned, tampered with, malformed, or of another protocol version."""
+    """A message that is unsigned, tampered with, replayed, malformed, or of another protocol version."""
+
+
+class EncryptionUnavailableError(DaemonConnectionError):
+    """A ``tcp://`` endpoint where this ZeroMQ cannot encrypt (no CURVE): refused rather than sent in clear."""
+
+
+class PermissionDeniedError(DjinnError):
+    """An operation reserved to the daemon's owner (shutting it down, its settings) asked by another user."""
+
+
+class MessageTooLargeError(InvalidArgumentError):
+    """A request with a frame larger than the daemon's maximum message size (``djinn serve --max-message-size``)."""
 
 
 ERRORS_BY_NAME: dict[str, type[DjinnError]] = {
@@ -86,5 +98,8 @@ ERRORS_BY_NAME: dict[str, type[DjinnError]] = {
         SessionLostError,
         DaemonConnectionError,
         ProtocolError,
+        EncryptionUnavailableError,
+        PermissionDeniedError,
+        MessageTooLargeError,
     )
 }

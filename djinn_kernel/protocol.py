@@ -2,7 +2,7 @@
 
 A message is a list of ZeroMQ frames:
 
-    [type: 1 byte] [header: UTF-8 JSON] [signature: hex HMAC-SHA256] [buffer 0] [buffer 1] ...
+    [type: 1 byte] [header: UTF-8 JSON] [signature: KEY-ID ":" hex HMAC-SHA256] [buffer 0] [buffer 1] ...
 
 - ``type`` is a ``MsgType`` (request, reply, error).
 - ``header`` is a JSON object with ``"v"`` (``PROTOCOL_VERSION``), ``"id"`` (the request id a reply answers),
@@ -10,12 +10,16 @@ A message is a list of ZeroMQ frames:
   "message"}``. Values that JSON cannot hold are encoded as tagged objects: a tensor is
   ``{"__tensor__": i, "dtype": "bfloat16", "shape": [..]}`` whose bytes are raw buffer ``i``; an activation
   edit is ``{"__edit__": kind, "fields": {..}}``; a NaN or infinite float is ``{"__float__": "nan"}``.
-- ``signature`` is HMAC-SHA256 over the type, the header and every buffer, keyed with the daemon's secret (the
-  token for ``tcp://``; a key in a file only the user can read for ``ipc://``). It is checked with
+- A request's header also carries what makes it unrepeatable: ``"client"`` (a random id per client),
+  ``"seq"`` (1, 2, 3, ... across the client's sockets) and, after ``hello``, ``"daemon"`` (the id the daemon
+  gave itself at start). The daemon refuses a number it has seen from that client, one far older than its
+  newest, and another daemon's id, so a captured message cannot be replayed (see ``auth.ReplayGuard``).
+- ``signature`` names the key (empty for the daemon's own key, else the user of a ``djinn token add`` token)
+  and is HMAC-SHA256 over that name, the type, the header and every buffer. It is checked with
   ``hmac.compare_digest`` before anything is decoded, so an unauthenticated peer cannot make the daemon parse
   a single byte of JSON.
 - Tensors travel as their raw bytes (C-contiguous, little-endian as in memory), so every dtype, bf16
-  included, round-trips bit for bit.
+  included, round-trips bit for bit. Every buffer belongs to exactly one tensor.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import torch
 from .edits import Edit, edit_from_parts
 from .errors import ERRORS_BY_NAME, DjinnError, InvalidArgumentError, InvalidTensorError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+MAX_DIMS = 64  # more dimensions than torch handles are refused before any allocation
 
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
@@ -82,13 +87,34 @@ def _encode_value(value: Any, buffers: list[memoryview]) -> Any:
     raise InvalidArgumentError(f"a {type(value).__name__} cannot be sent to the daemon")
 
 
-def _decode_value(value: Any, buffers: list[bytes | memoryview]) -> Any:
+class _Buffers:
+    """A message's raw buffers, each claimed by exactly one tensor: a buffer no tensor names, or one named twice,
+    means the header and the frames disagree (a truncated or spliced message)."""
+
+    def __init__(self, frames: list[bytes | memoryview]) -> None:
+        self.frames = frames
+        self.claimed: set[int] = set()
+
+    def claim(self, index: object) -> bytes | memoryview:
+        if type(index) is not int or not 0 <= index < len(self.frames):
+            raise ProtocolError(f"tensor refers to buffer {index!r:.40}, but the message has {len(self.frames)}")
+        if index in self.claimed:
+            raise ProtocolError(f"buffer {index} is claimed by two tensors")
+        self.claimed.add(index)
+        return self.frames[index]
+
+    def check_all_claimed(self) -> None:
+        if len(self.claimed) != len(self.frames):
+            raise ProtocolError(f"the message has {len(self.frames)} buffers, but its header uses {len(self.claimed)}")
+
+
+def _decode_value(value: Any, buffers: _Buffers) -> Any:
     if isinstance(value, dict):
         if "__tensor__" in value:
             return _decode_tensor(value, buffers)
         if "__float__" in value:
             if value["__float__"] not in ("nan", "inf", "-inf"):
-                raise ProtocolError(f"bad non-finite float {value['__float__']!r}")
+                raise ProtocolError(f"bad non-finite float {value['__float__']!r:.40}")
             return float(value["__float__"])
         if "__edit__" in value:
             fields = value.get("fields")
@@ -104,19 +130,24 @@ def _decode_value(value: Any, buffers: list[bytes | memoryview]) -> Any:
     return value
 
 
-def _decode_tensor(spec: dict[str, Any], buffers: list[bytes | memoryview]) -> torch.Tensor:
-    index, dtype_name, shape = spec.get("__tensor__"), spec.get("dtype"), spec.get("shape")
-    if not isinstance(index, int) or not 0 <= index < len(buffers):
-        raise ProtocolError(f"tensor refers to buffer {index!r}, but the message has {len(buffers)}")
-    if dtype_name not in DTYPES:
-        raise ProtocolError(f"unsupported tensor dtype {dtype_name!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError(f"bad tensor shape {shape!r}")
+def _valid_shape(shape: object) -> bool:
+    """Dimensions torch can hold (ints, not bools, within int64), checked before anything is allocated."""
+    return (
+        isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
+        and all(type(d) is int and 0 <= d < 2**63 for d in shape)
+    )
+
+
+def _decode_tensor(spec: dict[str, Any], buffers: _Buffers) -> torch.Tensor:
+    dtype_name, shape = spec.get("dtype"), spec.get("shape")
+    raw = buffers.claim(spec.get("__tensor__"))
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise ProtocolError(f"unsupported tensor dtype {dtype_name!r:.40}; supported: {', '.join(DTYPES)}")
+    if not _valid_shape(shape):
+        raise ProtocolError(f"bad tensor shape {shape!r:.80}")
     dtype = DTYPES[dtype_name]
-    raw = buffers[index]
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(raw) != numel * itemsize:
         raise ProtocolError(f"tensor {dtype_name}{shape} needs {numel * itemsize} bytes, buffer has {len(raw)}")
@@ -133,35 +164,77 @@ def sign(key: bytes, frames: list[bytes | memoryview]) -> bytes:
     return mac.hexdigest().encode()
 
 
-def encode(msg_type: MsgType, header: dict[str, Any], key: bytes) -> list[bytes | memoryview]:
-    """Frames for one message; tensors and edits anywhere in ``header`` become raw buffers."""
+def encode(msg_type: MsgType, header: dict[str, Any], key: bytes, user: str = "") -> list[bytes | memoryview]:
+    """Frames for one message signed with ``user``'s key ("" is the daemon's own); tensors and edits anywhere in
+    ``header`` become raw buffers."""
     buffers: list[memoryview] = []
     body = _encode_value({**header, "v": PROTOCOL_VERSION}, buffers)
     head = [bytes([msg_type]), json.dumps(body, separators=(",", ":"), allow_nan=False).encode()]
-    return [*head, sign(key, [*head, *buffers]), *buffers]
+    name = user.encode()
+    return [*head, name + b":" + sign(key, [name, *head, *buffers]), *buffers]
 
 
-def decode(frames: list[bytes | memoryview], key: bytes) -> tuple[MsgType, dict[str, Any]]:
-    """Verify the signature, then parse; raises ``ProtocolError`` for anything not exactly right."""
+def _split(frames: list[bytes | memoryview]) -> tuple[bytes, bytes, bytes, bytes, list[bytes | memoryview]]:
     if len(frames) < 3:
         raise ProtocolError(f"a message has at least 3 frames, got {len(frames)}")
     kind, head, signature, *buffers = frames
-    if not hmac.compare_digest(bytes(signature), sign(key, [kind, head, *buffers])):
+    user, sep, mac = bytes(signature).partition(b":")
+    if not sep:
+        raise ProtocolError(
+            "the signature frame does not name its key: the other side runs an older djinn-kernel (protocol 1); "
+            "upgrade it, or stop the old daemon with `djinn stop`"
+        )
+    return bytes(kind), bytes(head), user, mac, buffers
+
+
+def signer(frames: list[bytes | memoryview]) -> str:
+    """The user a message claims to be signed by ("" for the daemon's own key). Read before the signature is
+    checked, only to choose the key to check it with; a false claim fails that check."""
+    user = _split(frames)[2]
+    try:
+        return user.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("the signature names a key that is not ASCII") from None
+
+
+def decode(frames: list[bytes | memoryview], key: bytes) -> tuple[MsgType, dict[str, Any]]:
+    """Verify the signature with ``key``, then parse; raises ``ProtocolError`` for anything not exactly right."""
+    kind, head, user, mac, buffers = _split(frames)
+    if not hmac.compare_digest(mac, sign(key, [user, kind, head, *buffers])):
         raise ProtocolError("bad signature: the client and daemon keys differ (wrong token?)")
     if len(kind) != 1 or kind[0] not in MsgType._value2member_map_:
-        raise ProtocolError(f"unknown message type {bytes(kind)!r}")
+        raise ProtocolError(f"unknown message type {kind!r:.20}")
     try:
-        header = json.loads(bytes(head))
+        header = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
     if header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version {header.get('v')!r}, this side speaks {PROTOCOL_VERSION}: upgrade djinn-kernel on both "
-            f"sides (or stop the old daemon with `djinn stop`)"
+            f"protocol version {header.get('v')!r:.20}, this side speaks {PROTOCOL_VERSION}: upgrade djinn-kernel on "
+            f"both sides (or stop the old daemon with `djinn stop`)"
         )
-    return MsgType(kind[0]), _decode_value(header, buffers)
+    claimed = _Buffers(buffers)
+    try:
+        decoded = _decode_value(header, claimed)
+    except RecursionError:
+        raise ProtocolError("header is nested too deeply") from None
+    claimed.check_all_claimed()
+    return MsgType(kind[0]), decoded
+
+
+def protocol_1_refusal(frames: list[bytes | memoryview], key: bytes) -> list[bytes] | None:
+    """The answer to a protocol-1 peer (its signature frame names no key), framed and signed as protocol 1 did, so
+    that peer reads "protocol version 2, this side speaks 1: upgrade" rather than "wrong token"; None otherwise."""
+    if len(frames) < 3 or b":" in bytes(frames[2]):
+        return None
+    error = {"type": "ProtocolError", "message": f"this daemon speaks protocol {PROTOCOL_VERSION}; upgrade djinn"}
+    kind = bytes([MsgType.ERROR])
+    head = json.dumps({"v": PROTOCOL_VERSION, "id": 0, "error": error}).encode()
+    return [kind, head, sign(key, [kind, head])]
 
 
 def error_body(exc: BaseException) -> dict[str, str]:
@@ -212,6 +285,10 @@ OPS: dict[str, tuple[str, ...]] = {
     "status": (),
     "shutdown": (),
 }
+
+# Operations only the daemon's owner may ask for (its local key, or the token `djinn serve` prints): they stop
+# or reconfigure the daemon for every user. A `djinn token add` user gets ``PermissionDeniedError``.
+OWNER_OPS = frozenset({"shutdown"})
 
 
 def bind_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

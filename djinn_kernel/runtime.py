@@ -40,6 +40,7 @@ class DaemonInfo:
     pid: int
     endpoints: list[str]
     key_file: str
+    server_key: str | None = None  # the CURVE public key of its tcp:// endpoints, for local tcp clients
 
     @property
     def ipc(self) -> str:
@@ -73,7 +74,7 @@ def read_info(folder: Path) -> DaemonInfo | None:
     """The published daemon, or None when there is none or its process is gone."""
     try:
         data = json.loads((folder / "daemon.json").read_text())
-        info = DaemonInfo(int(data["pid"]), list(data["endpoints"]), str(data["key_file"]))
+        info = DaemonInfo(int(data["pid"]), list(data["endpoints"]), str(data["key_file"]), data.get("server_key"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return info if pid_alive(info.pid) else None

@@ -156,15 +156,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_tcp_requires_token():
+def test_tcp_requires_token_and_server_key():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     d = DaemonProcess("--listen", endpoint)
     try:
         with pytest.raises(dj.DaemonConnectionError, match="token"):
             connect(endpoint)
+        with pytest.raises(dj.DaemonConnectionError, match="server key"):
+            DaemonClient(endpoint, d.info.key())
         with pytest.raises(dj.ProtocolError, match="wrong token"):
-            DaemonClient(endpoint, b"0" * 64)
-        client = connect(endpoint, token=d.info.key().decode())
+            DaemonClient(endpoint, b"0" * 64, server_key=d.info.server_key)
+        client = connect(endpoint, token=d.info.key().decode(), server_key=d.info.server_key)
         assert client.daemon["pid"] == d.info.pid and endpoint in client.daemon["endpoints"]
         client.close()
     finally:

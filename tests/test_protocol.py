@@ -62,7 +62,7 @@ def test_tampering_and_wrong_key_are_refused():
 def signed(kind: bytes, head: bytes, *buffers: bytes):
     from djinn_kernel.protocol import sign
 
-    return [kind, head, sign(KEY, [kind, head, *buffers]), *buffers]
+    return [kind, head, b":" + sign(KEY, [b"", kind, head, *buffers]), *buffers]
 
 
 @pytest.mark.parametrize(
@@ -72,10 +72,10 @@ def signed(kind: bytes, head: bytes, *buffers: bytes):
         (signed(b"\x01", b"not json"), "not JSON"),
         (signed(b"\x01", b"[1]"), "not a JSON object"),
         (signed(b"\x01", b'{"v": 99}'), "protocol version"),
-        (signed(b"\x01", json.dumps({"v": 1, "t": {"__tensor__": 0, "dtype": "float32", "shape": [2]}}).encode(), b"abc"), "needs 8 bytes"),
-        (signed(b"\x01", json.dumps({"v": 1, "t": {"__tensor__": 1, "dtype": "float32", "shape": [0]}}).encode()), "buffer 1"),
-        (signed(b"\x01", json.dumps({"v": 1, "t": {"__tensor__": 0, "dtype": "object", "shape": [1]}}).encode(), b"a"), "dtype"),
-        (signed(b"\x01", json.dumps({"v": 1, "t": {"__tensor__": 0, "dtype": "uint8", "shape": [-1]}}).encode(), b"a"), "shape"),
+        (signed(b"\x01", json.dumps({"v": 2, "t": {"__tensor__": 0, "dtype": "float32", "shape": [2]}}).encode(), b"abc"), "needs 8 bytes"),
+        (signed(b"\x01", json.dumps({"v": 2, "t": {"__tensor__": 1, "dtype": "float32", "shape": [0]}}).encode()), "buffer 1"),
+        (signed(b"\x01", json.dumps({"v": 2, "t": {"__tensor__": 0, "dtype": "object", "shape": [1]}}).encode(), b"a"), "dtype"),
+        (signed(b"\x01", json.dumps({"v": 2, "t": {"__tensor__": 0, "dtype": "uint8", "shape": [-1]}}).encode(), b"a"), "shape"),
     ],
 )
 def test_malformed_messages(frames, message):
