@@ -98,7 +98,10 @@ def prepare(name: str, source: models.ModelSource, device: torch.device, fast: b
     if fast:
         reason = unsupported_reason(model)
         if reason is None:
-            scheduler, fast_path = Scheduler(Runner(model), name), "on"
+            try:
+                scheduler, fast_path = Scheduler(Runner(model), name), "on"
+            except Exception as exc:  # noqa: BLE001 - e.g. no Triton on this CUDA machine: the module path serves
+                fast_path = f"unavailable: {type(exc).__name__}: {exc}"
         else:
             fast_path = f"unavailable: {reason}"
     return LoadedModel(
@@ -114,7 +117,7 @@ def prepare(name: str, source: models.ModelSource, device: torch.device, fast: b
         device=device,
         weight_bytes=weight_bytes(model),
         kv_bytes_per_token=_kv_bytes_per_token(model),
-        max_positions=_learned_positions(model),
+        max_positions=_context_limit(model),
         forward_call=forward_call,
         scheduler=scheduler,
         fast_path=fast_path,
@@ -134,16 +137,20 @@ def _kv_bytes_per_token(model: nn.Module) -> int:
     return 2 * layers * kv_heads * head_dim * itemsize
 
 
-def _learned_positions(model: nn.Module) -> int | None:
-    """How many positions a model with a learned position table (GPT-2 style) can index, else None.
+def _context_limit(model: nn.Module) -> int | None:
+    """How many positions a run may span: the learned position table's size (GPT-2 style), else the context the
+    config declares (``max_position_embeddings``), else None.
 
-    Past that, the embedding lookup reads out of bounds: a device-side assert on CUDA, which would poison the
-    daemon's CUDA context for every session. Rotary models have no table and no hard limit.
+    Past a learned table the embedding lookup reads out of bounds: a device-side assert on CUDA, which would
+    poison the daemon's CUDA context for every session. A rotary model would run on past its declared context,
+    but into positions it was not trained for, holding memory for as long as it runs: one such request must not
+    be able to take a shared daemon's memory (issue 13).
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings"):
             return module.num_embeddings
-    return None
+    declared = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return declared if isinstance(declared, int) and declared > 0 else None
 
 
 def weight_bytes(model: nn.Module) -> int:

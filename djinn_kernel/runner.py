@@ -164,6 +164,9 @@ class Runner:
         self.shape = KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self.max_batch = max_batch
         self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            import triton  # noqa: F401 - the CUDA kernels need it: fail here, where the caller can fall back
+
         self._compile = compile
         self._graphs = _CudaSteps(self, graphs if graphs is not None else True, compile) if self.cuda else None
         self._solo: _CudaSteps | None = None  # segment graphs for steps that may stop (decode_solo)

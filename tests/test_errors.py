@@ -158,6 +158,18 @@ def test_failure_inside_forward_ends_only_that_run(session, model):
     assert_still_usable(session, model)
 
 
+def test_a_run_beyond_the_declared_context_is_refused(engine):
+    llama = dj.load("tiny-llama", backend=engine)
+    with llama.session() as session:
+        with pytest.raises(dj.InvalidArgumentError, match="exceed the 256 positions"):
+            session.generate([5, 6, 7], 10**9)
+        first = session.generate([5 + i % 50 for i in range(200)], 40)
+        with pytest.raises(dj.InvalidArgumentError, match="rewind"):
+            session.generate([9] * 10, 10, fresh=False)
+        assert len(first.tokens) == 40 and session.history == 240, "a refused request changes nothing"
+        assert_still_usable(session, llama)
+
+
 def test_prompt_longer_than_learned_positions(engine):
     gpt2 = dj.load("tiny-gpt2", backend=engine)
     with gpt2.session() as session:
