@@ -20,24 +20,29 @@ from .errors import InvalidArgumentError, InvalidTensorError
 
 
 def check_tensor(value: object, *, like: torch.Tensor, what: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Validate a user tensor against the activation it will touch; move a CPU tensor to that device.
+    """Validate a user tensor against the activation it will touch; return it on that device and in its dtype.
 
-    A CPU tensor is accepted for a GPU activation (that is how values come back from a notebook); a tensor on
-    any other device is refused rather than silently copied, because it usually means the wrong object.
+    Any floating-point dtype and any device is accepted and cast (a float32 vector for a bf16 model is what
+    TransformerLens and nnsight users pass); what cannot be meant is refused: another shape, integer or bool
+    values, a meta tensor (no values), NaN or Inf, or values the model's dtype cannot hold.
     """
     if not isinstance(value, torch.Tensor):
         raise InvalidTensorError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
     want_shape = tuple(like.shape) if shape is None else shape
     if tuple(value.shape) != want_shape:
         raise InvalidTensorError(f"{what} has shape {tuple(value.shape)}; expected {want_shape}")
-    if value.dtype != like.dtype:
-        raise InvalidTensorError(f"{what} has dtype {value.dtype}; expected {like.dtype} (use .to({like.dtype}))")
-    if value.device != like.device and value.device.type != "cpu":
-        accepted = "a CPU tensor" if like.device.type == "cpu" else f"a CPU tensor or one on {like.device}"
-        raise InvalidTensorError(f"{what} is on device {value.device}, the activation on {like.device}: pass {accepted}")
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if not value.is_floating_point():
+        raise InvalidTensorError(
+            f"{what} has dtype {value.dtype}; pass floating-point values (they are cast to the model's {like.dtype})"
+        )
+    if value.device.type == "meta":
+        raise InvalidTensorError(f"{what} is on device meta: it has no values to apply")
+    if not bool(torch.isfinite(value).all()):
         raise InvalidTensorError(f"{what} contains NaN or Inf values")
-    return value.to(like.device)
+    cast = value.to(device=like.device, dtype=like.dtype)
+    if not bool(torch.isfinite(cast).all()):
+        raise InvalidTensorError(f"{what} has values beyond the range of {like.dtype}")
+    return cast
 
 
 def _check_coefficient(value: object, what: str) -> float:

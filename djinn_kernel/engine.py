@@ -26,6 +26,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -258,19 +259,20 @@ class Engine:
         with session.lock:
             path, layer = self._target(session, target, side)
             if isinstance(edit, AddVector):
-                self._check_vector(session, edit.vector, layer)
+                edit = replace(edit, vector=self._check_vector(session, edit.vector, layer))
             steer = Steering(next(session._steer_ids), path, layer, side, edit.owned())
             session.steering[steer.id] = steer
             return steer.describe()
 
     @staticmethod
-    def _check_vector(session: SessionState, vector: object, layer: int | None) -> None:
-        """Fail at ``steer`` time, not mid-generation, when a layer's width is known from the config."""
+    def _check_vector(session: SessionState, vector: object, layer: int | None) -> object:
+        """Fail at ``steer`` time, not mid-generation, when a layer's width is known from the config; the vector
+        cast to the model's dtype and device (so the kept edit and the fast path add it as the model computes)."""
         hidden = getattr(session.model.model.config, "hidden_size", None)
         if layer is None or hidden is None:
-            return
+            return vector
         like = next(session.model.model.parameters())
-        check_tensor(vector, like=torch.empty((hidden,), dtype=like.dtype, device=like.device), what="steering vector")
+        return check_tensor(vector, like=torch.empty((hidden,), dtype=like.dtype, device=like.device), what="steering vector")
 
     def remove_steering(self, sid: int, steer_id: int | None = None) -> list[int]:
         session = self._session(sid)

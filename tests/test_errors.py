@@ -44,7 +44,8 @@ def test_negative_layer_counts_from_end(session, model):
     "make, message",
     [
         (lambda a: a[..., :-1], "shape"),
-        (lambda a: a.to(torch.float64), "dtype"),
+        (lambda a: a.to(torch.int64), "dtype"),
+        (lambda a: torch.full_like(a, 1e39, dtype=torch.float64), "beyond the range"),
         (lambda a: torch.empty_like(a, device="meta"), "device"),
         (lambda a: a.clone().index_fill_(-1, torch.tensor([0]), float("nan")), "NaN or Inf"),
         (lambda a: a.clone().index_fill_(-1, torch.tensor([3]), float("inf")), "NaN or Inf"),

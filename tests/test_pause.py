@@ -168,6 +168,22 @@ def test_persistent_steering(session, model):
     assert torch.equal(plain.logits, logits)
 
 
+def test_vectors_and_replacements_in_other_float_dtypes_are_cast(session, model):
+    tokens, _ = reference(model)
+    vector = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(1))
+    session.steer(2, vector, alpha=4.0)
+    native = session.generate(PROMPT, 8).tokens
+    session.unsteer()
+    session.steer(2, vector.double(), alpha=4.0)
+    assert session.generate(PROMPT, 8).tokens == native, "a float64 vector steers as its float32 cast does"
+    session.unsteer()
+    session.break_at(1, tokens=0)
+    run = session.generate(PROMPT, 8)
+    run.pause.replace(run.pause.activation.double())
+    run.finish()
+    assert run.tokens == tokens, "a float64 copy of the activation is cast back: nothing changes"
+
+
 def test_pause_shows_steered_activation(session, model):
     vector = torch.ones(model.hidden_size)
     session.break_at(1, tokens=0)
