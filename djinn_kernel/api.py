@@ -306,13 +306,16 @@ class Session:
         once: bool = False,
         tokens: int | range | tuple[int, int] | str | None = None,
         max_hits: int | None = None,
+        when: str | None = None,
     ) -> int:
         """Pause whenever ``target`` (a layer index or module path) runs; returns the breakpoint id.
 
         ``tokens`` limits it to token steps (0 is the prefill; ``(a, b)`` and ``"a-b"`` include both ends),
-        ``once``/``max_hits`` to a number of pauses.
+        ``once``/``max_hits`` to a number of pauses, ``when`` to the steps where a condition holds:
+        ``"norm > 50"``, ``"dim[12] < -3"``, ``"lens_top1 == ' Paris'"``, ``"token == ' Paris'"`` (the pause's
+        ``reason`` says which fired). Conditions are checked on the device; only a pause comes back.
         """
-        bp = self._backend.add_breakpoint(self.id, target, side, tokens, 1 if once else max_hits)
+        bp = self._backend.add_breakpoint(self.id, target, side, tokens, 1 if once else max_hits, when)
         return bp["id"]
 
     def delete(self, breakpoint_id: int | None = None) -> list[int]:

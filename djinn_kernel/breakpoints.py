@@ -10,6 +10,7 @@ rules are tested without a model.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import InvalidArgumentError
@@ -65,6 +66,7 @@ class Breakpoint:
     max_hits: int | None = None
     enabled: bool = True
     hits: int = 0
+    condition: object | None = None  # a conditions.Condition; this module stays free of tensors
 
     def wants(self, path: str, side: str, token_step: int) -> bool:
         if not self.enabled or path != self.path or side != self.side:
@@ -91,6 +93,7 @@ class Breakpoint:
             "max_hits": self.max_hits,
             "hits": self.hits,
             "enabled": self.enabled,
+            "when": getattr(self.condition, "text", None),
         }
 
 
@@ -108,12 +111,13 @@ class BreakpointTable:
         side: str = "output",
         tokens: int | range | tuple[int, int] | str | None = None,
         max_hits: int | None = None,
+        condition: object | None = None,
     ) -> Breakpoint:
         if side not in SIDES:
             raise InvalidArgumentError(f"side must be one of {SIDES}, not {side!r}")
         if max_hits is not None and (isinstance(max_hits, bool) or not isinstance(max_hits, int) or max_hits < 1):
             raise InvalidArgumentError(f"max_hits must be a positive integer, not {max_hits!r}")
-        bp = Breakpoint(next(self._ids), path, layer, side, parse_tokens(tokens), max_hits)
+        bp = Breakpoint(next(self._ids), path, layer, side, parse_tokens(tokens), max_hits, condition=condition)
         self._items[bp.id] = bp
         return bp
 
@@ -121,8 +125,15 @@ class BreakpointTable:
         """Delete one breakpoint by id, or all of them when ``bp_id`` is None; returns the ids removed."""
         return remove_by_id(self._items, bp_id, "breakpoint")
 
-    def match(self, path: str, side: str, token_step: int) -> list[Breakpoint]:
-        hit = [bp for bp in self._items.values() if bp.wants(path, side, token_step)]
+    def match(
+        self, path: str, side: str, token_step: int, holds: Callable[[Breakpoint], bool] | None = None
+    ) -> list[Breakpoint]:
+        """The breakpoints that fire here; a conditional one only where ``holds`` says its condition does."""
+        hit = [
+            bp
+            for bp in self._items.values()
+            if bp.wants(path, side, token_step) and (bp.condition is None or (holds is not None and holds(bp)))
+        ]
         for bp in hit:
             bp.hits += 1
         return hit

@@ -31,7 +31,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import context, models
+from . import conditions, context, models
 from .anatomy import resolve_target
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
@@ -241,11 +241,24 @@ class Engine:
         side: str = "output",
         tokens: object = None,
         max_hits: int | None = None,
+        when: str | None = None,
     ) -> dict[str, object]:
+        """``when``: a condition (see conditions.py), parsed here so that a typo fails now, not mid-run."""
         session = self._session(sid)
         with session.lock:
             path, layer = self._target(session, target, side)
-            return session.breakpoints.add(path, layer, side, tokens, max_hits).describe()
+            condition = None if when is None else self._condition(session.model, when)
+            return session.breakpoints.add(path, layer, side, tokens, max_hits, condition).describe()
+
+    @staticmethod
+    def _condition(loaded: LoadedModel, when: object) -> conditions.Condition:
+        tokenizer = loaded.tokenizer
+        encode = None if tokenizer is None else lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        vocab = loaded.model.get_input_embeddings().num_embeddings
+        condition = conditions.parse(when, encode, vocab, getattr(loaded.model.config, "hidden_size", None))
+        if condition.needs_lens and loaded.anatomy.unembed_path is None:
+            raise InvalidTargetError("this model has no output embedding Djinn can find, so no logit-lens condition")
+        return condition
 
     def remove_breakpoint(self, sid: int, bp_id: int | None = None) -> list[int]:
         session = self._session(sid)
@@ -621,10 +634,7 @@ class Engine:
             if isinstance(position, bool) or not isinstance(position, int) or not -n <= position < n:
                 raise InvalidArgumentError(f"position {position!r} is outside the {n} positions of this activation")
             with torch.inference_mode():
-                row = h.reshape(-1, n, h.shape[-1])[0, position].reshape(1, 1, -1)
-                if anatomy.final_norm_path is not None:
-                    row = loaded.model.get_submodule(anatomy.final_norm_path)(row)
-                logits = head(row)[0, -1]
+                logits = loaded.lens(h.reshape(-1, n, h.shape[-1])[0, position])
                 probs = logits.float().softmax(-1)
                 top = torch.topk(probs, min(k, probs.shape[-1]))
             return [

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .breakpoints import Breakpoint
+from .conditions import Probe, fires
 from .decode import Sampling, decode
 from .edits import Edit
 from .handoff import Command, Event, Handoff
@@ -204,13 +206,23 @@ class Run:
             changed = True
         layer = self.session.model.anatomy.layer_index(path)
         if not self._finishing:
-            hits = self.session.breakpoints.match(path, side, self.token_step)
+            fired: list[str] = []
+            hits = self.session.breakpoints.match(path, side, self.token_step, lambda bp: self._holds(bp, value, fired))
             stepped = self._stepping and side == "output" and layer is not None
             if hits or stepped:
-                new = self._pause(path, layer, side, value, "breakpoint" if hits else "step", [b.id for b in hits])
+                reason = f"condition: {'; '.join(fired)}" if fired else "breakpoint" if hits else "step"
+                new = self._pause(path, layer, side, value, reason, [b.id for b in hits])
                 if new is not None:
                     value, changed = new, True
         return value if changed else None
+
+    def _holds(self, bp: Breakpoint, value: torch.Tensor, fired: list[str]) -> bool:
+        """Evaluate a conditional breakpoint here; a condition that holds adds why to ``fired``."""
+        fed = self.tokens[self.token_step - 1] if 0 < self.token_step <= len(self.tokens) else None
+        reason = fires(bp.condition, Probe(value, fed, self.session.model.lens))
+        if reason is not None:
+            fired.append(reason)
+        return reason is not None
 
     def _pause(
         self, path: str, layer: int | None, side: str, value: torch.Tensor, reason: str, ids: list[int]

@@ -160,6 +160,7 @@ def _parser() -> _Parser:
     p.add_argument("--tokens", help="token steps, e.g. 0 (prefill) or 2-5")
     p.add_argument("--max-hits", type=int)
     p.add_argument("--side", choices=("output", "input"), default="output")
+    p.add_argument("--when", help="pause only where a condition holds, e.g. \"norm > 50\" or \"lens_top1 == ' Paris'\"")
     p = add("delete", "delete breakpoint ID, or all of them")
     p.add_argument("id", nargs="?", type=int)
     add("breaks", "list breakpoints")
@@ -288,9 +289,10 @@ class DjinnMagics(Magics):
     def _break(self, args: argparse.Namespace) -> Rich:
         target: int | str = int(args.target) if args.target.lstrip("-").isdigit() else args.target
         bp = self._need_session().break_at(
-            target, side=args.side, once=args.once, tokens=args.tokens, max_hits=args.max_hits
+            target, side=args.side, once=args.once, tokens=args.tokens, max_hits=args.max_hits, when=args.when
         )
-        return Rich(f"breakpoint {bp} at {target} ({args.side})")
+        condition = f" when {args.when}" if args.when else ""
+        return Rich(f"breakpoint {bp} at {target} ({args.side}){condition}")
 
     def _delete(self, args: argparse.Namespace) -> Rich:
         removed = self._need_session().delete(args.id)

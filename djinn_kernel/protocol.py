@@ -264,7 +264,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "close_session": ("sid",),
     "sessions": (),
     "describe_session": ("sid",),
-    "add_breakpoint": ("sid", "target", "side", "tokens", "max_hits"),
+    "add_breakpoint": ("sid", "target", "side", "tokens", "max_hits", "when"),
     "remove_breakpoint": ("sid", "bp_id"),
     "add_steering": ("sid", "target", "edit", "side"),
     "remove_steering": ("sid", "steer_id"),

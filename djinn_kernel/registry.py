@@ -62,6 +62,14 @@ class LoadedModel:
             raise InvalidArgumentError("the prompt is empty")
         return list(ids)
 
+    def lens(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[vocab]`` from one residual-stream vector, through the final norm and the
+        unembedding (the logit lens)."""
+        row = h.reshape(1, 1, -1)
+        if self.anatomy.final_norm_path is not None:
+            row = self.model.get_submodule(self.anatomy.final_norm_path)(row)
+        return self.model.get_submodule(self.anatomy.unembed_path)(row)[0, -1]
+
     def decode(self, tokens: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
 

@@ -92,6 +92,7 @@ def breakpoints_text(rows: list[dict]) -> str:
     return "\n".join(
         f"{b['id']:>3}  {b['path']} ({b['side']})  tokens={b['tokens'] or 'all'}  "
         f"hits={b['hits']}{'/' + str(b['max_hits']) if b['max_hits'] else ''}"
+        f"{'  when ' + b['when'] if b.get('when') else ''}"
         for b in rows
     )
 
@@ -109,10 +110,11 @@ def breakpoints_html(rows: list[dict]) -> str:
                 b["side"],
                 b["tokens"] or "all",
                 f"{b['hits']}{'/' + str(b['max_hits']) if b['max_hits'] else ''}",
+                b.get("when") or "",
             )
         )
         + "</tr>"
         for b in rows
     )
-    head = "".join(f"<th style='padding:1px 8px'>{h}</th>" for h in ("id", "where", "side", "tokens", "hits"))
+    head = "".join(f"<th style='padding:1px 8px'>{h}</th>" for h in ("id", "where", "side", "tokens", "hits", "when"))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"

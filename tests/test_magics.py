@@ -85,9 +85,18 @@ def test_status_sessions_vram_inspect(ip, loaded):
     djinn(ip, "finish")
 
 
+def test_conditional_break(ip, loaded):
+    assert djinn(ip, 'break 2 --when "norm > 0" --tokens 1') == "breakpoint 1 at 2 (output) when norm > 0"
+    assert "when norm > 0" in djinn(ip, "breaks")
+    run = djinn(ip, "run Hello --max-new-tokens 3 --no-chat")
+    assert run.paused and run.pause.token_step == 1 and run.pause.info["reason"].startswith("condition: norm > 0")
+    djinn(ip, "finish")
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
+        ("break 2 --when 'norm >> 1'", "cannot read the condition"),
         ("break 99", "layer 99 does not exist"),
         ("break model.layerz.1", "did you mean"),
         ("break 1 --tokens x", "tokens"),
