@@ -23,6 +23,8 @@ def parse_tokens(tokens: int | range | tuple[int, int] | str | None) -> range | 
     if tokens is None:
         return None
     if isinstance(tokens, range):
+        if tokens.step != 1:
+            raise InvalidArgumentError(f"tokens must be consecutive steps; {tokens!r} skips some (use its first and last)")
         result = tokens
     elif isinstance(tokens, bool):
         raise InvalidArgumentError(f"tokens must be an int, a range, (first, last) or 'first-last', not {tokens!r}")
@@ -30,16 +32,22 @@ def parse_tokens(tokens: int | range | tuple[int, int] | str | None) -> range | 
         result = range(tokens, tokens + 1)
     elif isinstance(tokens, str):
         first, sep, last = tokens.partition("-")
-        if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
+        if not _is_number(first) or (sep and not _is_number(last)):
             raise InvalidArgumentError(f"tokens {tokens!r} is not 'N' or 'FIRST-LAST' (e.g. '0-4')")
         result = range(int(first), int(last if sep else first) + 1)
-    elif isinstance(tokens, (tuple, list)) and len(tokens) == 2 and all(isinstance(t, int) for t in tokens):
+    elif isinstance(tokens, (tuple, list)) and len(tokens) == 2 and all(type(t) is int for t in tokens):
         result = range(tokens[0], tokens[1] + 1)
     else:
         raise InvalidArgumentError(f"tokens must be an int, a range, (first, last) or 'first-last', not {tokens!r}")
     if len(result) == 0 or result.start < 0:
         raise InvalidArgumentError(f"token range {tokens!r} is empty or negative; token steps start at 0 (prefill)")
     return result
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts superscripts like "²", which ``int`` then refuses."""
+    text = text.strip()
+    return text.isascii() and text.isdigit()
 
 
 def remove_by_id(items: dict[int, object], item_id: int | None, what: str) -> list[int]:

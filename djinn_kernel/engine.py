@@ -114,10 +114,18 @@ class Engine:
     # models ---------------------------------------------------------------------------------------------
     def load_model(self, name: str, dtype: str = "auto") -> dict[str, object]:
         """Load ``name`` once; later calls (from any client) return the same model at once."""
+        wanted = models.parse_dtype(dtype)
         with self._load_lock:
             if name in self._models:
-                return self._models[name].describe()
-            source = models.resolve(name, dtype=dtype, progress=self._progress)
+                loaded = self._models[name]
+                have = next(loaded.model.parameters()).dtype
+                if wanted != "auto" and wanted != have:
+                    raise InvalidArgumentError(
+                        f"{name} is already loaded in {str(have).removeprefix('torch.')} and shared by every "
+                        f"session; load it with dtype='auto' (or that dtype)"
+                    )
+                return loaded.describe()
+            source = models.resolve(name, dtype=wanted, progress=self._progress)
             return self._register(name, source)
 
     def register_model(
@@ -158,6 +166,10 @@ class Engine:
         loaded = self._model(model_id)
         if not isinstance(token_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
             raise InvalidArgumentError("token_ids must be a list of integers")
+        vocab = loaded.model.get_input_embeddings().num_embeddings
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgumentError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         if loaded.tokenizer is None:
             return [f"#{t}" for t in token_ids]
         return [loaded.tokenizer.decode([t]) for t in token_ids]
@@ -320,6 +332,12 @@ class Engine:
             raise InvalidArgumentError(f"temperature must be a number >= 0, not {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise InvalidArgumentError(f"top_k must be a positive integer or None, not {top_k!r}")
+        if type(seed) is not int:
+            raise InvalidArgumentError(f"seed must be an integer, not {seed!r}")
+        if chat is not None and not isinstance(chat, bool):
+            raise InvalidArgumentError(f"chat must be True, False or None, not {chat!r}")
+        if not isinstance(keep_logits, bool):
+            raise InvalidArgumentError(f"keep_logits must be True or False, not {keep_logits!r}")
         with session.lock:
             self._sync(session)
             if session.run is not None and session.run.state not in ENDED:
@@ -455,6 +473,10 @@ class Engine:
 
     def wait(self, sid: int, timeout: float | None = None) -> dict[str, object] | None:
         """Wait for a running run to pause or end (after an interrupted ``generate`` or ``resume``)."""
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf")
+        ):
+            raise InvalidArgumentError(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
         session = self._session(sid)
         with session.lock:
             run = session.run

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelNotFoundError
+from .errors import InvalidArgumentError, ModelNotFoundError
 
 
 @dataclass
@@ -44,6 +44,18 @@ def _from_pretrained(where: str, dtype: torch.dtype | str) -> ModelSource:
     return ModelSource(model.eval(), tokenizer, chat, _eos_ids(model, tokenizer), where)
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: object) -> torch.dtype | str:
+    """``"auto"`` (the checkpoint's own), a name from ``DTYPES`` or one of those torch dtypes; else a clear error."""
+    if dtype == "auto" or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise InvalidArgumentError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, not {dtype!r}")
+
+
 def resolve(
     name: str, dtype: torch.dtype | str = "auto", progress: Callable[[str], None] | None = None
 ) -> ModelSource:
@@ -56,12 +68,14 @@ def resolve(
 
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"a model name must be a non-empty string, not {name!r}")
+    dtype = parse_dtype(dtype)
     if name in builtin.BUILTIN_NAMES:
         try:
             model, tokenizer, info = builtin.build_builtin(name, progress=progress)
         except FileNotFoundError as exc:
             raise ModelNotFoundError(str(exc)) from None
         eos = tuple(info.get("eos_token_ids") or _eos_ids(model, tokenizer))
+        model = model if dtype == "auto" else model.to(dtype)
         return ModelSource(model.eval(), tokenizer, bool(info["chat"]), eos, str(info["source"]))
     path = Path(os.path.expanduser(name))
     if path.is_dir():

@@ -9,7 +9,8 @@ A message is a list of ZeroMQ frames:
   and for a request ``"op"`` plus ``"args"``; for a reply ``"result"``; for an error ``"error": {"type",
   "message"}``. Values that JSON cannot hold are encoded as tagged objects: a tensor is
   ``{"__tensor__": i, "dtype": "bfloat16", "shape": [..]}`` whose bytes are raw buffer ``i``; an activation
-  edit is ``{"__edit__": kind, "fields": {..}}``; a NaN or infinite float is ``{"__float__": "nan"}``.
+  edit is ``{"__edit__": kind, "fields": {..}}``; a NaN or infinite float is ``{"__float__": "nan"}``; a range is
+  ``{"__range__": [start, stop, step]}``.
 - A request's header also carries what makes it unrepeatable: ``"client"`` (a random id per client),
   ``"seq"`` (1, 2, 3, ... across the client's sockets) and, after ``hello``, ``"daemon"`` (the id the daemon
   gave itself at start). The daemon refuses a number it has seen from that client, one far older than its
@@ -79,7 +80,7 @@ def _encode_value(value: Any, buffers: list[memoryview]) -> Any:
     if isinstance(value, (list, tuple)):
         return [_encode_value(v, buffers) for v in value]
     if isinstance(value, range):
-        return [value.start, value.stop - 1] if value.step == 1 else list(value)
+        return {"__range__": [value.start, value.stop, value.step]}  # decoded to the same range: same rules both ways
     if isinstance(value, float) and not math.isfinite(value):
         return {"__float__": repr(value)}  # strict JSON has no NaN/Inf; the daemon still sees (and refuses) them
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -116,6 +117,11 @@ def _decode_value(value: Any, buffers: _Buffers) -> Any:
             if value["__float__"] not in ("nan", "inf", "-inf"):
                 raise ProtocolError(f"bad non-finite float {value['__float__']!r:.40}")
             return float(value["__float__"])
+        if "__range__" in value:
+            bounds = value["__range__"]
+            if not (isinstance(bounds, list) and len(bounds) == 3 and all(type(b) is int for b in bounds) and bounds[2]):
+                raise ProtocolError(f"bad range {bounds!r:.60}")
+            return range(*bounds)
         if "__edit__" in value:
             fields = value.get("fields")
             if not isinstance(fields, dict):

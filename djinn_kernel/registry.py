@@ -43,7 +43,15 @@ class LoadedModel:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidArgumentError(f"model {self.name!r} has no tokenizer: pass the prompt as token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidArgumentError(f"the prompt is not valid text ({exc.reason} at {exc.start})") from None
             if chat if chat is not None else self.chat:
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise InvalidArgumentError(
+                        f"model {self.name!r} has no chat template: pass chat=False and write the prompt yourself"
+                    )
                 messages = [{"role": "user", "content": prompt}]
                 ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
                 if isinstance(ids, dict) or hasattr(ids, "keys"):
