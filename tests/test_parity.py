@@ -47,6 +47,20 @@ def test_bad_input_is_refused_alike_and_changes_nothing(kind, case, backends, re
         assert s.generate(PROMPT, 6).tokens == reference
 
 
+def replaced_tokens(backend, expanded: bool) -> list[int]:
+    with dj.load("tiny-llama", backend=backend).session() as s:
+        s.break_at(1, tokens=0)  # the prefill: [1, tokens, hidden], so the expanded row has stride 0 over tokens
+        run = s.generate(PROMPT, 6)
+        row = run.pause.activation[..., -1:, :]
+        run.pause.replace(row.expand(run.pause.shape) if expanded else row.expand(run.pause.shape).contiguous())
+        return run.finish().tokens
+
+
+def test_an_expanded_replacement_acts_alike_in_both_modes(backends):
+    tokens = {kind: replaced_tokens(backends(kind), True) for kind in KINDS}
+    assert tokens["inprocess"] == tokens["daemon"] == replaced_tokens(backends("inprocess"), False)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_dtype_asked_for_is_the_dtype_served(kind, backends):
     model = dj.load("tiny-gpt2", dtype="bfloat16", backend=backends(kind))
