@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import queue
 import threading
@@ -119,6 +120,11 @@ class Steering:
     layer: int | None
     side: str
     edit: Edit
+
+    @functools.cached_property
+    def added(self) -> torch.Tensor:
+        """``alpha * vector`` of an ``AddVector`` edit, computed once: the fast path adds it on every step."""
+        return self.edit.alpha * self.edit.vector
 
     def describe(self) -> dict[str, object]:
         return {"id": self.id, "path": self.path, "layer": self.layer, "side": self.side, "kind": self.edit.kind}

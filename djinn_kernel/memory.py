@@ -115,33 +115,30 @@ class HostPool:
         """A contiguous extent of ``nbytes``; grows by a chunk if no hole fits, within ``capacity``."""
         nbytes = max(nbytes, 1)
         with self._lock:
-            return self._alloc(nbytes)
-
-    def _alloc(self, nbytes: int) -> Extent:
-        for index, holes in enumerate(self._free):
-            for h, (offset, size) in enumerate(holes):
-                if size >= nbytes:
-                    holes[h] = (offset + nbytes, size - nbytes)
-                    if holes[h][1] == 0:
-                        del holes[h]
-                    return self._extent(index, offset, nbytes)
-        # Whole chunks, a power of two when larger: torch's pinned allocator rounds up to one anyway.
-        grow = self.chunk_bytes if nbytes <= self.chunk_bytes else 1 << (nbytes - 1).bit_length()
-        if self.reserved + grow > self.capacity:
-            grow = max(self.capacity - self.reserved, nbytes)
-        if self.reserved + grow > self.capacity:
-            raise OutOfMemoryError(
-                f"the host pool is full ({self.used / GiB:.2f} of {self.capacity / GiB:.2f} GiB used) and cannot "
-                f"take {nbytes / MiB:.1f} MiB more; close or finish other sessions, or start the daemon with a "
-                f"larger --host-memory"
-            )
-        index = self._grow(grow)
-        self.grown_on_swap_path += 1
-        holes = self._free[index]
-        holes[0] = (nbytes, grow - nbytes)
-        if holes[0][1] == 0:
-            holes.clear()
-        return self._extent(index, 0, nbytes)
+            for index, holes in enumerate(self._free):
+                for h, (offset, size) in enumerate(holes):
+                    if size >= nbytes:
+                        holes[h] = (offset + nbytes, size - nbytes)
+                        if holes[h][1] == 0:
+                            del holes[h]
+                        return self._extent(index, offset, nbytes)
+            # Whole chunks, a power of two when larger: torch's pinned allocator rounds up to one anyway.
+            grow = self.chunk_bytes if nbytes <= self.chunk_bytes else 1 << (nbytes - 1).bit_length()
+            if self.reserved + grow > self.capacity:
+                grow = max(self.capacity - self.reserved, nbytes)
+            if self.reserved + grow > self.capacity:
+                raise OutOfMemoryError(
+                    f"the host pool is full ({self.used / GiB:.2f} of {self.capacity / GiB:.2f} GiB used) and cannot "
+                    f"take {nbytes / MiB:.1f} MiB more; close or finish other sessions, or start the daemon with a "
+                    f"larger --host-memory"
+                )
+            index = self._grow(grow)
+            self.grown_on_swap_path += 1
+            holes = self._free[index]
+            holes[0] = (nbytes, grow - nbytes)
+            if holes[0][1] == 0:
+                holes.clear()
+            return self._extent(index, 0, nbytes)
 
     def _extent(self, chunk: int, offset: int, nbytes: int) -> Extent:
         self.used += nbytes

@@ -187,6 +187,12 @@ class Runner:
     def new_kv(self) -> BlockKV:
         return BlockKV(self.shape)
 
+    def _hold(self, kv: BlockKV, tokens: int) -> None:
+        """Blocks for ``tokens`` positions in ``kv``, within the positions the rotary tables cover."""
+        if tokens > self.max_positions:
+            raise ValueError(f"{tokens} positions exceed the model's {self.max_positions}")
+        kv.ensure(tokens)
+
     def warm_up(self) -> None:
         """Compile and capture the unsteered decode step of every batch bucket now (seconds, once per model), so
         no session pays for it when a batch first grows to that size. Nothing to do on the CPU."""
@@ -235,9 +241,7 @@ class Runner:
         starts = [kv.length for kv, _, _ in rows]
         counts = [len(ids) for _, ids, _ in rows]
         for (kv, _, _), start, count in zip(rows, starts, counts):
-            if start + count > self.max_positions:
-                raise ValueError(f"{start + count} positions exceed the model's {self.max_positions}")
-            kv.ensure(start + count)
+            self._hold(kv, start + count)
         dev = self.device
         ends = torch.tensor(counts).cumsum(0).tolist()
         h = self.embed(torch.tensor([[t for _, ids, _ in rows for t in ids]], device=dev))
@@ -284,9 +288,7 @@ class Runner:
         if not 0 < len(rows) <= self.max_batch:
             raise ValueError(f"a decode step takes 1 to {self.max_batch} rows, not {len(rows)}")
         for row in rows:
-            if row.kv.length + 1 > self.max_positions:
-                raise ValueError(f"a session reached the model's {self.max_positions} positions")
-            row.kv.ensure(row.kv.length + 1)
+            self._hold(row.kv, row.kv.length + 1)
         logits = self._graphs.step(rows) if self._graphs is not None else self._decode_eager(rows)
         for row in rows:
             row.kv.length += 1
@@ -300,9 +302,7 @@ class Runner:
         ``stepping()``): ``after_layer`` runs there, between CUDA-graph spans cut at those layers, and may
         replace the layer's output (on the CPU it runs after every layer and decides itself). It runs on the
         caller's thread, apart from the batch; logits ``[1, vocab]``."""
-        if row.kv.length + 1 > self.max_positions:
-            raise ValueError(f"a session reached the model's {self.max_positions} positions")
-        row.kv.ensure(row.kv.length + 1)
+        self._hold(row.kv, row.kv.length + 1)
         if self._graphs is None:
             logits = self._decode_eager([row], after_layer)
         else:

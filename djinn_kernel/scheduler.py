@@ -75,7 +75,7 @@ def fast_plan(
             or edit.positions is not None
         ):
             return None
-        add = edit.alpha * edit.vector
+        add = steer.added
         vectors[steer.layer] = add if steer.layer not in vectors else vectors[steer.layer] + add
     return FastPlan(vectors, frozenset(stops))
 
