@@ -120,21 +120,16 @@ class Scheduler:
             self._thread = None
 
     def _loop(self) -> None:
+        """Take everything the inbox holds (waiting only when there is nothing to run), then step."""
         while True:
-            if not self._jobs:
-                job = self._inbox.get()
-                if job is None:
-                    return
-                self._jobs.append(job)
             try:
-                while True:
-                    job = self._inbox.get_nowait()
-                    if job is None:
-                        return
-                    self._jobs.append(job)
+                job = self._inbox.get(block=not self._jobs)
             except queue.Empty:
-                pass
-            self._step()
+                self._step()
+                continue
+            if job is None:
+                return
+            self._jobs.append(job)
 
     def _step(self) -> None:
         ready = [job for job in list(self._jobs) if self._admit(job)]
