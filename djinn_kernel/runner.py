@@ -227,6 +227,19 @@ class Runner:
             keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5)
 
+    def _attend_row(
+        self, kv: BlockKV, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        mask: torch.Tensor | None = None, causal: bool = False,
+    ) -> torch.Tensor:
+        """One row's attention in the eager steps: store its new K/V (``[kv_heads, tokens, head_dim]``) at
+        ``start`` and attend ``q`` (``[1, heads, tokens, head_dim]``) over the ``start`` held before and them."""
+        keys, values = k, v
+        if start:
+            past_k, past_v = kv.read(layer, start)
+            keys, values = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+        kv.write(layer, start, k, v)
+        return self._attention(q, keys.unsqueeze(0), values.unsqueeze(0), mask, causal)
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms(h, self.norm.weight, self.eps), self.head.weight)
 
@@ -258,13 +271,8 @@ class Runner:
             out = []
             for (kv, _, _), start, end, count, mask in zip(rows, starts, ends, counts, masks):
                 span = slice(end - count, end)
-                keys, values = k[0, :, span], v[0, :, span]
-                if start:
-                    past_k, past_v = kv.read(layer, start)
-                    keys, values = torch.cat([past_k, keys], dim=1), torch.cat([past_v, values], dim=1)
-                kv.write(layer, start, k[0, :, span], v[0, :, span])
                 causal = start == 0 and count > 1
-                out.append(self._attention(q[:, :, span], keys.unsqueeze(0), values.unsqueeze(0), mask, causal))
+                out.append(self._attend_row(kv, layer, start, q[:, :, span], k[0, :, span], v[0, :, span], mask, causal))
             return torch.cat(out, dim=2)
 
         for index in range(len(self.layers)):
@@ -320,14 +328,9 @@ class Runner:
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out = []
-            for b, row in enumerate(rows):
-                past_k, past_v = row.kv.read(layer, positions[b])
-                row.kv.write(layer, positions[b], k[b], v[b])
-                keys = torch.cat([past_k, k[b]], dim=1).unsqueeze(0)
-                values = torch.cat([past_v, v[b]], dim=1).unsqueeze(0)
-                out.append(self._attention(q[b : b + 1], keys, values, None))
-            return torch.cat(out)
+            return torch.cat(
+                [self._attend_row(row.kv, layer, positions[b], q[b : b + 1], k[b], v[b]) for b, row in enumerate(rows)]
+            )
 
         for index in range(len(self.layers)):
             h = self._layer(index, h, cos, sin, attend, _steer_rows(rows, index, self.hidden, h))
