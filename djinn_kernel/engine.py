@@ -374,7 +374,7 @@ class Engine:
             run = Run(
                 next(session._run_ids),
                 session,
-                torch.tensor([input_ids], dtype=torch.long, device=loaded.device),
+                input_ids,
                 session.cache,
                 kept,
                 max_new_tokens,

@@ -137,7 +137,7 @@ class Run:
         self,
         run_id: int,
         session: SessionState,
-        input_ids: torch.Tensor,
+        prompt_ids: list[int],
         cache: object,
         context_length: int,
         max_new_tokens: int,
@@ -146,14 +146,16 @@ class Run:
     ) -> None:
         self.id = run_id
         self.session = session
-        self.input_ids = input_ids
-        self.prompt_ids: list[int] = input_ids[0].tolist()  # reports read this, never the pageable tensor
+        self.prompt_ids = prompt_ids
+        # What the module path feeds first: the prompt, or after a hand-over from the fast path its last token.
+        # A host list: a device tensor made on the request thread would wait there for the GPU's queued work.
+        self.feed = prompt_ids
         self.cache = cache  # the session's, already holding ``context_length`` tokens of its history
         self.context_length = context_length
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.keep_logits = keep_logits
-        self.generator = sampling.generator(input_ids.device)
+        self.generator = sampling.generator(session.model.device)
         self.handoff = Handoff()
         self.seen = self.handoff.seq  # the last event the engine has processed
         self.state = RunState.RUNNING
@@ -170,7 +172,7 @@ class Run:
     # executor side ---------------------------------------------------------------------------------------
     def execute(self) -> None:
         """Run the token loop on the module path; a run the fast path handed over continues where it stopped
-        (``input_ids`` is then its last token and ``cache`` its KV so far)."""
+        (``feed`` is then its last token and ``cache`` its KV so far)."""
         loaded = self.session.model
         done = len(self.tokens)
         try:
@@ -178,7 +180,7 @@ class Run:
                 result = decode(
                     loaded.model,
                     loaded.forward_call,
-                    self.input_ids,
+                    torch.tensor([self.feed], dtype=torch.long, device=loaded.device),
                     self.cache,
                     self.max_new_tokens - done,
                     set(loaded.eos_ids),

@@ -271,5 +271,5 @@ class Scheduler:
             run.handoff.post(Event.FAILED, exc)
             return
         run.cache = session.cache = cache
-        run.input_ids = torch.tensor([job.feed], dtype=torch.long, device=session.model.device)
+        run.feed = job.feed
         session.worker.submit(run.execute)
