@@ -19,20 +19,53 @@ import triton.language as tl
 
 @triton.jit
 def _store_kv(
-    K, V, PTRS, POS, layer_offset, value_offset, max_blocks,
+    K, V, PTRS, POS, layer_offset, value_offset, max_blocks, token_stride, head_stride,
     KV_HEADS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    """One program per (token, kv head); token ``i`` goes to position ``POS[i]`` of the blocks in ``PTRS[i]``."""
+    token = tl.program_id(0)
     head = tl.program_id(1)
-    pos = tl.load(POS + row)
+    pos = tl.load(POS + token)
     block = pos // BLOCK
     offset = pos % BLOCK
-    base = tl.load(PTRS + row * max_blocks + block).to(tl.pointer_type(K.dtype.element_ty))
+    base = tl.load(PTRS + token * max_blocks + block).to(tl.pointer_type(K.dtype.element_ty))
     d = tl.arange(0, HEAD_DIM)
-    src = (row * KV_HEADS + head) * HEAD_DIM + d
+    src = token * token_stride + head * head_stride + d
     dst = base + layer_offset + (head * BLOCK + offset) * HEAD_DIM + d
     tl.store(dst, tl.load(K + src))
     tl.store(dst + value_offset, tl.load(V + src))
+
+
+@triton.jit
+def _attend_blocks(
+    q, qpos, PTRS, row, kv_head, first, stop, step, layer_offset, value_offset, max_blocks, scale,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Online-softmax attention of the queries ``q`` (at positions ``qpos``, each seeing the positions up to its
+    own) over blocks ``first, first + step, ... < stop`` of ``row``: the running max, the sum of weights and the
+    unnormalised output. Every kernel below reads blocks through this loop."""
+    d = tl.arange(0, HEAD_DIM)
+    t = tl.arange(0, BLOCK)
+    last = tl.max(qpos, 0)
+    m = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    total = tl.zeros([q.shape[0]], tl.float32)
+    acc = tl.zeros([q.shape[0], HEAD_DIM], tl.float32)
+    for i in range(first, stop, step):
+        base = tl.load(PTRS + row * max_blocks + i).to(tl.pointer_type(q.dtype))
+        kpos = i * BLOCK + t
+        held = kpos <= last  # slots past the newest token hold nothing yet: never read them
+        at = base + layer_offset + (kv_head * BLOCK + t[:, None]) * HEAD_DIM + d[None, :]
+        k = tl.load(at, mask=held[:, None], other=0.0)
+        v = tl.load(at + value_offset, mask=held[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(kpos[None, :] <= qpos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        total = total * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    return m, total, acc
 
 
 @triton.jit
@@ -47,27 +80,14 @@ def _attend(
     n = tl.load(LENS + row)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
-    t = tl.arange(0, BLOCK)
     live = g < GROUP
     q_rows = row * HEADS + kv_head * GROUP + g
     q = tl.load(Q + q_rows[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for i in range(0, tl.cdiv(n, BLOCK)):
-        base = tl.load(PTRS + row * max_blocks + i).to(tl.pointer_type(Q.dtype.element_ty))
-        valid = i * BLOCK + t < n
-        at = base + layer_offset + (kv_head * BLOCK + t[:, None]) * HEAD_DIM + d[None, :]
-        k = tl.load(at, mask=valid[:, None], other=0.0)
-        v = tl.load(at + value_offset, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+    qpos = tl.zeros([GROUP_PAD], tl.int32) + (n - 1)
+    m, total, acc = _attend_blocks(
+        q, qpos, PTRS, row, kv_head, 0, tl.cdiv(n, BLOCK), 1, layer_offset, value_offset, max_blocks, scale,
+        BLOCK, HEAD_DIM,
+    )
     out = acc / total[:, None]
     tl.store(O + q_rows[:, None] * HEAD_DIM + d[None, :], out.to(O.dtype.element_ty), mask=live[:, None])
 
@@ -85,31 +105,46 @@ def _attend_part(
     n = tl.load(LENS + row)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
-    t = tl.arange(0, BLOCK)
     live = g < GROUP
     q_rows = row * HEADS + kv_head * GROUP + g
     q = tl.load(Q + q_rows[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for i in range(split, tl.cdiv(n, BLOCK), SPLITS):
-        base = tl.load(PTRS + row * max_blocks + i).to(tl.pointer_type(Q.dtype.element_ty))
-        valid = i * BLOCK + t < n
-        at = base + layer_offset + (kv_head * BLOCK + t[:, None]) * HEAD_DIM + d[None, :]
-        k = tl.load(at, mask=valid[:, None], other=0.0)
-        v = tl.load(at + value_offset, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+    qpos = tl.zeros([GROUP_PAD], tl.int32) + (n - 1)
+    m, total, acc = _attend_blocks(
+        q, qpos, PTRS, row, kv_head, split, tl.cdiv(n, BLOCK), SPLITS, layer_offset, value_offset, max_blocks,
+        scale, BLOCK, HEAD_DIM,
+    )
     slot = q_rows * SPLITS + split
     tl.store(PART + slot[:, None] * HEAD_DIM + d[None, :], acc, mask=live[:, None])
     tl.store(STATS + slot * 2, m, mask=live)
     tl.store(STATS + slot * 2 + 1, total, mask=live)
+
+
+@triton.jit
+def _attend_prompt(
+    Q, O, PTRS, TILES, layer_offset, value_offset, max_blocks, scale, head_stride,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+):
+    """Causal attention of packed prompt tokens over their rows' blocks (which already hold them): one program
+    per (tile of up to ``TILE`` consecutive tokens of one row, query head). ``TILES[i]`` is (row, packed index
+    of the tile's first token, tokens in the tile, position of the first)."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.load(TILES + tile * 4)
+    first = tl.load(TILES + tile * 4 + 1)
+    count = tl.load(TILES + tile * 4 + 2)
+    pos0 = tl.load(TILES + tile * 4 + 3)
+    i = tl.arange(0, TILE)
+    d = tl.arange(0, HEAD_DIM)
+    live = i < count
+    at = head * head_stride + (first + i[:, None]) * HEAD_DIM + d[None, :]
+    q = tl.load(Q + at, mask=live[:, None], other=0.0)
+    qpos = pos0 + tl.where(live, i, count - 1)  # padding queries copy the last one; they are not stored
+    m, total, acc = _attend_blocks(
+        q, qpos, PTRS, row, head // GROUP, 0, (pos0 + count - 1) // BLOCK + 1, 1, layer_offset, value_offset,
+        max_blocks, scale, BLOCK, HEAD_DIM,
+    )
+    out = acc / total[:, None]
+    tl.store(O + at, out.to(O.dtype.element_ty), mask=live[:, None])
 
 
 @triton.jit
@@ -130,11 +165,12 @@ def _combine(PART, STATS, O, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
 def store_kv(
     keys: torch.Tensor, values: torch.Tensor, ptrs: torch.Tensor, pos: torch.Tensor, layer: int, block: int
 ) -> None:
-    """Write one token's ``keys``/``values`` (``[rows, kv_heads, head_dim]``) at each row's ``pos``."""
-    rows, kv_heads, head_dim = keys.shape
+    """Write ``keys``/``values`` (``[tokens, kv_heads, head_dim]``, any strides but the last) of each token at
+    its ``pos`` in the blocks of its row of ``ptrs``."""
+    tokens, kv_heads, head_dim = keys.shape
     per_kind = kv_heads * block * head_dim
-    _store_kv[(rows, kv_heads)](
-        keys, values, ptrs, pos, layer * 2 * per_kind, per_kind, ptrs.shape[1],
+    _store_kv[(tokens, kv_heads)](
+        keys, values, ptrs, pos, layer * 2 * per_kind, per_kind, ptrs.shape[1], keys.stride(0), keys.stride(1),
         KV_HEADS=kv_heads, BLOCK=block, HEAD_DIM=head_dim,
     )
 
@@ -158,6 +194,32 @@ def attend(q: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, layer: int, 
     _attend_part[(rows, kv_heads, splits)](q, part, stats, *args, **common, SPLITS=splits)
     _combine[(rows * heads,)](part, stats, out, SPLITS=splits, HEAD_DIM=head_dim)
     return out
+
+
+def attend_prompt(
+    q: torch.Tensor, ptrs: torch.Tensor, tiles: torch.Tensor, layer: int, kv_heads: int, block: int, tile: int
+) -> torch.Tensor:
+    """Causal attention of a packed prompt (``q``: ``[1, heads, tokens, head_dim]``, contiguous) over its rows'
+    blocks, by the ``tiles`` of ``prompt_tiles``; the output in ``q``'s layout."""
+    _, heads, tokens, head_dim = q.shape
+    per_kind = kv_heads * block * head_dim
+    out = torch.empty_like(q)
+    _attend_prompt[(tiles.shape[0], heads)](
+        q, out, ptrs, tiles, layer * 2 * per_kind, per_kind, ptrs.shape[1], head_dim**-0.5, tokens * head_dim,
+        GROUP=heads // kv_heads, BLOCK=block, HEAD_DIM=head_dim, TILE=tile,
+    )
+    return out
+
+
+def prompt_tiles(starts: list[int], counts: list[int], tile: int) -> list[tuple[int, int, int, int]]:
+    """The (row, packed index, tokens, first position) of each tile of at most ``tile`` consecutive tokens of
+    one row, for rows packed in order with ``counts`` new tokens after ``starts`` held ones."""
+    tiles, packed = [], 0
+    for row, (start, count) in enumerate(zip(starts, counts)):
+        for offset in range(0, count, tile):
+            tiles.append((row, packed + offset, min(tile, count - offset), start + offset))
+        packed += count
+    return tiles
 
 
 def split_count(programs: int, target: int = 256) -> int:

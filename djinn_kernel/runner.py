@@ -31,6 +31,10 @@ from torch import nn
 from .kv_blocks import BlockKV, KVShape
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PROMPT_TILE = 64  # prompt tokens of one row that one program of the prefill attention kernel covers
+
+# A layer's attention: (layer index, q, k, v) -> its output; it stores the new K/V where the step keeps them.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Called with (layer index, that layer's output) where a solo step may stop; returns a replacement or None.
 AfterLayer = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -139,7 +143,7 @@ class Runner:
         self, model: nn.Module, max_batch: int = BUCKETS[-1], graphs: bool | None = None, compile: bool = True
     ) -> None:
         """On CUDA, ``graphs`` captures each decode step (default on) and ``compile`` fuses the elementwise work
-        around the GEMMs with ``torch.compile`` (default on; the first step of each batch size pays for it)."""
+        around the GEMMs with ``torch.compile`` (default on; ``warm_up`` pays for it at load)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fast path cannot run this model: {reason}")
@@ -167,8 +171,12 @@ class Runner:
         if self.cuda:
             import triton  # noqa: F401 - the CUDA kernels need it: fail here, where the caller can fall back
 
-        self._compile = compile
-        self._graphs = _CudaSteps(self, graphs if graphs is not None else True, compile) if self.cuda else None
+        # The elementwise work around the GEMMs, fused by torch.compile on CUDA: one compiled copy serves every
+        # layer, batch size and prompt length (dynamic shapes), in prefill and decode alike.
+        fused = self.cuda and compile
+        self.qkv = torch.compile(attention_inputs, dynamic=True) if fused else attention_inputs
+        self.mlp = torch.compile(attention_output_and_mlp, dynamic=True) if fused else attention_output_and_mlp
+        self._graphs = _CudaSteps(self, graphs if graphs is not None else True) if self.cuda else None
         self._solo: _CudaSteps | None = None  # segment graphs for steps that may stop (decode_solo)
 
     def _take(self, layer: nn.Module) -> _Layer:
@@ -194,12 +202,17 @@ class Runner:
         kv.ensure(tokens)
 
     def warm_up(self) -> None:
-        """Compile and capture the unsteered decode step of every batch bucket now (seconds, once per model), so
-        no session pays for it when a batch first grows to that size. Nothing to do on the CPU."""
-        if self._graphs is not None:
-            for bucket in BUCKETS:
-                if bucket <= self.max_batch:
-                    self._graphs.prepare(bucket)
+        """Compile the prefill and capture the unsteered decode step of every batch bucket now (seconds, once
+        per model), so no session pays for it when it first arrives or a batch first grows to that size.
+        Nothing to do on the CPU."""
+        if self._graphs is None:
+            return
+        scratch = [self.new_kv(), self.new_kv()]
+        self.prefill([(scratch[0], [0], {})])
+        self.prefill([(kv, [0] * count, {}) for kv, count in zip(scratch, (3, 2))])
+        for bucket in BUCKETS:
+            if bucket <= self.max_batch:
+                self._graphs.prepare(bucket)
 
     # the layer ------------------------------------------------------------------------------------------
     def _layer(
@@ -208,16 +221,13 @@ class Runner:
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        attend: Attend,
         steer: torch.Tensor | None,
-        qkv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
-        mlp: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One decoder layer on ``h`` (``[rows, tokens, hidden]``); ``attend`` stores K/V and returns attention.
-        ``qkv``/``mlp`` replace the two halves around attention (the CUDA step passes compiled ones)."""
+        """One decoder layer on ``h`` (``[rows, tokens, hidden]``); ``attend`` stores K/V and returns attention."""
         w = self.layers[index]
-        q, k, v = (qkv or attention_inputs)(h, w.ln1, w.qkv, w.qkv_bias, cos, sin, self.eps, self.heads, self.kv_heads)
-        return (mlp or attention_output_and_mlp)(h, attend(index, q, k, v), w.o, w.ln2, w.gate_up, w.down, self.eps, steer)
+        q, k, v = self.qkv(h, w.ln1, w.qkv, w.qkv_bias, cos, sin, self.eps, self.heads, self.kv_heads)
+        return self.mlp(h, attend(index, q, k, v), w.o, w.ln2, w.gate_up, w.down, self.eps, steer)
 
     def _attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool = False
@@ -249,8 +259,8 @@ class Runner:
         self, rows: list[tuple[BlockKV, list[int], dict[int, torch.Tensor]]], after_layer: AfterLayer | None = None
     ) -> torch.Tensor:
         """Feed each row's tokens after the ``kv.length`` its session holds, all rows packed into one sequence
-        (the GEMMs run once over every new token; attention runs per row); the last position's logits of each
-        row, ``[rows, vocab]``. ``after_layer`` (one row only) sees every layer's output and may replace it."""
+        (the GEMMs run once over every new token); the last position's logits of each row, ``[rows, vocab]``.
+        ``after_layer`` (one row only) sees every layer's output and may replace it."""
         starts = [kv.length for kv, _, _ in rows]
         counts = [len(ids) for _, ids, _ in rows]
         for (kv, _, _), start, count in zip(rows, starts, counts):
@@ -258,23 +268,10 @@ class Runner:
         dev = self.device
         ends = torch.tensor(counts).cumsum(0).tolist()
         h = self.embed(torch.tensor([[t for _, ids, _ in rows for t in ids]], device=dev))
-        pos = torch.cat([torch.arange(start, start + count, device=dev) for start, count in zip(starts, counts)])
+        pos = torch.tensor([p for start, count in zip(starts, counts) for p in range(start, start + count)], device=dev)
         cos, sin = self.cos[pos], self.sin[pos]
-        # A fresh row attends causally within itself (SDPA's causal kernels); a continued one needs the offset mask.
-        masks = [
-            None if count == 1 or start == 0
-            else torch.arange(start + count, device=dev)[None, :] <= torch.arange(start, start + count, device=dev)[:, None]
-            for start, count in zip(starts, counts)
-        ]
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out = []
-            for (kv, _, _), start, end, count, mask in zip(rows, starts, ends, counts, masks):
-                span = slice(end - count, end)
-                causal = start == 0 and count > 1
-                out.append(self._attend_row(kv, layer, start, q[:, :, span], k[0, :, span], v[0, :, span], mask, causal))
-            return torch.cat(out, dim=2)
-
+        kvs = [kv for kv, _, _ in rows]
+        attend = self._prompt_kernels(kvs, starts, counts, pos) if self.cuda else self._prompt_reference(kvs, starts, counts)
         for index in range(len(self.layers)):
             steer = None
             if any(index in steering for _, _, steering in rows):
@@ -285,9 +282,51 @@ class Runner:
             h = self._layer(index, h, cos, sin, attend, steer)
             if after_layer is not None:
                 h = _replaced(h, after_layer(index, h))
-        for (kv, _, _), start, count in zip(rows, starts, counts):
+        for kv, start, count in zip(kvs, starts, counts):
             kv.length = start + count
         return self._logits(h[0, [end - 1 for end in ends]])
+
+    def _prompt_reference(self, kvs: list[BlockKV], starts: list[int], counts: list[int]) -> Attend:
+        """Prefill attention row by row with SDPA over copies of each row's blocks (the CPU's, and the
+        reference the CUDA kernels are tested against)."""
+        dev = self.device
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        # A fresh row attends causally within itself (SDPA's causal kernels); a continued one needs the offset mask.
+        masks = [
+            None if count == 1 or start == 0
+            else torch.arange(start + count, device=dev)[None, :] <= torch.arange(start, start + count, device=dev)[:, None]
+            for start, count in zip(starts, counts)
+        ]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = []
+            for kv, start, end, count, mask in zip(kvs, starts, ends, counts, masks):
+                span = slice(end - count, end)
+                causal = start == 0 and count > 1
+                out.append(self._attend_row(kv, layer, start, q[:, :, span], k[0, :, span], v[0, :, span], mask, causal))
+            return torch.cat(out, dim=2)
+
+        return attend
+
+    def _prompt_kernels(self, kvs: list[BlockKV], starts: list[int], counts: list[int], pos: torch.Tensor) -> Attend:
+        """Prefill attention on CUDA: each layer stores every new token's K/V in its row's blocks (one launch),
+        then attends all of them over the blocks in place (one launch), whatever the rows' lengths."""
+        from . import kernels
+
+        tables = [kv.pointers() for kv in kvs]
+        ptrs = torch.zeros((len(kvs), max(len(t) for t in tables)), dtype=torch.long)
+        for r, table in enumerate(tables):
+            ptrs[r, : len(table)] = torch.tensor(table)
+        ptrs = ptrs.to(self.device)
+        token_ptrs = ptrs[torch.repeat_interleave(torch.arange(len(kvs)), torch.tensor(counts)).to(self.device)]
+        tiles = torch.tensor(kernels.prompt_tiles(starts, counts, PROMPT_TILE), device=self.device)
+        block = self.shape.block_tokens
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kernels.store_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), token_ptrs, pos, layer, block)
+            return kernels.attend_prompt(q, ptrs, tiles, layer, self.kv_heads, block, PROMPT_TILE)
+
+        return attend
 
     # decode ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -315,7 +354,7 @@ class Runner:
             logits = self._decode_eager([row], after_layer)
         else:
             if self._solo is None:
-                self._solo = _CudaSteps(self, self._graphs.use_graphs, self._compile, max_rows=1)
+                self._solo = _CudaSteps(self, self._graphs.use_graphs, max_rows=1)
             logits = self._solo.segments(row, stops, after_layer, stepping)
         row.kv.length += 1
         return logits
@@ -368,12 +407,10 @@ class _CudaSteps:
     state crosses a cut in a fixed buffer (the cut costs a replay boundary, ~0.05 ms measured on the H200).
     """
 
-    def __init__(self, runner: Runner, graphs: bool, compile: bool = True, max_rows: int | None = None) -> None:
+    def __init__(self, runner: Runner, graphs: bool, max_rows: int | None = None) -> None:
         from . import kernels
 
         self.kernels = kernels
-        self.qkv = torch.compile(attention_inputs, dynamic=True) if compile else attention_inputs
-        self.mlp = torch.compile(attention_output_and_mlp, dynamic=True) if compile else attention_output_and_mlp
         self.runner = runner
         self.use_graphs = graphs
         r = runner
@@ -491,7 +528,7 @@ class _CudaSteps:
 
         for index in range(first, last + 1):
             steer = self.steer[index, :bucket] if index in steered else None
-            h = r._layer(index, h, cos, sin, attend, steer, self.qkv, self.mlp)
+            h = r._layer(index, h, cos, sin, attend, steer)
         if ends:
             return r._logits(h[:, -1])
         self.hidden_out[:bucket].copy_(h)
