@@ -47,10 +47,11 @@ from .errors import (
     SessionBusyError,
     SessionClosedError,
 )
-from .executor import ENDED, PauseState, Run, RunState, Steering
+from .executor import PauseState, Run, Steering
 from .handoff import Command, Event
 from .memory import GiB, LRUPolicy, MemoryManager, Transfer
 from .registry import LoadedModel, prepare
+from .run_state import ENDED, RunState
 from .scheduler import fast_plan
 from .sessions import SessionState
 
@@ -516,8 +517,7 @@ class Engine:
         with session.lock:
             run, _ = self._paused_run(session)
             with self.memory.resident(session.id):
-                self.memory.running(sid)
-                run.state, run.pause = RunState.RUNNING, None
+                self._move(run, RunState.RUNNING)
                 run.handoff.send(commands[mode])
             return self._await(run)
 
@@ -537,9 +537,20 @@ class Engine:
     def _cancel(self, run: Run) -> None:
         run.abort_flag()
         if run.state is RunState.PAUSED:
-            run.state, run.pause = RunState.RUNNING, None
+            self._move(run, RunState.RUNNING)
             run.handoff.send(Command.ABORT)
         self._await(run, raise_failure=False)
+
+    def _move(
+        self, run: Run, to: RunState, pause: PauseState | None = None, error: BaseException | None = None
+    ) -> None:
+        """Every state change of a run: checked against run_state.MOVES, recorded in the session's history when
+        the run ends, and told to the memory manager, which derives from it whether the session may be paged."""
+        run.move(to, pause, error)
+        if to.ended:
+            session = run.session
+            session.history = [*session.history[: run.context_length], *run.prompt_ids, *run.tokens]
+        self.memory.on_run(run.session.id, to)
 
     def _await(self, run: Run, raise_failure: bool = True, timeout: float | None = None) -> dict[str, object]:
         """Take the run's next event (the first one not yet processed); with a timeout, it may still be running.
@@ -555,21 +566,15 @@ class Engine:
             posted = run.handoff.wait(posted.seq)
         run.seen = posted.seq
         if posted.event is Event.PAUSED:
-            run.state, run.pause = RunState.PAUSED, posted.payload
+            self._move(run, RunState.PAUSED, pause=posted.payload)
         elif posted.event is Event.FINISHED:
-            run.state = RunState.FINISHED
+            self._move(run, RunState.FINISHED)
         elif posted.event is Event.CANCELLED:
-            run.state = RunState.CANCELLED
+            self._move(run, RunState.CANCELLED)
         else:
-            run.state, run.error = RunState.FAILED, posted.payload
+            self._move(run, RunState.FAILED, error=posted.payload)
             if raise_failure:
                 self._raise_failure(run)
-        if run.state in ENDED:
-            session = run.session
-            session.history = [*session.history[: run.context_length], *run.prompt_ids, *run.tokens]
-            self.memory.end_run(session.id)
-        elif run.state is RunState.PAUSED:
-            self.memory.paused(run.session.id)
         return run.snapshot()
 
     @staticmethod

@@ -11,7 +11,8 @@ Invariants:
   undo itself fails the session is marked ``lost`` and every later use raises ``SessionLostError`` instead of
   touching freed memory.
 - Only a session whose executor is blocked (paused) or has no run may be paged; a running forward is never
-  touched. The engine reports these transitions (``admit``, ``paused``, ``running``, ``end_run``) and holds the manager's lock (``resident``)
+  touched. The engine reports a new run (``admit``) and every move of a run (``on_run``), and whether the session
+  may be paged follows from the run's state (``RunState.pageable``); it holds the manager's lock (``resident``)
   around every read or edit of session tensors, so a page-out never races a reader or writer. Nothing handed
   to a caller aliases session memory: the engine answers with copies made inside ``resident``.
 - One lock, the innermost of the engine's lock order: the manager never calls code that takes another lock
@@ -41,6 +42,7 @@ from typing import Protocol
 
 import torch
 
+from .run_state import RunState
 from .errors import InvalidArgumentError, OutOfMemoryError, PagingError, SessionClosedError, SessionLostError
 
 MiB = 1 << 20
@@ -305,24 +307,21 @@ class MemoryManager:
             )
         return session
 
-    def paused(self, sid: int) -> None:
-        """The engine's report that the session's executor is blocked at a pause: it may be paged now."""
+    def on_run(self, sid: int, state: RunState) -> None:
+        """A move of the session's run (run_state.py). Whether the session may be paged follows from ``state``
+        alone; a pause may page it at once (the policy's choice); an ended run returns its reservation and
+        leaves its context pageable like any idle state."""
         with self._lock:
             session = self.session(sid)
-            session.pageable = True
+            session.pageable = state.pageable
             session.last_used = time.monotonic()
-            if session.lost is None and self.policy.page_on_pause(session):
+            if state.ended:
+                session.reserved = 0
+            elif state is RunState.PAUSED and session.lost is None and self.policy.page_on_pause(session):
                 try:
                     self.page_out(sid)
                 except (OutOfMemoryError, PagingError):
                     pass  # paging on pause is an optimisation: the session stays resident and correct
-
-    def running(self, sid: int) -> None:
-        """The engine's report that the session's executor is about to run: it must stay resident."""
-        with self._lock:
-            session = self.session(sid)
-            session.pageable = False
-            session.last_used = time.monotonic()
 
     def admit(self, sid: int, need: int) -> None:
         """Make the session resident and reserve ``need`` device bytes in all for a new run (its kept context
@@ -335,15 +334,7 @@ class MemoryManager:
             self.page_in(sid)
             self._make_room(max(need - session.charge(), 0), for_sid=sid)
             session.reserved = need
-            session.pageable = False
-            session.last_used = time.monotonic()
-
-    def end_run(self, sid: int) -> None:
-        """The session's run ended: its reservation is returned; its context stays, pageable like any idle state."""
-        with self._lock:
-            session = self.session(sid)
-            session.reserved = 0
-            session.pageable = True
+            session.pageable = RunState.RUNNING.pageable  # the run it admits starts running
             session.last_used = time.monotonic()
 
     def drop(self, sid: int) -> None:
