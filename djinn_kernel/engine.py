@@ -35,7 +35,7 @@ from . import conditions, context, models
 from .anatomy import resolve_target
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
-from .edits import AddVector, Edit, check_tensor
+from .edits import AddVector, Edit, check_positions, check_tensor
 from .errors import (
     DjinnError,
     ExecutionError,
@@ -75,6 +75,14 @@ def default_memory(device: torch.device, budget: int | None = None, host: int | 
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     reserve = min(host, 2 * GiB) if device.type == "cuda" else 0
     return MemoryManager(device, budget, host, LRUPolicy(), budget_from_free_memory=derived, host_reserve=reserve)
+
+
+def _held_before(run: Run, pause: PauseState) -> int:
+    """Tokens the session's cache held before the paused step: its kept context at the prefill (step 0), then
+    that plus every token the prefill fed and every token generated before this step."""
+    if pause.token_step == 0:
+        return run.context_length
+    return run.context_length + len(run.prompt_ids) + pause.token_step - 1
 
 
 class Engine:
@@ -627,6 +635,49 @@ class Engine:
             _, pause = self._paused_run(session)
             pause.current, pause.edits = pause.original, 0
             return pause.describe()
+
+    def kv(self, sid: int, layer: int) -> dict[str, torch.Tensor]:
+        """Decoder layer ``layer``'s keys and values for the tokens before the paused step (the context this step
+        attends to besides its own new tokens), as CPU copies ``[kv_heads, tokens, head_dim]``. The same tokens on
+        every path and at every layer, whichever layers of the step have already run."""
+        session = self._session(sid)
+        with session.lock, self.memory.resident(session.id):
+            run, pause = self._paused_run(session)
+            index = self._kv_layer(session, layer)
+            keys, values = context.read_kv(run.cache, index, _held_before(run, pause), session.model.model.config)
+            return {"keys": keys.to("cpu", copy=True), "values": values.to("cpu", copy=True)}
+
+    def edit_kv(
+        self, sid: int, layer: int, positions: object, keys: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> dict[str, object]:
+        """Overwrite decoder layer ``layer``'s keys and/or values at token ``positions`` of the context before the
+        paused step (e.g. knock a token out). In place: this step's layers that have not run yet and every later
+        step read them, and the session keeps them (``rewind`` to before a position drops the edit with the
+        token). All or nothing: a refused edit changes nothing."""
+        session = self._session(sid)
+        with session.lock, self.memory.resident(session.id):
+            run, pause = self._paused_run(session)
+            index = self._kv_layer(session, layer)
+            held = _held_before(run, pause)
+            where = check_positions(positions, held, f"the context of layer {index}'s")
+            if keys is None and values is None:
+                raise InvalidArgumentError("pass keys, values or both: there is nothing to write")
+            heads, head_dim, dtype, device = context.kv_shape(run.cache, index)
+            like = torch.empty((heads, len(where), head_dim), dtype=dtype, device=device)
+            checked = {
+                name: None if t is None else check_tensor(t, like=like, what=name)
+                for name, t in (("keys", keys), ("values", values))
+            }
+            with torch.inference_mode():
+                context.write_kv(run.cache, index, where, checked["keys"], checked["values"])
+            return {"layer": index, "positions": where, "keys": keys is not None, "values": values is not None}
+
+    def _kv_layer(self, session: SessionState, layer: object) -> int:
+        layers = len(session.model.anatomy.layer_paths)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -layers <= layer < layers:
+            raise InvalidTargetError(f"layer must be a decoder layer index from 0 to {layers - 1}, not {layer!r}")
+        return layer % layers
 
     def logit_lens(
         self, sid: int, k: int = 5, position: int = -1, edit: Edit | None = None
