@@ -732,6 +732,8 @@ class Engine:
                 self.close_session(sid)
             except SessionClosedError:
                 continue
+        if self.memory.spill is not None:
+            self.memory.spill.close()
         with self._lock:
             for loaded in self._models.values():
                 loaded.dispatcher.remove()
