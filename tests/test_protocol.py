@@ -109,3 +109,20 @@ def test_bind_args():
         bind_args("resume", (3,), {"sid": 4})
     with pytest.raises(InvalidArgumentError, match="at most"):
         bind_args("cancel", (1, 2), {})
+
+
+def test_the_op_table_and_the_engine_agree_on_every_argument():
+    """``OPS`` is the wire's and the client's table; the engine implements each op with exactly those arguments
+    (the daemon adds ``owner`` itself), so an op changed in one place and not the other fails here."""
+    import inspect
+
+    from djinn_kernel.engine import Engine
+    from djinn_kernel.protocol import OPS
+
+    daemon_only = {"heartbeat", "goodbye", "hello"}
+    for op, names in OPS.items():
+        if op in daemon_only:
+            assert not hasattr(Engine, op)
+            continue
+        params = [p for p in inspect.signature(getattr(Engine, op)).parameters if p not in ("self", "owner")]
+        assert tuple(params) == names, op
