@@ -342,6 +342,17 @@ class Session:
     def steering(self) -> list[dict[str, Any]]:
         return self._backend.describe_session(self.id)["steering"]
 
+    def record(self, targets: int | str | list[int | str], positions: list[int] | None = None) -> list[int]:
+        """Keep the outputs of ``targets`` (decoder-layer indices or module paths) at every step of the next runs,
+        without pausing: ``run.recorded[target]`` is ``[rows, width]``, the prompt's positions (or the
+        ``positions`` chosen) then one row per generated token but the last. Returns the recordings' ids."""
+        many = targets if isinstance(targets, (list, tuple)) else [targets]
+        return [self._backend.add_recording(self.id, t, positions)["id"] for t in many]
+
+    def unrecord(self, recording_id: int | None = None) -> list[int]:
+        """Stop a recording (all of them by default); returns the ids removed."""
+        return self._backend.remove_recording(self.id, recording_id)
+
     def generate(
         self,
         prompt: str | list[int],
@@ -532,6 +543,14 @@ class Run:
     def logits(self) -> torch.Tensor:
         """Per-step next-token logits ``[steps, vocab]``, when generated with ``keep_logits=True``."""
         return self._backend.run_logits(self.session.id)
+
+    @property
+    def recorded(self) -> dict[int | str, torch.Tensor]:
+        """What the session's recordings kept in this run, by module path and, for decoder layers, by index too
+        (CPU tensors ``[rows, width]``; see ``Session.record``)."""
+        by_path = self._backend.recorded(self.session.id)
+        layers = {path: i for i, path in enumerate(self.session.model.info.get("layer_paths", []))}
+        return {**by_path, **{layers[p]: t for p, t in by_path.items() if p in layers}}
 
     def resume(self, *, on_progress: ProgressCallback | None = None) -> Run:
         """Continue to the next breakpoint hit, or to the end (``on_progress``: see ``Session.generate``)."""

@@ -50,6 +50,7 @@ from .errors import (
 from .executor import PauseState, Run, Steering
 from .handoff import Command, Event
 from .memory import GiB, LRUPolicy, MemoryManager, Transfer
+from .recording import Recorder, Recording
 from .registry import LoadedModel, prepare
 from .run_state import ENDED, RunState
 from .scheduler import fast_plan
@@ -214,6 +215,8 @@ class Engine:
             if run is not None and run.state not in ENDED:
                 self._cancel(run)
             session.closed = True
+            if run is not None and run.recorder is not None:
+                run.recorder.free()
             session.run = None
             with self._lock:
                 self._sessions.pop(sid, None)
@@ -313,6 +316,39 @@ class Engine:
         with session.lock:
             return remove_by_id(session.steering, steer_id, "steering")
 
+    def add_recording(self, sid: int, target: int | str, positions: object = None) -> dict[str, object]:
+        """Record ``target``'s output at every step of the session's later runs (recording.py), until removed."""
+        if positions is not None:
+            if isinstance(positions, int) and not isinstance(positions, bool):
+                positions = [positions]
+            if not isinstance(positions, (list, tuple, range)) or not positions or not all(
+                isinstance(p, int) and not isinstance(p, bool) for p in positions
+            ):
+                raise InvalidArgumentError(f"positions must be prompt positions (integers) or None, not {positions!r}")
+        session = self._session(sid)
+        with session.lock:
+            path, layer = self._target(session, target, "output")
+            if any(r.path == path for r in session.recordings.values()):
+                raise InvalidArgumentError(f"{path} is already recorded; remove that recording first")
+            recording = Recording(next(session._record_ids), path, layer, None if positions is None else tuple(positions))
+            session.recordings[recording.id] = recording
+            return recording.describe()
+
+    def remove_recording(self, sid: int, recording_id: int | None = None) -> list[int]:
+        session = self._session(sid)
+        with session.lock:
+            return remove_by_id(session.recordings, recording_id, "recording")
+
+    def recorded(self, sid: int) -> dict[str, torch.Tensor]:
+        """The last run's recorded rows by module path (CPU copies), once it has ended."""
+        session = self._session(sid)
+        run = session.run
+        if run is None or run.recorder is None:
+            raise InvalidArgumentError("the last run recorded nothing; add a recording with session.record(...)")
+        if run.state not in ENDED:
+            raise NotPausedError("recordings are available once the run has ended")
+        return run.recorder.result()
+
     # runs -----------------------------------------------------------------------------------------------
     def generate(
         self,
@@ -380,6 +416,10 @@ class Engine:
                 session.cache = context.for_fast_path(session.cache, loaded.scheduler.runner.shape)
             else:
                 session.cache = context.for_module_path(session.cache, loaded.model.config)
+            if session.run is not None and session.run.recorder is not None:
+                session.run.recorder.free()
+            recordings = list(session.recordings.values())
+            recorder = Recorder(recordings, self.memory.pool, len(input_ids), max_new_tokens) if recordings else None
             run = Run(
                 next(session._run_ids),
                 session,
@@ -389,6 +429,7 @@ class Engine:
                 max_new_tokens,
                 Sampling(float(temperature), top_k, int(seed)),
                 bool(keep_logits),
+                recorder,
             )
             session.run = run
             if fast:

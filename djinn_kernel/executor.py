@@ -29,6 +29,7 @@ from .decode import Sampling, decode
 from .edits import Edit
 from .handoff import Command, Event, Handoff
 from .hooks import bind
+from .recording import Recorder
 from .run_state import RunState, check_move
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ class Run:
         max_new_tokens: int,
         sampling: Sampling,
         keep_logits: bool,
+        recorder: Recorder | None = None,
     ) -> None:
         self.id = run_id
         self.session = session
@@ -144,6 +146,7 @@ class Run:
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.keep_logits = keep_logits
+        self.recorder = recorder  # the session's recordings, for this run (recording.py)
         self.generator = sampling.generator(session.model.device)
         self.handoff = Handoff()
         self.seen = self.handoff.seq  # the last event the engine has processed
@@ -211,6 +214,8 @@ class Run:
                 new = self._pause(path, layer, side, value, reason, [b.id for b in hits])
                 if new is not None:
                     value, changed = new, True
+        if side == "output" and self.recorder is not None and self.recorder.wants(path):
+            self.recorder.take(path, self.token_step, value)
         return value if changed else None
 
     def _holds(self, bp: Breakpoint, value: torch.Tensor, fired: list[str]) -> bool:

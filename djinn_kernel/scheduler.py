@@ -54,7 +54,9 @@ def fast_plan(
     session: SessionState, token_step: int, stepping: bool = False, finishing: bool = False
 ) -> FastPlan | None:
     """The plan of forward number ``token_step``, or ``None`` when it needs the module path (a breakpoint on a
-    submodule or an input that may hit, or an edit the runner does not apply)."""
+    submodule or an input that may hit, an edit the runner does not apply, or a recording)."""
+    if session.recordings:
+        return None  # recordings copy module outputs from the hooks of the module path
     layer_paths = session.model.anatomy.layer_paths
     stops = set(range(len(layer_paths))) if stepping else set()
     if not finishing:

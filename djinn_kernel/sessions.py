@@ -12,6 +12,7 @@ from .breakpoints import BreakpointTable
 from . import context
 from .executor import Run, Steering, Worker
 from .memory import MemoryManager
+from .recording import Recording
 from .registry import LoadedModel
 from .run_state import ENDED
 
@@ -24,6 +25,7 @@ class SessionState:
     memory: MemoryManager
     breakpoints: BreakpointTable = field(default_factory=BreakpointTable)
     steering: dict[int, Steering] = field(default_factory=dict)
+    recordings: dict[int, Recording] = field(default_factory=dict)
     run: Run | None = None
     history: list[int] = field(default_factory=list)  # the conversation's tokens; see context.py
     cache: object | None = None  # K/V of the history, kept across runs
@@ -31,6 +33,7 @@ class SessionState:
     lock: threading.RLock = field(default_factory=threading.RLock)
     worker: Worker = field(init=False)  # the session's executor thread
     _steer_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _record_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _run_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
