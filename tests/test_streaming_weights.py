@@ -199,13 +199,13 @@ def run_of(model: dj.Model) -> tuple[list[int], torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_a_streamed_model_is_bitwise_the_resident_one(name, engine, streamed):
+def test_a_streamed_model_is_bitwise_the_resident_one(name, backends, streamed):
     model = streamed(name)
     info = model.info["streaming"]
     assert info["resident_layers"] == [0] and info["streamed_layers"] == [1, 2, 3] and info["ring_slots"] == 2
     assert model.info["fast_path"].startswith("unavailable: decoder layers stream")
     tokens, logits = run_of(model)
-    ref_tokens, ref_logits = run_of(dj.load(name, backend=engine))
+    ref_tokens, ref_logits = run_of(dj.load(name, backend=backends("inprocess")))
     assert tokens == ref_tokens and torch.equal(logits, ref_logits)
 
 
@@ -221,8 +221,8 @@ def test_status_reports_the_split_and_the_bytes_of_each_token(streamed):
     assert "3 streamed through 2 ring slots" in format_status(engine.status())
 
 
-def test_breakpoints_edits_and_the_lens_on_streamed_layers(engine, streamed):
-    model, reference_model = streamed("tiny-llama"), dj.load("tiny-llama", backend=engine)
+def test_breakpoints_edits_and_the_lens_on_streamed_layers(backends, streamed):
+    model, reference_model = streamed("tiny-llama"), dj.load("tiny-llama", backend=backends("inprocess"))
     tokens, logits = run_of(reference_model)
     results = {}
     for which, m in (("streamed", model), ("resident", reference_model)):
@@ -247,10 +247,10 @@ def test_breakpoints_edits_and_the_lens_on_streamed_layers(engine, streamed):
     assert not torch.equal(got_logits, logits), "the edit at token step 1 took effect"
 
 
-def test_steering_a_streamed_layer_equals_steering_the_resident_one(engine, streamed):
+def test_steering_a_streamed_layer_equals_steering_the_resident_one(backends, streamed):
     vector = torch.randn(64, generator=torch.Generator().manual_seed(3))
     outcome = []
-    for m in (streamed("tiny-llama"), dj.load("tiny-llama", backend=engine)):
+    for m in (streamed("tiny-llama"), dj.load("tiny-llama", backend=backends("inprocess"))):
         with m.session() as s:
             s.steer(3, vector, alpha=4.0)
             run = s.generate(PROMPT, N, keep_logits=True)
@@ -259,11 +259,11 @@ def test_steering_a_streamed_layer_equals_steering_the_resident_one(engine, stre
 
 
 @pytest.mark.inprocess
-def test_a_session_paused_inside_a_streamed_layer_and_paged_leaves_others_exact(engine, streamed):
+def test_a_session_paused_inside_a_streamed_layer_and_paged_leaves_others_exact(backends, streamed):
     """One session waits inside layer 3's MLP (its ring slot held) and is paged out and back; another
     session runs to the end meanwhile through the rest of the ring; both equal the resident model."""
     model = streamed("tiny-llama")
-    tokens, logits = run_of(dj.load("tiny-llama", backend=engine))
+    tokens, logits = run_of(dj.load("tiny-llama", backend=backends("inprocess")))
     with model.session() as held, model.session() as other:
         held.break_at("model.layers.3.mlp", tokens=3)
         run = held.generate(PROMPT, N, keep_logits=True)
@@ -300,11 +300,11 @@ def daemon():
     process.stop()
 
 
-def test_through_the_daemon_a_streamed_model_is_exact_pauses_and_reports(daemon, engine):
+def test_through_the_daemon_a_streamed_model_is_exact_pauses_and_reports(daemon, backends):
     client = daemon.client()
     model = dj.load("tiny-llama", backend=client)
     assert model.info["streaming"]["streamed_layers"] == [1, 2, 3]
-    tokens, logits = run_of(dj.load("tiny-llama", backend=engine))
+    tokens, logits = run_of(dj.load("tiny-llama", backend=backends("inprocess")))
     got, got_logits = run_of(model)
     assert got == tokens and torch.equal(got_logits, logits)
     with model.session() as s:
