@@ -247,6 +247,21 @@ def test_breakpoints_edits_and_the_lens_on_streamed_layers(backends, streamed):
     assert not torch.equal(got_logits, logits), "the edit at token step 1 took effect"
 
 
+@pytest.mark.inprocess
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_a_pause_at_a_streamed_layer_holds_no_slot(side, streamed):
+    """The ring's hooks run inside the debugger's: a pause at the layer itself waits with every slot free."""
+    model = streamed("tiny-llama")
+    ring = model._backend._model("tiny-llama").ring
+    with model.session() as s:
+        s.break_at(2, side=side)
+        run = s.generate(PROMPT, 3)
+        while run.paused:
+            assert [slot.readers for slot in ring.slots] == [0, 0]
+            run.resume()
+        assert run.state == "finished"
+
+
 def test_steering_a_streamed_layer_equals_steering_the_resident_one(backends, streamed):
     vector = torch.randn(64, generator=torch.Generator().manual_seed(3))
     outcome = []
