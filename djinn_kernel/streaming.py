@@ -3,8 +3,10 @@ streams the rest, layer by layer, through a ring of device slots fed from one pi
 
 Decode of a model that does not fit is bound by PCIe, so the aim is to keep the copy engine busy with exactly
 the bytes that must move: each streamed layer crosses once per forward, in one contiguous copy (>= 2 MB copies
-reach ~50 GB/s pinned, 32 KiB ones ~2.6), while the layers before it compute. The last layers are streamed:
-their first slots refill while the resident layers of the next forward compute.
+reach ~50 GB/s pinned, 32 KiB ones ~2.6), while the layers before it compute. The first layers are streamed and
+the last ones kept: the loads of the next forward's first layers are queued as this forward's streamed layers
+finish, and copy while its resident layers compute, so the copy engine stays busy across the host's sync at the
+end of a token (streaming the last layers instead would leave it idle while the host launches the resident ones).
 
 Invariants:
 - One arena, allocated (and pinned, on CUDA) at load, holds every streamed layer's parameters packed in one
@@ -93,8 +95,9 @@ def check_ring_slots(slots: object) -> int:
 
 def plan_split(layer_bytes: Sequence[int], other_bytes: int, budget: int, slots: int = 2) -> StreamPlan | None:
     """The split of a model into resident and streamed layers under ``budget`` device bytes, or ``None`` when the
-    whole model fits. Layers are kept from the first on; the ring gets ``slots`` slots, fewer (down to one, which
-    cannot overlap copy and compute) only when the budget leaves no room for them."""
+    whole model fits. Layers are kept from the last one backwards (see the module docstring); the ring gets
+    ``slots`` slots, fewer (down to one, which cannot overlap copy and compute) only when the budget leaves no
+    room for them."""
     check_ring_slots(slots)
     n = len(layer_bytes)
     if other_bytes + sum(layer_bytes) <= budget:
@@ -106,13 +109,13 @@ def plan_split(layer_bytes: Sequence[int], other_bytes: int, budget: int, slots:
         )
     for ring in range(min(slots, n), 0, -1):
         for kept in range(n - 1, -1, -1):
-            streamed = tuple(range(kept, n))
+            streamed = tuple(range(n - kept))
             slot_bytes = max(layer_bytes[i] for i in streamed)
-            resident = other_bytes + sum(layer_bytes[:kept])
+            resident = other_bytes + sum(layer_bytes[n - kept :])
             if len(streamed) <= ring:
                 continue  # as many slots as streamed layers: the layers would fit resident instead
             if resident + ring * slot_bytes <= budget:
-                return StreamPlan(tuple(range(kept)), streamed, ring, slot_bytes, other_bytes, resident,
+                return StreamPlan(tuple(range(n - kept, n)), streamed, ring, slot_bytes, other_bytes, resident,
                                   sum(layer_bytes[i] for i in streamed))
     need = other_bytes + max(layer_bytes)
     raise WeightBudgetError(

@@ -32,9 +32,9 @@ def test_a_model_that_fits_is_not_streamed():
     assert plan_split([100] * 4, 50, 450) is None
 
 
-def test_the_first_layers_stay_resident_and_the_ring_takes_the_rest():
+def test_the_last_layers_stay_resident_and_the_ring_takes_the_first():
     plan = plan_split([100] * 10, 50, 50 + 5 * 100 + 2 * 100)
-    assert plan.resident == (0, 1, 2, 3, 4) and plan.streamed == (5, 6, 7, 8, 9)
+    assert plan.resident == (5, 6, 7, 8, 9) and plan.streamed == (0, 1, 2, 3, 4)
     assert plan.slots == 2 and plan.slot_bytes == 100 and plan.arena_bytes == 500
     assert plan.device_bytes == 50 + 700
 
@@ -66,8 +66,8 @@ class Stack(nn.Module):
         return x
 
 
-def streamed_stack(resident: int = 4, slots: int = 3) -> tuple[Stack, WeightRing, torch.Tensor, torch.Tensor]:
-    """The stack with layers ``resident``.. streamed, an input and the output it gives fully resident."""
+def streamed_stack(resident: int = 1, slots: int = 3) -> tuple[Stack, WeightRing, torch.Tensor, torch.Tensor]:
+    """The stack with its last ``resident`` layers kept, an input and the output it gives fully resident."""
     net = Stack()
     x = torch.randn(2, 8)
     with torch.no_grad():
@@ -75,7 +75,7 @@ def streamed_stack(resident: int = 4, slots: int = 3) -> tuple[Stack, WeightRing
     layer = packed_bytes(net.layers[0])
     other = sum(p.numel() * 4 for p in net.embed.parameters())
     plan = plan_for(net, list(net.layers), other + (resident + slots) * layer, slots)
-    assert plan.resident == tuple(range(resident)) and plan.slots == slots
+    assert plan.resident == tuple(range(12 - resident, 12)) and plan.slots == slots
     ring = stream_model(net, [f"layers.{i}" for i in range(12)], plan, torch.device("cpu"))
     return net, ring, x, expected
 
@@ -99,23 +99,24 @@ def test_every_forward_loads_in_module_order_round_the_ring_and_is_exact():
         outs = [net(x) for _ in range(4)]
     assert all(torch.equal(out, expected) for out in outs), "streamed weights compute exactly what resident ones do"
     loads = [(e.layer, e.slot) for e in ring.log if e.kind == "load"]
-    # Streamed positions 0..7 are layers 4..11, cyclic; slot k takes every third load.
-    assert [layer for layer, _ in loads] == [i % 8 for i in range(len(loads))]
+    # Streamed positions 0..10 are layers 0..10 ("layers.10" after "layers.9"), cyclic; every third load per slot.
+    assert ring.paths == [f"layers.{i}" for i in range(11)]
+    assert [layer for layer, _ in loads] == [i % 11 for i in range(len(loads))]
     assert [slot for _, slot in loads] == [i % 3 for i in range(len(loads))]
     acquires = [e.layer for e in ring.log if e.kind == "acquire"]
-    assert acquires == list(range(8)) * 4 and ring.demand_loads == 0
-    assert list(ring.per_forward) == [8 * layer] * 4, "every forward copies each streamed layer once"
+    assert acquires == list(range(11)) * 4 and ring.demand_loads == 0
+    assert list(ring.per_forward) == [11 * layer] * 4, "every forward copies each streamed layer once"
     assert ring.bytes_copied == ring.loads * layer
     check_reuse_rule(ring.log)
 
 
 def test_outside_a_forward_a_streamed_layer_shows_its_own_weights():
     net, ring, x, _ = streamed_stack()
-    before = net.layers[7].weight.clone()
+    before = net.layers[5].weight.clone()
     with torch.no_grad():
         net(x)
-    assert torch.equal(net.layers[7].weight, before)
-    assert net.layers[7].weight.untyped_storage().data_ptr() == ring.arena.untyped_storage().data_ptr()
+    assert torch.equal(net.layers[5].weight, before)
+    assert net.layers[5].weight.untyped_storage().data_ptr() == ring.arena.untyped_storage().data_ptr()
 
 
 def test_a_layer_held_by_a_paused_forward_keeps_its_slot_while_others_run():
@@ -126,10 +127,10 @@ def test_a_layer_held_by_a_paused_forward_keeps_its_slot_while_others_run():
 
     def paused_inside() -> None:
         ring.acquire(2)
-        held["weight"] = net.layers[6].weight
+        held["weight"] = net.layers[2].weight
         entered.set()
         go.wait()
-        held["after"] = net.layers[6].weight.clone()
+        held["after"] = net.layers[2].weight.clone()
         ring.release(2)
 
     other = threading.Thread(target=paused_inside)
@@ -141,7 +142,7 @@ def test_a_layer_held_by_a_paused_forward_keeps_its_slot_while_others_run():
     assert slot.layer == 2 and slot.readers == 1, "the held slot was never reloaded"
     go.set()
     other.join()
-    assert torch.equal(held["after"], ring._arena_views[2][0]), "the paused forward still reads layer 6"
+    assert torch.equal(held["after"], ring._arena_views[2][0]), "the paused forward still reads layer 2"
     check_reuse_rule(ring.log)
 
 
@@ -163,7 +164,7 @@ def test_a_forward_cut_short_is_followed_by_an_exact_one():
     with torch.no_grad():
         assert torch.equal(net(x), expected)
     assert ring.demand_loads == 1, "the next forward's first layer was no longer in the ring"
-    assert ring.per_forward[-1] == 8 * packed_bytes(net.layers[0])
+    assert ring.per_forward[-1] == 11 * packed_bytes(net.layers[0])
     check_reuse_rule(ring.log)
 
 
@@ -202,7 +203,7 @@ def run_of(model: dj.Model) -> tuple[list[int], torch.Tensor]:
 def test_a_streamed_model_is_bitwise_the_resident_one(name, backends, streamed):
     model = streamed(name)
     info = model.info["streaming"]
-    assert info["resident_layers"] == [0] and info["streamed_layers"] == [1, 2, 3] and info["ring_slots"] == 2
+    assert info["resident_layers"] == [3] and info["streamed_layers"] == [0, 1, 2] and info["ring_slots"] == 2
     assert model.info["fast_path"].startswith("unavailable: decoder layers stream")
     tokens, logits = run_of(model)
     ref_tokens, ref_logits = run_of(dj.load(name, backend=backends("inprocess")))
@@ -228,7 +229,7 @@ def test_breakpoints_edits_and_the_lens_on_streamed_layers(backends, streamed):
     for which, m in (("streamed", model), ("resident", reference_model)):
         with m.session() as s:
             s.break_at(2)
-            s.break_at("model.layers.3.mlp", side="input", tokens=2)
+            s.break_at("model.layers.2.mlp", side="input", tokens=2)
             run = s.generate(PROMPT, N, keep_logits=True)
             stops, lens, acts = [], [], []
             while run.paused:
@@ -241,7 +242,7 @@ def test_breakpoints_edits_and_the_lens_on_streamed_layers(backends, streamed):
                 run.resume()
             results[which] = (stops, lens, acts, run.tokens, run.logits)
     (stops, lens, acts, got, got_logits), (ref_stops, ref_lens, ref_acts, ref, ref_logits) = results.values()
-    assert stops == ref_stops and ("model.layers.3.mlp", 2) in stops and lens == ref_lens
+    assert stops == ref_stops and ("model.layers.2.mlp", 2) in stops and lens == ref_lens
     assert all(torch.equal(a, b) for a, b in zip(acts, ref_acts))
     assert got == ref and torch.equal(got_logits, ref_logits)
     assert not torch.equal(got_logits, logits), "the edit at token step 1 took effect"
@@ -267,7 +268,7 @@ def test_steering_a_streamed_layer_equals_steering_the_resident_one(backends, st
     outcome = []
     for m in (streamed("tiny-llama"), dj.load("tiny-llama", backend=backends("inprocess"))):
         with m.session() as s:
-            s.steer(3, vector, alpha=4.0)
+            s.steer(1, vector, alpha=4.0)
             run = s.generate(PROMPT, N, keep_logits=True)
             outcome.append((run.tokens, run.logits))
     assert outcome[0][0] == outcome[1][0] and torch.equal(outcome[0][1], outcome[1][1])
@@ -275,16 +276,16 @@ def test_steering_a_streamed_layer_equals_steering_the_resident_one(backends, st
 
 @pytest.mark.inprocess
 def test_a_session_paused_inside_a_streamed_layer_and_paged_leaves_others_exact(backends, streamed):
-    """One session waits inside layer 3's MLP (its ring slot held) and is paged out and back; another
+    """One session waits inside layer 2's MLP (its ring slot held) and is paged out and back; another
     session runs to the end meanwhile through the rest of the ring; both equal the resident model."""
     model = streamed("tiny-llama")
     tokens, logits = run_of(dj.load("tiny-llama", backend=backends("inprocess")))
     with model.session() as held, model.session() as other:
-        held.break_at("model.layers.3.mlp", tokens=3)
+        held.break_at("model.layers.2.mlp", tokens=3)
         run = held.generate(PROMPT, N, keep_logits=True)
         assert run.paused and run.pause.token_step == 3
         ring = model._backend._model("tiny-llama").ring
-        assert [(slot.layer, slot.readers) for slot in ring.slots if slot.readers] == [(2, 1)], "layer 3 is held"
+        assert [(slot.layer, slot.readers) for slot in ring.slots if slot.readers] == [(2, 1)], "layer 2 is held"
         assert held.page_out()["bytes"] > 0 and held.status()["state"] == "paged"
         mine = other.generate(PROMPT, N, keep_logits=True)
         assert mine.tokens == tokens and torch.equal(mine.logits, logits)
@@ -318,14 +319,14 @@ def daemon():
 def test_through_the_daemon_a_streamed_model_is_exact_pauses_and_reports(daemon, backends):
     client = daemon.client()
     model = dj.load("tiny-llama", backend=client)
-    assert model.info["streaming"]["streamed_layers"] == [1, 2, 3]
+    assert model.info["streaming"]["streamed_layers"] == [0, 1, 2]
     tokens, logits = run_of(dj.load("tiny-llama", backend=backends("inprocess")))
     got, got_logits = run_of(model)
     assert got == tokens and torch.equal(got_logits, logits)
     with model.session() as s:
-        s.break_at(3, tokens=1)
+        s.break_at(2, tokens=1)
         run = s.generate(PROMPT, N, keep_logits=True)
-        assert run.paused and run.pause.layer == 3
+        assert run.paused and run.pause.layer == 2
         s.page_out()
         run.resume()
         assert run.tokens == tokens and torch.equal(run.logits, logits)
