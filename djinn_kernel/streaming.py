@@ -372,11 +372,11 @@ class WeightRing:
 
     def _load(self, slot: _Slot, k: int) -> None:
         assert slot.readers == 0, "a slot is reloaded only when no forward reads it"
+        nbytes = self._layouts[k].nbytes
+        ready = self.ops.copy(slot.buffer[:nbytes], self._extents[k], slot.done)  # first: a failed copy changes nothing
         if slot.layer is not None:
             del self._holding[slot.layer]
-        nbytes = self._layouts[k].nbytes
-        slot.ready = self.ops.copy(slot.buffer[:nbytes], self._extents[k], slot.done)
-        slot.layer, slot.done, slot.consumed = k, [], False
+        slot.ready, slot.layer, slot.done, slot.consumed = ready, k, [], False
         self._holding[k] = slot
         self.bytes_copied += nbytes
         self.loads += 1
