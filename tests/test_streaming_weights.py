@@ -210,6 +210,18 @@ def test_a_streamed_model_is_bitwise_the_resident_one(name, backends, streamed):
     assert tokens == ref_tokens and torch.equal(logits, ref_logits)
 
 
+def test_a_fast_engine_serves_a_streamed_model_on_the_module_path(backends):
+    engine = Engine(device="cpu", fast=True, weight_memory=streaming_budget("tiny-llama", 1))
+    try:
+        model = dj.load("tiny-llama", backend=engine)
+        assert engine._model("tiny-llama").scheduler is None, "no runner reads streamed weights in place"
+        tokens, logits = run_of(model)
+        ref_tokens, ref_logits = run_of(dj.load("tiny-llama", backend=backends("inprocess")))
+        assert tokens == ref_tokens and torch.equal(logits, ref_logits)
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.inprocess
 def test_status_reports_the_split_and_the_bytes_of_each_token(streamed):
     model = streamed("tiny-llama")
