@@ -307,12 +307,7 @@ class WeightRing:
             if k == 0:
                 self.forwards += 1
                 self._forward_bytes = 0
-            slot = self._holding.get(k)
-            if slot is None:
-                slot = self._free_slot(k)
-                self._load(slot, k)
-                self.demand_loads += 1
-                self._prefetch(k)
+            slot = self._slot_for(k)
             slot.readers += 1
             self._pins[threading.get_ident()] = (threading.current_thread(), k)
             if not slot.consumed:
@@ -349,14 +344,20 @@ class WeightRing:
                 del self._pins[ident]
                 self._unpin(k)
 
-    def _free_slot(self, k: int) -> _Slot:
-        """A slot no forward is inside, for a demand load of ``k``: the one whose layer is wanted last."""
+    def _slot_for(self, k: int) -> _Slot:
+        """The slot holding ``k``; if none, ``k`` loaded on demand into the slot no forward reads whose layer is
+        wanted last, waiting while every slot is read (another thread may load ``k`` meanwhile)."""
         m = len(self._layouts)
-        while True:
+        while (slot := self._holding.get(k)) is None:
             free = [s for s in self.slots if s.readers == 0]
-            if free:
-                return max(free, key=lambda s: -1 if s.layer is None else (s.layer - k) % m)
-            self._cond.wait()
+            if not free:
+                self._cond.wait()
+                continue
+            slot = max(free, key=lambda s: -1 if s.layer is None else (s.layer - k) % m)
+            self._load(slot, k)
+            self.demand_loads += 1
+            self._prefetch(k)
+        return slot
 
     def _prefetch(self, start: int) -> None:
         """Fill the slots nobody reads with the layers from ``start`` on in execution order, nearest first."""

@@ -306,6 +306,22 @@ def test_a_session_paused_inside_a_streamed_layer_and_paged_leaves_others_exact(
         assert run.tokens == tokens and torch.equal(run.logits, logits)
 
 
+@pytest.mark.inprocess
+def test_sessions_decoding_at_once_share_the_ring_and_stay_exact(backends, streamed):
+    """Four sessions on four threads at once: more forwards than slots, so some wait for a slot to free."""
+    model = streamed("tiny-llama")
+    tokens, logits = run_of(dj.load("tiny-llama", backend=backends("inprocess")))
+    results: list[tuple[list[int], torch.Tensor]] = []
+    threads = [threading.Thread(target=lambda: results.append(run_of(model))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4
+    assert all(got == tokens and torch.equal(got_logits, logits) for got, got_logits in results)
+    check_reuse_rule(model._backend._model("tiny-llama").ring.log)
+
+
 def test_an_impossible_budget_is_refused_at_load_with_what_to_do():
     engine = make_engine(weight_memory=1000)
     try:
