@@ -388,3 +388,8 @@ def test_the_experiment_runs_small_on_the_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["complete"] and result["exact_vs_resident"]["logits_bitwise"] and result["paused_session"]["exact"]
     assert result["djinn_bytes_streamed_per_token"] == result["streamed_bytes"] > 0
+    plot = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "exp2_streaming" / "plot.py"), str(out), str(tmp_path / "p.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert plot.returncode == 0 and (tmp_path / "p.png").stat().st_size > 0, plot.stderr[-2000:]
