@@ -134,7 +134,9 @@ def prepare(
         ring = stream_model(model, anatomy.layer_paths, plan, device)
     scheduler, fast_path = None, "off"
     if ring is not None:
-        fast_path = "unavailable: decoder layers stream from host memory (the fast path reads every layer's weights in place)"
+        fast_path = (
+            "unavailable: decoder layers stream from host memory (the fast path reads every layer's weights in place)"
+        )
     elif fast:
         reason = unsupported_reason(model)
         if reason is None:

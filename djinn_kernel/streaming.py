@@ -89,7 +89,9 @@ class StreamPlan:
 
 def check_ring_slots(slots: object) -> int:
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise InvalidArgumentError(f"ring_slots must be a positive integer (2 overlaps copy and compute), not {slots!r}")
+        raise InvalidArgumentError(
+            f"ring_slots must be a positive integer (2 overlaps copy and compute), not {slots!r}"
+        )
     return slots
 
 
@@ -137,9 +139,6 @@ def plan_for(model: nn.Module, layers: Sequence[nn.Module], budget: int, slots: 
 
 class _HostEvent:
     """An event on the CPU: the work it marks was done synchronously, so it is complete when made."""
-
-    def synchronize(self) -> None:
-        return None
 
 
 class _HostOps:
@@ -200,7 +199,6 @@ class _Slot:
 class _Layout:
     """One streamed layer: its parameters with their offsets in the packed extent."""
 
-    path: str
     params: list[tuple[nn.Parameter, int, torch.Size, torch.dtype]]
     nbytes: int
 
@@ -225,7 +223,7 @@ class WeightRing:
         self.plan = plan
         self.ops = _CudaOps(self.device) if self.device.type == "cuda" else _HostOps()
         self.paths = [layer_paths[i] for i in plan.streamed]
-        self._layouts = [self._layout(path, model.get_submodule(path)) for path in self.paths]
+        self._layouts = [self._layout(model.get_submodule(path)) for path in self.paths]
         self.arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, pin_memory=self.ops.pin)
         self._extents: list[torch.Tensor] = []
         offset = 0
@@ -256,12 +254,12 @@ class WeightRing:
         self.log: deque[RingEvent] = deque(maxlen=self.LOG)
 
     @staticmethod
-    def _layout(path: str, layer: nn.Module) -> _Layout:
+    def _layout(layer: nn.Module) -> _Layout:
         params, offset = [], 0
         for p in _unique_params(layer):
             params.append((p, offset, p.shape, p.dtype))
             offset += _aligned(p.numel() * p.element_size())
-        return _Layout(path, params, offset)
+        return _Layout(params, offset)
 
     @staticmethod
     def _views(layout: _Layout, extent: torch.Tensor) -> list[torch.Tensor]:
