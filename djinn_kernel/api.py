@@ -678,6 +678,26 @@ class Pause:
         self._check_current()
         return self.run._backend.logit_lens(self.run.session.id, k, position, edit)
 
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer ``layer``'s keys and values (``[kv_heads, tokens, head_dim]``, CPU copies) for the tokens
+        before this step: the conversation so far, which this step attends to besides its own new tokens."""
+        self._check_current()
+        held = self.run._backend.kv(self.run.session.id, layer)
+        return held["keys"], held["values"]
+
+    def edit_kv(
+        self, layer: int, positions: int | list[int] | range, keys: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> Pause:
+        """Overwrite layer ``layer``'s keys and/or values (``[kv_heads, len(positions), head_dim]``) at those
+        token positions, e.g. zero a token's values to knock it out. It acts at once: this step's layers that
+        have not run yet and every later step read the new values, and the session keeps them (rewind before a
+        position drops the edit with the token)."""
+        self._check_current()
+        self.run._backend.edit_kv(self.run.session.id, layer, positions, keys, values)
+        self.run.edited_steps.add(self.token_step)
+        return self
+
     @property
     def paused(self) -> bool:
         """Whether the run still waits at this pause (False once it moved on)."""

@@ -25,6 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .engine import Engine, default_device, default_memory
     from .memory import LRUPolicy, parse_bytes
     from .report import format_size
+    from .spill import SpillStore
     from .runtime import DaemonInfo, clear_info, ipc_endpoint, new_key, read_info, runtime_dir, write_info
 
     folder = runtime_dir()
@@ -42,6 +43,11 @@ def _serve(args: argparse.Namespace) -> int:
         budget=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
         host=parse_bytes(args.host_memory) if args.host_memory else None,
     )
+    if args.spill_dir:
+        memory.spill = SpillStore(args.spill_dir, parse_bytes(args.spill_memory or "64GiB"))
+    elif args.spill_memory:
+        print("djinn: --spill-memory needs --spill-dir (the folder to spill to)", file=sys.stderr)
+        return 2
     memory.policy = LRUPolicy(eager=args.page_on_pause)
     if args.host_reserve:
         memory.pool.reserve(parse_bytes(args.host_reserve))
@@ -162,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host-memory", default=None, help="host pool capacity, e.g. 64GiB (default: half the RAM)")
     serve.add_argument("--host-reserve", default=None, help="pin this much of the host pool at start, e.g. 8GiB")
     serve.add_argument("--page-on-pause", action="store_true", help="page a session out as soon as it pauses")
+    serve.add_argument("--spill-dir", default=None,
+                       help="a folder for the disk tier: paged sessions spill there when the host pool is full")
+    serve.add_argument("--spill-memory", default=None,
+                       help="the most the disk tier may hold, e.g. 200GiB (default with --spill-dir: 64GiB)")
     serve.add_argument("--deterministic", action="store_true",
                        help="math attention only, so runs repeat bit for bit on a GPU (slower)")
     serve.add_argument("--fast", choices=("auto", "on", "off"), default="auto",

@@ -56,6 +56,46 @@ def cached_length(cache: object | None) -> int:
     return min(lengths) if lengths else 0
 
 
+def read_kv(cache: object, layer: int, tokens: int, config: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of one layer's keys and values for the first ``tokens`` positions, ``[kv_heads, tokens, head_dim]``
+    (empty ones, shaped from the model's ``config``, when the context is empty: a layer may not exist yet)."""
+    if tokens == 0:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        empty = torch.empty((kv_heads, 0, head_dim))
+        return empty, empty.clone()
+    if isinstance(cache, BlockKV):
+        keys, values = cache.read(layer, tokens)
+        return keys.clone(), values.clone()
+    held = cache.layers[layer]
+    return held.keys[0, :, :tokens].clone(), held.values[0, :, :tokens].clone()
+
+
+def write_kv(
+    cache: object, layer: int, positions: list[int], keys: torch.Tensor | None, values: torch.Tensor | None
+) -> None:
+    """Overwrite one layer's keys and/or values at ``positions`` (``[kv_heads, len(positions), head_dim]``), in
+    place: every later read of the cache (this forward's later layers, the next steps) sees them."""
+    if isinstance(cache, BlockKV):
+        cache.write_at(layer, positions, keys, values)
+        return
+    held = cache.layers[layer]
+    index = torch.tensor(positions, device=held.keys.device)
+    for name, new in (("keys", keys), ("values", values)):
+        if new is not None:
+            getattr(held, name)[0, :, index] = new
+
+
+def kv_shape(cache: object, layer: int) -> tuple[int, int, torch.dtype, torch.device]:
+    """(kv heads, head dim, dtype, device) of one layer's K/V: what an edit of them must match."""
+    if isinstance(cache, BlockKV):
+        s = cache.shape
+        return s.kv_heads, s.head_dim, s.dtype, s.device
+    keys = cache.layers[layer].keys
+    return keys.shape[1], keys.shape[-1], keys.dtype, keys.device
+
+
 def trim(cache: object, length: int) -> None:
     """Crop every layer to ``length`` tokens (views; the storage is reused by the next step's growth)."""
     if isinstance(cache, BlockKV):

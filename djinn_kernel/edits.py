@@ -170,11 +170,20 @@ def _positions(activation: torch.Tensor, positions: tuple[int, ...] | list[int] 
         return slice(None)
     if activation.dim() < 2:
         raise InvalidArgumentError("positions need an activation with a token axis")
-    n = activation.shape[-2]
+    return check_positions(positions, activation.shape[-2], "this activation's")
+
+
+def check_positions(positions: object, n: int, whose: str) -> list[int]:
+    """Token positions among ``n`` (negatives count from the end), as given, at least one; ``whose`` names the
+    ``n`` positions in the error (e.g. "this activation's")."""
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        positions = [positions]
+    if not isinstance(positions, (list, tuple, range)):
+        raise InvalidArgumentError(f"positions must be a list of integers or a range, not {positions!r}")
     out = []
     for p in positions:
         if isinstance(p, bool) or not isinstance(p, int) or not -n <= p < n:
-            raise InvalidArgumentError(f"position {p!r} is outside this activation's {n} token positions")
+            raise InvalidArgumentError(f"position {p!r} is outside {whose} {n} token positions")
         out.append(p % n)
     if not out:
         raise InvalidArgumentError("positions is empty")

@@ -35,7 +35,7 @@ from . import conditions, context, models
 from .anatomy import resolve_target
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
-from .edits import AddVector, Edit, check_tensor
+from .edits import AddVector, Edit, check_positions, check_tensor
 from .errors import (
     DjinnError,
     ExecutionError,
@@ -47,10 +47,11 @@ from .errors import (
     SessionBusyError,
     SessionClosedError,
 )
-from .executor import ENDED, PauseState, Run, RunState, Steering
+from .executor import PauseState, Run, Steering
 from .handoff import Command, Event
 from .memory import GiB, LRUPolicy, MemoryManager, Transfer, parse_bytes
 from .registry import LoadedModel, prepare
+from .run_state import ENDED, RunState
 from .scheduler import fast_plan
 from .sessions import SessionState
 from .streaming import check_ring_slots
@@ -75,6 +76,14 @@ def default_memory(device: torch.device, budget: int | None = None, host: int | 
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     reserve = min(host, 2 * GiB) if device.type == "cuda" else 0
     return MemoryManager(device, budget, host, LRUPolicy(), budget_from_free_memory=derived, host_reserve=reserve)
+
+
+def _held_before(run: Run, pause: PauseState) -> int:
+    """Tokens the session's cache held before the paused step: its kept context at the prefill (step 0), then
+    that plus every token the prefill fed and every token generated before this step."""
+    if pause.token_step == 0:
+        return run.context_length
+    return run.context_length + len(run.prompt_ids) + pause.token_step - 1
 
 
 class Engine:
@@ -534,8 +543,7 @@ class Engine:
         with session.lock:
             run, _ = self._paused_run(session)
             with self.memory.resident(session.id):
-                self.memory.running(sid)
-                run.state, run.pause = RunState.RUNNING, None
+                self._move(run, RunState.RUNNING)
                 run.handoff.send(commands[mode])
             return self._await(run)
 
@@ -555,9 +563,20 @@ class Engine:
     def _cancel(self, run: Run) -> None:
         run.abort_flag()
         if run.state is RunState.PAUSED:
-            run.state, run.pause = RunState.RUNNING, None
+            self._move(run, RunState.RUNNING)
             run.handoff.send(Command.ABORT)
         self._await(run, raise_failure=False)
+
+    def _move(
+        self, run: Run, to: RunState, pause: PauseState | None = None, error: BaseException | None = None
+    ) -> None:
+        """Every state change of a run: checked against run_state.MOVES, recorded in the session's history when
+        the run ends, and told to the memory manager, which derives from it whether the session may be paged."""
+        run.move(to, pause, error)
+        if to.ended:
+            session = run.session
+            session.history = [*session.history[: run.context_length], *run.prompt_ids, *run.tokens]
+        self.memory.on_run(run.session.id, to)
 
     def _await(self, run: Run, raise_failure: bool = True, timeout: float | None = None) -> dict[str, object]:
         """Take the run's next event (the first one not yet processed); with a timeout, it may still be running.
@@ -573,21 +592,15 @@ class Engine:
             posted = run.handoff.wait(posted.seq)
         run.seen = posted.seq
         if posted.event is Event.PAUSED:
-            run.state, run.pause = RunState.PAUSED, posted.payload
+            self._move(run, RunState.PAUSED, pause=posted.payload)
         elif posted.event is Event.FINISHED:
-            run.state = RunState.FINISHED
+            self._move(run, RunState.FINISHED)
         elif posted.event is Event.CANCELLED:
-            run.state = RunState.CANCELLED
+            self._move(run, RunState.CANCELLED)
         else:
-            run.state, run.error = RunState.FAILED, posted.payload
+            self._move(run, RunState.FAILED, error=posted.payload)
             if raise_failure:
                 self._raise_failure(run)
-        if run.state in ENDED:
-            session = run.session
-            session.history = [*session.history[: run.context_length], *run.prompt_ids, *run.tokens]
-            self.memory.end_run(session.id)
-        elif run.state is RunState.PAUSED:
-            self.memory.paused(run.session.id)
         return run.snapshot()
 
     @staticmethod
@@ -640,6 +653,49 @@ class Engine:
             _, pause = self._paused_run(session)
             pause.current, pause.edits = pause.original, 0
             return pause.describe()
+
+    def kv(self, sid: int, layer: int) -> dict[str, torch.Tensor]:
+        """Decoder layer ``layer``'s keys and values for the tokens before the paused step (the context this step
+        attends to besides its own new tokens), as CPU copies ``[kv_heads, tokens, head_dim]``. The same tokens on
+        every path and at every layer, whichever layers of the step have already run."""
+        session = self._session(sid)
+        with session.lock, self.memory.resident(session.id):
+            run, pause = self._paused_run(session)
+            index = self._kv_layer(session, layer)
+            keys, values = context.read_kv(run.cache, index, _held_before(run, pause), session.model.model.config)
+            return {"keys": keys.to("cpu", copy=True), "values": values.to("cpu", copy=True)}
+
+    def edit_kv(
+        self, sid: int, layer: int, positions: object, keys: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> dict[str, object]:
+        """Overwrite decoder layer ``layer``'s keys and/or values at token ``positions`` of the context before the
+        paused step (e.g. knock a token out). In place: this step's layers that have not run yet and every later
+        step read them, and the session keeps them (``rewind`` to before a position drops the edit with the
+        token). All or nothing: a refused edit changes nothing."""
+        session = self._session(sid)
+        with session.lock, self.memory.resident(session.id):
+            run, pause = self._paused_run(session)
+            index = self._kv_layer(session, layer)
+            held = _held_before(run, pause)
+            where = check_positions(positions, held, f"the context of layer {index}'s")
+            if keys is None and values is None:
+                raise InvalidArgumentError("pass keys, values or both: there is nothing to write")
+            heads, head_dim, dtype, device = context.kv_shape(run.cache, index)
+            like = torch.empty((heads, len(where), head_dim), dtype=dtype, device=device)
+            checked = {
+                name: None if t is None else check_tensor(t, like=like, what=name)
+                for name, t in (("keys", keys), ("values", values))
+            }
+            with torch.inference_mode():
+                context.write_kv(run.cache, index, where, checked["keys"], checked["values"])
+            return {"layer": index, "positions": where, "keys": keys is not None, "values": values is not None}
+
+    def _kv_layer(self, session: SessionState, layer: object) -> int:
+        layers = len(session.model.anatomy.layer_paths)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -layers <= layer < layers:
+            raise InvalidTargetError(f"layer must be a decoder layer index from 0 to {layers - 1}, not {layer!r}")
+        return layer % layers
 
     def logit_lens(
         self, sid: int, k: int = 5, position: int = -1, edit: Edit | None = None
@@ -694,6 +750,8 @@ class Engine:
                 self.close_session(sid)
             except SessionClosedError:
                 continue
+        if self.memory.spill is not None:
+            self.memory.spill.close()
         with self._lock:
             for loaded in self._models.values():
                 loaded.dispatcher.remove()

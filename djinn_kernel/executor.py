@@ -13,7 +13,6 @@ Invariants:
 
 from __future__ import annotations
 
-import enum
 import functools
 import itertools
 import queue
@@ -30,6 +29,7 @@ from .decode import Sampling, decode
 from .edits import Edit
 from .handoff import Command, Event, Handoff
 from .hooks import bind
+from .run_state import RunState, check_move
 
 if TYPE_CHECKING:
     from .sessions import SessionState
@@ -65,17 +65,6 @@ class Worker:
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             job()
-
-
-class RunState(enum.Enum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ENDED = (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED)
 
 
 @dataclass
@@ -245,6 +234,13 @@ class Run:
         return pause.current if pause.edits else None
 
     # driver side -----------------------------------------------------------------------------------------
+    def move(self, to: RunState, pause: PauseState | None = None, error: BaseException | None = None) -> None:
+        """The run's only state change (see run_state.py): ``pause`` is the pause it moves into, if any."""
+        check_move(self.state, to)
+        self.state, self.pause = to, pause
+        if error is not None:
+            self.error = error
+
     def abort_flag(self) -> None:
         self._aborting = True
 

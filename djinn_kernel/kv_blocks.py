@@ -86,6 +86,16 @@ class BlockKV:
             self.blocks[block][layer, 1, :, offset : offset + n] = values[:, done : done + n]
             done += n
 
+    def write_at(
+        self, layer: int, positions: list[int], keys: torch.Tensor | None, values: torch.Tensor | None
+    ) -> None:
+        """Overwrite keys and/or values (``[kv_heads, len(positions), head_dim]``) at scattered held positions."""
+        for i, pos in enumerate(positions):
+            block, offset = divmod(pos, self.shape.block_tokens)
+            for kind, new in ((0, keys), (1, values)):
+                if new is not None:
+                    self.blocks[block][layer, kind, :, offset] = new[:, i]
+
     def read(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the first ``tokens`` positions of ``layer`` as ``[kv_heads, tokens, head_dim]`` copies."""
         n = self.shape.blocks_for(tokens)

@@ -11,7 +11,8 @@ Invariants:
   undo itself fails the session is marked ``lost`` and every later use raises ``SessionLostError`` instead of
   touching freed memory.
 - Only a session whose executor is blocked (paused) or has no run may be paged; a running forward is never
-  touched. The engine reports these transitions (``admit``, ``paused``, ``running``, ``end_run``) and holds the manager's lock (``resident``)
+  touched. The engine reports a new run (``admit``) and every move of a run (``on_run``), and whether the session
+  may be paged follows from the run's state (``RunState.pageable``); it holds the manager's lock (``resident``)
   around every read or edit of session tensors, so a page-out never races a reader or writer. Nothing handed
   to a caller aliases session memory: the engine answers with copies made inside ``resident``.
 - One lock, the innermost of the engine's lock order: the manager never calls code that takes another lock
@@ -41,7 +42,9 @@ from typing import Protocol
 
 import torch
 
+from .run_state import RunState
 from .errors import InvalidArgumentError, OutOfMemoryError, PagingError, SessionClosedError, SessionLostError
+from .spill import SpillFile, SpillStore
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -187,11 +190,16 @@ class SessionMemory:
     reserved: int = 0  # device bytes promised to the session's live run at admission
     last_used: float = field(default_factory=time.monotonic)
     paged: list[tuple[torch.UntypedStorage, Extent]] = field(default_factory=list)
+    # On the disk tier instead: the paged storages, in the order of the file's extents, and the file.
+    spilled: tuple[list[torch.UntypedStorage], SpillFile] | None = None
     lost: str | None = None  # why the session's state could not be restored, once that happened
 
     @property
     def is_paged(self) -> bool:
-        return bool(self.paged)
+        return bool(self.paged) or self.spilled is not None
+
+    def disk_bytes(self) -> int:
+        return 0 if self.spilled is None else self.spilled[1].nbytes
 
     def resident_bytes(self) -> int:
         return sum(s.nbytes() for s in unique_storages(self.tensors()))
@@ -201,7 +209,7 @@ class SessionMemory:
 
     def charge(self) -> int:
         """Device bytes counted against the budget: what it holds, or what its run was promised if more."""
-        return 0 if self.paged else max(self.reserved, self.resident_bytes())
+        return 0 if self.is_paged else max(self.reserved, self.resident_bytes())
 
 
 @dataclass(frozen=True)
@@ -253,15 +261,20 @@ class MemoryManager:
         chunk_bytes: int = GiB,
         host_reserve: int = 0,
         budget_from_free_memory: bool = False,
+        spill: SpillStore | None = None,
     ) -> None:
         """``budget_from_free_memory``: the budget was measured as free device memory before any model was
         loaded, so each model's weights are taken out of it as it loads (``weights_loaded``); otherwise the
-        budget is what the operator asked for (``--gpu-memory``) and is kept as given."""
+        budget is what the operator asked for (``--gpu-memory``) and is kept as given. ``spill``: the disk tier
+        that takes paged sessions when the host pool is full (none: the pool's limit is the last word)."""
         self.device = torch.device(device)
         self.budget = budget
         self.budget_from_free_memory = budget_from_free_memory
         self.policy = policy or LRUPolicy()
         self.pool = HostPool(host_capacity, chunk_bytes, pin=self.device.type == "cuda", reserve=host_reserve)
+        self.spill = spill
+        self.spills = 0
+        self.unspills = 0
         self._sessions: dict[int, SessionMemory] = {}
         self._lock = threading.RLock()
         self.transfers: deque[Transfer] = deque(maxlen=1024)
@@ -305,24 +318,21 @@ class MemoryManager:
             )
         return session
 
-    def paused(self, sid: int) -> None:
-        """The engine's report that the session's executor is blocked at a pause: it may be paged now."""
+    def on_run(self, sid: int, state: RunState) -> None:
+        """A move of the session's run (run_state.py). Whether the session may be paged follows from ``state``
+        alone; a pause may page it at once (the policy's choice); an ended run returns its reservation and
+        leaves its context pageable like any idle state."""
         with self._lock:
             session = self.session(sid)
-            session.pageable = True
+            session.pageable = state.pageable
             session.last_used = time.monotonic()
-            if session.lost is None and self.policy.page_on_pause(session):
+            if state.ended:
+                session.reserved = 0
+            elif state is RunState.PAUSED and session.lost is None and self.policy.page_on_pause(session):
                 try:
                     self.page_out(sid)
                 except (OutOfMemoryError, PagingError):
                     pass  # paging on pause is an optimisation: the session stays resident and correct
-
-    def running(self, sid: int) -> None:
-        """The engine's report that the session's executor is about to run: it must stay resident."""
-        with self._lock:
-            session = self.session(sid)
-            session.pageable = False
-            session.last_used = time.monotonic()
 
     def admit(self, sid: int, need: int) -> None:
         """Make the session resident and reserve ``need`` device bytes in all for a new run (its kept context
@@ -335,15 +345,7 @@ class MemoryManager:
             self.page_in(sid)
             self._make_room(max(need - session.charge(), 0), for_sid=sid)
             session.reserved = need
-            session.pageable = False
-            session.last_used = time.monotonic()
-
-    def end_run(self, sid: int) -> None:
-        """The session's run ended: its reservation is returned; its context stays, pageable like any idle state."""
-        with self._lock:
-            session = self.session(sid)
-            session.reserved = 0
-            session.pageable = True
+            session.pageable = RunState.RUNNING.pageable  # the run it admits starts running
             session.last_used = time.monotonic()
 
     def drop(self, sid: int) -> None:
@@ -360,6 +362,48 @@ class MemoryManager:
         for _, extent in session.paged:
             self.pool.free(extent)
         session.paged = []
+        if session.spilled is not None:
+            self.spill.remove(session.spilled[1])
+            session.spilled = None
+
+    # the disk tier --------------------------------------------------------------------------------------
+    def _host_extent(self, nbytes: int, for_sid: int) -> Extent:
+        """A host extent, spilling the least recently used sessions paged to the host while the pool is full."""
+        while True:
+            try:
+                return self.pool.alloc(nbytes)
+            except OutOfMemoryError:
+                victims = [
+                    s for s in self._sessions.values() if s.paged and s.sid != for_sid and s.lost is None
+                ] if self.spill is not None else []
+                if not victims:
+                    raise
+                self._spill_out(min(victims, key=lambda s: s.last_used))
+
+    def _spill_out(self, session: SessionMemory) -> None:
+        """Move a host-paged session to a file: written whole before any extent is freed."""
+        spilled = self.spill.write(session.sid, [extent.view for _, extent in session.paged])
+        storages = [storage for storage, _ in session.paged]
+        for _, extent in session.paged:
+            self.pool.free(extent)
+        session.paged, session.spilled = [], (storages, spilled)
+        self.spills += 1
+
+    def _spill_in(self, session: SessionMemory) -> None:
+        """Bring a spilled session back to host extents (spilling others if the pool needs room): all or nothing."""
+        storages, spilled = session.spilled
+        extents: list[Extent] = []
+        try:
+            for size in spilled.sizes:
+                extents.append(self._host_extent(size, session.sid))
+            self.spill.read(spilled, [extent.view for extent in extents])
+        except BaseException:
+            for extent in extents:
+                self.pool.free(extent)
+            raise
+        self.spill.remove(spilled)
+        session.paged, session.spilled = list(zip(storages, extents)), None
+        self.unspills += 1
 
     def resident_total(self) -> int:
         with self._lock:
@@ -430,7 +474,7 @@ class MemoryManager:
             plan: list[tuple[torch.UntypedStorage, Extent]] = []
             try:
                 for storage in storages:
-                    plan.append((storage, self.pool.alloc(storage.nbytes())))
+                    plan.append((storage, self._host_extent(storage.nbytes(), sid)))
                 seconds = self._copy([(e.view, _bytes_view(s)) for s, e in plan], self._out_stream if self._cuda else None)
             except BaseException:
                 for _, extent in plan:
@@ -475,6 +519,8 @@ class MemoryManager:
             session.last_used = time.monotonic()
             if not session.is_paged:
                 return None
+            if session.spilled is not None:
+                self._spill_in(session)
             total = session.host_bytes()
             self._make_room(max(total, session.reserved), for_sid=sid)
             start = time.perf_counter()
@@ -529,6 +575,7 @@ class MemoryManager:
             return {
                 "gpu_bytes": session.resident_bytes(),
                 "host_bytes": session.host_bytes(),
+                "disk_bytes": session.disk_bytes(),
                 "paged": session.is_paged,
                 "reserved": session.reserved,
                 "lost": session.lost,
@@ -542,6 +589,8 @@ class MemoryManager:
                 "session_gpu_bytes": self.resident_total(),
                 "charged_bytes": self.charged_total(),
                 "host_pool": self.pool.stats(),
+                "spill": None if self.spill is None else {**self.spill.stats(), "spills": self.spills,
+                                                           "unspills": self.unspills},
                 "page_outs": self.page_outs,
                 "page_ins": self.page_ins,
                 "overcommits": self.overcommits,

@@ -285,6 +285,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "activation": ("sid", "original"),
     "edit": ("sid", "edit"),
     "reset_edits": ("sid",),
+    "kv": ("sid", "layer"),
+    "edit_kv": ("sid", "layer", "positions", "keys", "values"),
     "logit_lens": ("sid", "k", "position", "edit"),
     "page_out": ("sid",),
     "page_in": ("sid",),

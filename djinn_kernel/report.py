@@ -23,15 +23,24 @@ def format_status(status: dict) -> str:
         f"host pool {pool['used'] / gib:.3f} of {pool['reserved'] / gib:.3f} GiB reserved"
         f" ({'pinned' if pool['pinned'] else 'pageable'}), page-outs {mem['page_outs']}, page-ins {mem['page_ins']}"
     )
+    spill = mem.get("spill")
+    if spill:
+        lines.append(
+            f"disk tier {spill['folder']}: {spill['used'] / gib:.3f} of {format_size(spill['capacity'])} in "
+            f"{spill['files']} file(s), spilled {spill['spills']}, read back {spill['unspills']}"
+        )
     for m in status["models"]:
         lines.append(f"model {m['name']}: {m['num_layers']} layers, {m['weight_bytes'] / gib:.3f} GiB weights, {m['dtype']}")
         if m.get("streaming"):
             lines.append(f"  {streaming_text(m['streaming'])}")
-    lines.append(f"{'session':>8} {'owner':<12} {'model':<16} {'state':<9} {'gpu MiB':>9} {'host MiB':>9}")
+    lines.append(
+        f"{'session':>8} {'owner':<12} {'model':<16} {'state':<9} {'gpu MiB':>9} {'host MiB':>9} {'disk MiB':>9}"
+    )
     for s in status["sessions"]:
         lines.append(
             f"{s['id']:>8} {s['owner']:<12} {s['model']:<16} {s['state']:<9} "
-            f"{s['memory']['gpu_bytes'] / 2**20:>9.2f} {s['memory']['host_bytes'] / 2**20:>9.2f}"
+            f"{s['memory']['gpu_bytes'] / 2**20:>9.2f} {s['memory']['host_bytes'] / 2**20:>9.2f} "
+            f"{s['memory'].get('disk_bytes', 0) / 2**20:>9.2f}"
         )
     return "\n".join(lines)
 

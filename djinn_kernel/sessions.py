@@ -10,9 +10,10 @@ import torch
 
 from .breakpoints import BreakpointTable
 from . import context
-from .executor import ENDED, Run, Steering, Worker
+from .executor import Run, Steering, Worker
 from .memory import MemoryManager
 from .registry import LoadedModel
+from .run_state import ENDED
 
 
 @dataclass

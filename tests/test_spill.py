@@ -1,0 +1,178 @@
+"""The disk tier: sessions paged to the host spill to files when the host pool is full, come back bit for bit,
+and leave no file behind (close, client death, engine shutdown, a crashed daemon's leftovers); a full disk
+loses nothing."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+
+import djinn_kernel as dj
+from conftest import DEVICE, PROMPT, make_engine, reference
+from daemon_util import DaemonProcess, wait_until
+from djinn_kernel.errors import OutOfMemoryError
+from djinn_kernel.memory import MemoryManager, MiB
+from djinn_kernel.report import format_status
+from djinn_kernel.spill import SpillStore
+
+
+def manager(folder, host: int = 2 * MiB, disk: int = 64 * MiB) -> MemoryManager:
+    return MemoryManager(torch.device("cpu"), 1 << 40, host, chunk_bytes=MiB, spill=SpillStore(folder, disk))
+
+
+def session_of(memory: MemoryManager, sid: int, fill: float) -> torch.Tensor:
+    t = torch.full((MiB // 4,), fill)  # 1 MiB
+    memory.register(sid, lambda: [t])
+    return t
+
+
+def test_a_full_host_pool_spills_the_least_recently_used_and_brings_it_back_exact(tmp_path):
+    memory = manager(tmp_path)
+    kv = {sid: session_of(memory, sid, float(sid)) for sid in (1, 2, 3)}
+    expected = {sid: t.clone() for sid, t in kv.items()}
+    memory.page_out(1)
+    memory.page_out(2)
+    assert memory.pool.used == 2 * MiB
+    memory.page_out(3)  # no room on the host: 1, the least recently used, goes to disk
+    assert memory.session(1).disk_bytes() == MiB and memory.session(1).host_bytes() == 0
+    assert [p.name for p in tmp_path.iterdir()] and memory.stats()["spill"]["used"] == MiB
+    assert memory.session_stats(1)["disk_bytes"] == MiB and memory.session_stats(1)["paged"]
+    memory.page_in(1)  # back through the host: 2 (now the least recently used) spills to make room
+    assert torch.equal(kv[1], expected[1])
+    assert memory.session(2).disk_bytes() == MiB and memory.spills == 2 and memory.unspills == 1
+    memory.page_in(2)
+    memory.page_in(3)
+    assert all(torch.equal(kv[sid], expected[sid]) for sid in kv)
+    assert list(tmp_path.iterdir()) == [] and memory.spill.used == 0 and memory.pool.used == 0
+
+
+def test_closing_a_spilled_session_removes_its_file(tmp_path):
+    memory = manager(tmp_path, host=MiB)
+    for sid in (1, 2):
+        session_of(memory, sid, 0.5)
+        memory.page_out(sid)
+    assert len(list(tmp_path.iterdir())) == 1
+    memory.release(1)
+    assert list(tmp_path.iterdir()) == [] and memory.spill.used == 0
+
+
+@pytest.mark.parametrize("why", ["capacity", "disk full"])
+def test_a_full_disk_refuses_and_loses_nothing(tmp_path, monkeypatch, why):
+    memory = manager(tmp_path, host=MiB, disk=MiB // 2 if why == "capacity" else 64 * MiB)
+    first, second = session_of(memory, 1, 1.0), session_of(memory, 2, 2.0)
+    memory.page_out(1)
+    if why == "disk full":
+        real_open = open
+
+        def full(path, mode="r", **kw):
+            f = real_open(path, mode, **kw)
+            if "w" in mode:
+                f.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return f
+
+        monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(OutOfMemoryError, match="full"):
+        memory.page_out(2)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == [], "no partial file is left"
+    assert memory.session(1).host_bytes() == MiB and not memory.session(2).is_paged
+    assert torch.equal(second, torch.full_like(second, 2.0))
+    memory.page_in(1)
+    assert torch.equal(first, torch.full_like(first, 1.0))
+
+
+def test_a_crashed_daemons_files_are_removed_when_the_folder_is_opened_again(tmp_path):
+    dead = tmp_path / "djinn-999999999-s1-1.spill"
+    dead.write_bytes(b"x")
+    mine = tmp_path / f"djinn-{os.getpid()}-s1-1.spill"  # a live process's: kept
+    mine.write_bytes(b"x")
+    SpillStore(tmp_path, MiB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]
+
+
+def paused_sessions_beyond_the_host(model, count: int):
+    sessions = [model.session() for _ in range(count)]
+    runs = []
+    for s in sessions:
+        s.break_at(2, tokens=3)
+        runs.append(s.generate(PROMPT, 6, keep_logits=True))
+        s.page_out()
+    return sessions, runs
+
+
+@pytest.fixture(scope="module")
+def paused_bytes():
+    """Host bytes one paused session of the test takes, so pools can be sized to hold two and a half."""
+    engine = make_engine()
+    model = dj.load("tiny-llama", backend=engine)
+    (s,), _ = paused_sessions_beyond_the_host(model, 1)
+    nbytes = s.status()["memory"]["host_bytes"]
+    engine.shutdown()
+    return nbytes
+
+
+def test_paused_sessions_spilled_to_disk_resume_exact(tmp_path, paused_bytes):
+    tokens, logits = reference(dj.load("tiny-llama", backend=make_engine()), max_new_tokens=6)
+    host = int(paused_bytes * 2.5)
+    memory = MemoryManager(torch.device(DEVICE), 1 << 40, host, chunk_bytes=host, spill=SpillStore(tmp_path, 1 << 30))
+    engine = make_engine(memory=memory)
+    model = dj.load("tiny-llama", backend=engine)
+    sessions, runs = paused_sessions_beyond_the_host(model, 6)
+    spilled = [s for s in sessions if s.status()["memory"]["disk_bytes"] > 0]
+    assert len(spilled) == 4 and memory.stats()["spill"]["files"] == 4
+    for s, run in zip(sessions, runs):
+        run.finish()
+        assert run.tokens == tokens and torch.equal(run.logits, logits)
+    assert memory.spills >= len(spilled) and memory.unspills >= len(spilled)
+    for s in sessions:
+        s.close()
+    assert list(tmp_path.iterdir()) == []
+    engine.shutdown()
+
+
+CLIENT = textwrap.dedent(
+    """
+    import json, sys, djinn_kernel as dj
+    model = dj.load("tiny-llama", backend=dj.connect())
+    sessions = []
+    for _ in range(6):
+        s = model.session()
+        s.break_at(2, tokens=3)
+        s.generate(%r, 6)
+        s.page_out()
+        sessions.append(s)
+    print(json.dumps([s.status()["memory"]["disk_bytes"] for s in sessions]), flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_through_the_daemon_spilled_state_is_exact_and_a_dead_clients_files_go(tmp_path, paused_bytes):
+    host = str(int(paused_bytes * 2.5))
+    daemon = DaemonProcess("--host-memory", host, "--spill-dir", str(tmp_path), "--spill-memory", "1GiB")
+    try:
+        model = dj.load("tiny-llama", backend=daemon.client())
+        tokens, logits = reference(model, max_new_tokens=6)
+        sessions, runs = paused_sessions_beyond_the_host(model, 6)
+        assert sum(bool(s.status()["memory"]["disk_bytes"]) for s in sessions) == 4
+        for run in runs:
+            run.finish()
+            assert run.tokens == tokens and torch.equal(run.logits, logits)
+        for s in sessions:
+            s.close()
+        assert list(tmp_path.iterdir()) == []
+        assert "disk tier" in format_status(daemon.client().status())
+        p = daemon.script(CLIENT % (PROMPT,))
+        assert any(json.loads(p.stdout.readline()))
+        assert list(tmp_path.iterdir())
+        p.kill()
+        p.wait()
+        wait_until(lambda: list(tmp_path.iterdir()) == [], 20, "spill files of a dead client removed")
+    finally:
+        daemon.stop()
