@@ -101,8 +101,17 @@ def copy_bandwidth(host: torch.Tensor, dev: torch.Tensor, reps: int) -> dict[str
     return out
 
 
-def build_model(small: bool, device: torch.device, seed: int, dtype: torch.dtype | None = None):
-    """A seeded random Llama: Llama-2-7B's shape in fp16 or ``dtype`` (or a tiny fp32 one), built on ``device``."""
+LLAMA_SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000, rms_norm_eps=1e-5),
+}
+
+
+def build_model(small: bool, device: torch.device, seed: int, dtype: torch.dtype | None = None, size: str = "7b"):
+    """A seeded random Llama: Llama-2-7B's (or ``size``'s) shape in fp16 or ``dtype`` (or a tiny fp32 one), built
+    on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if small:
@@ -110,8 +119,7 @@ def build_model(small: bool, device: torch.device, seed: int, dtype: torch.dtype
                      num_key_value_heads=4, vocab_size=256)
         dtype = dtype or torch.float32
     else:
-        shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5)
+        shape = LLAMA_SHAPES[size]
         dtype = dtype or torch.float16
     config = LlamaConfig(**shape, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)

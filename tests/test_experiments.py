@@ -1,0 +1,30 @@
+"""The experiment scripts' CPU smoke modes: they run end to end and their exactness checks hold on a tiny model,
+so a GPU run (minutes of a scarce machine) is not where they are first found broken."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, out: Path, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "experiments")])}
+    done = subprocess.run([sys.executable, str(ROOT / script), "--small", "--out", str(out), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_exp3_small_pauses_every_session_across_three_tiers_exactly(tmp_path):
+    spill = tmp_path / "spill"
+    result = run_script("experiments/exp3_whitebox/run.py", tmp_path / "exp3.json", "--spill-dir", str(spill))
+    assert result["sessions_completed"] == result["sessions"] == 12
+    assert all(result["paused_at_once"][tier] > 0 for tier in ("gpu", "host", "disk"))
+    assert result["token_accuracy"] == 1.0 and result["steering"]["unsteered_sessions_bitwise_equal"] == 6
+    assert result["concurrency"] == {"a_exact": True, "b_finished": True}
+    assert result["spill_files_left"] == 0 and list(spill.iterdir()) == []
