@@ -62,12 +62,10 @@ def packed_bytes(module: nn.Module) -> int:
     return sum(_aligned(p.numel() * p.element_size()) for p in _unique_params(module))
 
 
-def _storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
-    storages: dict[int, int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+def _tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    """Bytes of each distinct tensor once (tied weights are one Parameter object)."""
+    distinct = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in distinct.values())
 
 
 @dataclass(frozen=True)
@@ -131,9 +129,7 @@ def plan_split(layer_bytes: Sequence[int], other_bytes: int, budget: int, slots:
 def plan_for(model: nn.Module, layers: Sequence[nn.Module], budget: int, slots: int = 2) -> StreamPlan | None:
     """``plan_split`` from the model's own sizes; ``layers`` in module order."""
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    other = _storage_bytes(
-        t for t in [*model.parameters(), *model.buffers()] if id(t) not in in_layers
-    )
+    other = _tensor_bytes(t for t in [*model.parameters(), *model.buffers()] if id(t) not in in_layers)
     return plan_split([packed_bytes(layer) for layer in layers], other, budget, slots)
 
 

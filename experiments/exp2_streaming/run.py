@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import djinn_kernel as dj
-from bench_paging import copy_bandwidth, nvidia_smi
+from bench_paging import LLAMA_SHAPES, copy_bandwidth, nvidia_smi
 from djinn_kernel.decode import ForwardCall
 from djinn_kernel.engine import Engine
 from djinn_kernel.memory import GiB, MiB, LRUPolicy, MemoryManager
@@ -45,8 +45,7 @@ from djinn_kernel.streaming import packed_bytes
 
 GB = 1e9
 SHAPES = {
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, vocab_size=32000),
+    "llama2-13b": LLAMA_SHAPES["13b"],
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000),
     "small-big": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=8, num_attention_heads=4,
@@ -65,7 +64,7 @@ def llama(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
     """A seeded random Llama of a named shape, created directly on ``device`` (13B on the CPU takes 460 s)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
+    config = LlamaConfig(**{"rms_norm_eps": 1e-5, **SHAPES[shape]}, max_position_embeddings=4096, bos_token_id=1,
                          eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
