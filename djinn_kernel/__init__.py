@@ -32,6 +32,7 @@ from .errors import (
     SessionBusyError,
     SessionClosedError,
     SessionLostError,
+    WeightBudgetError,
 )
 
 # The API and edits need torch (seconds to import): they load on first use, so `%load_ext` can say so first.
@@ -101,6 +102,7 @@ __all__ = [
     "SessionBusyError",
     "SessionClosedError",
     "SessionLostError",
+    "WeightBudgetError",
     "SetPositions",
     "load",
     "local_engine",

@@ -55,7 +55,15 @@ def _serve(args: argparse.Namespace) -> int:
     security = Security(key, TokenStore(folder), secret, parse_bytes(args.max_message_size))
     endpoints = [ipc_endpoint(folder), *args.listen]
     fast = {"auto": None, "on": True, "off": False}[args.fast]
-    engine = Engine(device=device, memory=memory, progress=_progress, deterministic=args.deterministic, fast=fast)
+    engine = Engine(
+        device=device,
+        memory=memory,
+        progress=_progress,
+        deterministic=args.deterministic,
+        fast=fast,
+        weight_memory=parse_bytes(args.weight_memory) if args.weight_memory else None,
+        ring_slots=args.ring_slots,
+    )
     daemon = Daemon(engine, security, endpoints, lease=args.client_lease)
     install_signal_handlers(daemon)
     write_info(folder, DaemonInfo(os.getpid(), endpoints, str(key_file), public.decode() if public else None))
@@ -152,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also accept remote clients here, encrypted (they need the printed token and server key)")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     serve.add_argument("--gpu-memory", default=None, help="session-state budget, e.g. 16GiB (default: free less 2 GiB)")
+    serve.add_argument("--weight-memory", default=None,
+                       help="device bytes each model's weights may take, e.g. 16GiB; a larger model streams the "
+                            "decoder layers that do not fit from pinned host memory (default: no limit)")
+    serve.add_argument("--ring-slots", type=int, default=2,
+                       help="device slots the streamed layers pass through (default: 2)")
     serve.add_argument("--host-memory", default=None, help="host pool capacity, e.g. 64GiB (default: half the RAM)")
     serve.add_argument("--host-reserve", default=None, help="pin this much of the host pool at start, e.g. 8GiB")
     serve.add_argument("--page-on-pause", action="store_true", help="page a session out as soon as it pauses")

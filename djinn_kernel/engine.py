@@ -49,12 +49,13 @@ from .errors import (
 )
 from .executor import PauseState, Run, Steering
 from .handoff import Command, Event
-from .memory import GiB, LRUPolicy, MemoryManager, Transfer
+from .memory import GiB, LRUPolicy, MemoryManager, Transfer, parse_bytes
 from .recording import Recorder, Recording
 from .registry import LoadedModel, prepare
 from .run_state import ENDED, RunState
 from .scheduler import fast_plan
 from .sessions import SessionState
+from .streaming import check_ring_slots
 
 
 def default_device() -> torch.device:
@@ -96,6 +97,8 @@ class Engine:
         memory: MemoryManager | None = None,
         deterministic: bool = False,
         fast: bool | None = None,
+        weight_memory: int | str | None = None,
+        ring_slots: int = 2,
     ) -> None:
         """``deterministic=True`` restricts CUDA attention to the math kernel: the fused kernels are not bitwise
         repeatable across runs on the H100 (measured: two plain runs differ in the last bits), so exact
@@ -103,7 +106,14 @@ class Engine:
 
         ``fast`` serves Llama-family models through the batched fast path (runner.py, scheduler.py) for runs
         that no breakpoint can stop; others take the module path. Its numerics differ from the module path in
-        bf16 rounding, so it is on by default on CUDA only, and never with ``deterministic``."""
+        bf16 rounding, so it is on by default on CUDA only, and never with ``deterministic``.
+
+        ``weight_memory`` (bytes or a size such as ``"16GiB"``) caps the device bytes each model's weights may
+        take: a larger model keeps the decoder layers that fit and streams the rest from a pinned host arena
+        through ``ring_slots`` device slots (streaming.py; module path only). ``None``: every model is moved
+        to the device whole."""
+        self.weight_memory = None if weight_memory is None else parse_bytes(weight_memory)
+        self.ring_slots = check_ring_slots(ring_slots)
         self.device = torch.device(device) if device is not None else default_device()
         if fast and deterministic:
             raise InvalidArgumentError("fast=True batches and fuses GEMMs, which deterministic=True rules out; pick one")
@@ -151,12 +161,20 @@ class Engine:
             return self._register(name, models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code"))
 
     def _register(self, name: str, source: models.ModelSource) -> dict[str, object]:
-        loaded = prepare(name, source, self.device, fast=self.fast)
+        loaded = prepare(
+            name, source, self.device, fast=self.fast, weight_budget=self.weight_memory, ring_slots=self.ring_slots
+        )
+        if loaded.ring is not None and self._progress is not None:
+            plan = loaded.ring.plan
+            self._progress(
+                f"djinn: {name} streams {len(plan.streamed)} of {loaded.anatomy.num_layers} decoder layers from host "
+                f"memory through {plan.slots} ring slots ({plan.device_bytes / GiB:.2f} GiB of weights on the device)"
+            )
         if loaded.scheduler is not None and self.device.type == "cuda":
             if self._progress is not None:
                 self._progress(f"djinn: compiling and capturing {name}'s decode step for batch sizes 1-64 (once)…")
             loaded.scheduler.runner.warm_up()
-        self.memory.weights_loaded(loaded.weight_bytes)
+        self.memory.weights_loaded(loaded.weight_bytes if loaded.ring is None else loaded.ring.plan.device_bytes)
         with self._lock:
             self._models[name] = loaded
         return loaded.describe()
@@ -778,6 +796,8 @@ class Engine:
         with self._lock:
             for loaded in self._models.values():
                 loaded.dispatcher.remove()
+                if loaded.ring is not None:
+                    loaded.ring.remove()
                 if loaded.scheduler is not None:
                     loaded.scheduler.close()
             self._models.clear()

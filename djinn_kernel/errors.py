@@ -52,6 +52,10 @@ class OutOfMemoryError(DjinnError):
     """Neither the GPU budget nor the host pool can hold what a request needs right now."""
 
 
+class WeightBudgetError(DjinnError):
+    """A weight budget (``--weight-memory``) too small to serve a model even by streaming its decoder layers."""
+
+
 class PagingError(DjinnError):
     """A page-out or page-in that could not be done; the session was left exactly as it was."""
 
@@ -94,6 +98,7 @@ ERRORS_BY_NAME: dict[str, type[DjinnError]] = {
         SessionClosedError,
         ExecutionError,
         OutOfMemoryError,
+        WeightBudgetError,
         PagingError,
         SessionLostError,
         DaemonConnectionError,

@@ -16,6 +16,7 @@ from .errors import InvalidArgumentError
 from .hooks import HookDispatcher
 from .runner import Runner, unsupported_reason
 from .scheduler import Scheduler
+from .streaming import WeightRing, plan_for, stream_model
 
 
 @dataclass
@@ -36,6 +37,7 @@ class LoadedModel:
     forward_call: ForwardCall
     scheduler: Scheduler | None = None  # the fast path's step loop; None when runs take the module path only
     fast_path: str = "off"  # "on", "off", or why the model cannot have it
+    ring: WeightRing | None = None  # the streamed layers' ring when the weights exceed the weight budget
 
     def encode(self, prompt: str | list[int], chat: bool | None) -> list[int]:
         """A new conversation's tokens: text through the tokenizer (and the chat template when ``chat``, or by
@@ -98,20 +100,44 @@ class LoadedModel:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "chat": self.chat,
             "fast_path": self.fast_path,
+            "streaming": None if self.ring is None else self.ring.stats(),
         }
 
 
-def prepare(name: str, source: models.ModelSource, device: torch.device, fast: bool = False) -> LoadedModel:
+def prepare(
+    name: str,
+    source: models.ModelSource,
+    device: torch.device,
+    fast: bool = False,
+    weight_budget: int | None = None,
+    ring_slots: int = 2,
+) -> LoadedModel:
     """Move a model to ``device`` and learn what serving it needs; its decoder layers get their routing hooks,
-    and with ``fast`` (and a Llama-family model) a runner and its scheduler for the batched fast path."""
+    and with ``fast`` (and a Llama-family model) a runner and its scheduler for the batched fast path.
+
+    When its weights exceed ``weight_budget`` device bytes, the layers that do not fit stay in a host arena and
+    stream through a ring of ``ring_slots`` device slots (streaming.py); such a model takes the module path only,
+    since the runner reads every layer's weights in place."""
     forward_call = ForwardCall.of(source.model)
-    model = source.model.to(device)
+    model = source.model
     anatomy = inspect_model(model)
+    total_bytes = weight_bytes(model)
+    layers = [model.get_submodule(path) for path in anatomy.layer_paths]
+    plan = None if weight_budget is None else plan_for(model, layers, weight_budget, ring_slots)
     dispatcher = HookDispatcher(model)
     for path in anatomy.layer_paths:
-        dispatcher.ensure(path)
+        dispatcher.ensure(path)  # before the ring's hooks: a pause at a layer's input or output holds no slot
+    ring = None
+    if plan is None:
+        model = model.to(device)
+    else:
+        ring = stream_model(model, anatomy.layer_paths, plan, device)
     scheduler, fast_path = None, "off"
-    if fast:
+    if ring is not None:
+        fast_path = (
+            "unavailable: decoder layers stream from host memory (the fast path reads every layer's weights in place)"
+        )
+    elif fast:
         reason = unsupported_reason(model)
         if reason is None:
             try:
@@ -131,12 +157,13 @@ def prepare(name: str, source: models.ModelSource, device: torch.device, fast: b
         eos_ids=source.eos_ids,
         source=source.source,
         device=device,
-        weight_bytes=weight_bytes(model),
+        weight_bytes=total_bytes,
         kv_bytes_per_token=_kv_bytes_per_token(model),
         max_positions=_context_limit(model),
         forward_call=forward_call,
         scheduler=scheduler,
         fast_path=fast_path,
+        ring=ring,
     )
 
 
@@ -170,6 +197,7 @@ def _context_limit(model: nn.Module) -> int | None:
 
 
 def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer storage (tied weights once)."""
     storages = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         storage = t.untyped_storage()

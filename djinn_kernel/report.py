@@ -31,6 +31,8 @@ def format_status(status: dict) -> str:
         )
     for m in status["models"]:
         lines.append(f"model {m['name']}: {m['num_layers']} layers, {m['weight_bytes'] / gib:.3f} GiB weights, {m['dtype']}")
+        if m.get("streaming"):
+            lines.append(f"  {streaming_text(m['streaming'])}")
     lines.append(
         f"{'session':>8} {'owner':<12} {'model':<16} {'state':<9} {'gpu MiB':>9} {'host MiB':>9} {'disk MiB':>9}"
     )
@@ -41,6 +43,16 @@ def format_status(status: dict) -> str:
             f"{s['memory'].get('disk_bytes', 0) / 2**20:>9.2f}"
         )
     return "\n".join(lines)
+
+
+def streaming_text(stats: dict) -> str:
+    """``24 layers resident, 16 streamed through 2 ring slots of 0.59 GiB; 9.46 GiB copied per token``."""
+    per_token = stats["bytes_per_token"]
+    traffic = "no forward yet" if per_token is None else f"{per_token / 2**30:.2f} GiB copied per token"
+    return (
+        f"{len(stats['resident_layers'])} layers resident, {len(stats['streamed_layers'])} streamed through "
+        f"{stats['ring_slots']} ring slots of {stats['slot_bytes'] / 2**30:.2f} GiB; {traffic}"
+    )
 
 
 # Notebook renderings of the API handles (duck-typed: this module imports nothing from the API). ----------------
