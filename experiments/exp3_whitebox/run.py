@@ -26,6 +26,7 @@ The result JSON (``--out``) is rewritten after every phase, so a run cut short k
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -78,7 +79,7 @@ def baseline_max_paused(net, prompts: list[list[int]], layer: int, device: torch
 
     call = ForwardCall.of(net)
     gate, arrived = threading.Event(), threading.Semaphore(0)
-    failures: list[BaseException] = []
+    failures: list[str] = []  # messages only: an exception's traceback would keep its thread's KV alive
     armed = threading.local()
 
     def hook(module, args, output):
@@ -96,7 +97,7 @@ def baseline_max_paused(net, prompts: list[list[int]], layer: int, device: torch
                 armed.on = True
                 net(token, **call.kwargs(cache))
         except torch.OutOfMemoryError as exc:
-            failures.append(exc)
+            failures.append(str(exc).splitlines()[0])
             arrived.release()
 
     handle = net.model.layers[layer].register_forward_hook(hook)
@@ -116,6 +117,7 @@ def baseline_max_paused(net, prompts: list[list[int]], layer: int, device: torch
         for thread in threads:
             thread.join()
         handle.remove()
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"max_paused_sessions": paused, "stopped_by": "out of memory" if failures else "ran out of prompts",
