@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .daemon import Daemon, Security, install_signal_handlers
     from .engine import Engine, default_device, default_memory
     from .memory import LRUPolicy, parse_bytes
+    from .policies import make_policy
     from .report import format_size
     from .runtime import DaemonInfo, clear_info, ipc_endpoint, new_key, read_info, runtime_dir, write_info
 
@@ -42,7 +43,10 @@ def _serve(args: argparse.Namespace) -> int:
         budget=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
         host=parse_bytes(args.host_memory) if args.host_memory else None,
     )
-    memory.policy = LRUPolicy(eager=args.page_on_pause)
+    if args.page_on_pause and args.policy != "lru":
+        print(f"djinn: --page-on-pause is a mode of the lru policy, not of {args.policy}", file=sys.stderr)
+        return 2
+    memory.policy = LRUPolicy(eager=True) if args.page_on_pause else make_policy(args.policy)
     if args.host_reserve:
         memory.pool.reserve(parse_bytes(args.host_reserve))
     key, key_file = new_key(folder)
@@ -149,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host-memory", default=None, help="host pool capacity, e.g. 64GiB (default: half the RAM)")
     serve.add_argument("--host-reserve", default=None, help="pin this much of the host pool at start, e.g. 8GiB")
     serve.add_argument("--page-on-pause", action="store_true", help="page a session out as soon as it pauses")
+    serve.add_argument("--policy", choices=("hold", "lru", "signal", "signal-keep-short"), default="lru",
+                       help="paging policy: hold (never swap), lru (under pressure, default), signal (page out on "
+                            "session.io_wait, prefetch by its hint), signal-keep-short (signal, but keep waits "
+                            "shorter than 2 x the swap time); see docs/agents.md")
     serve.add_argument("--deterministic", action="store_true",
                        help="math attention only, so runs repeat bit for bit on a GPU (slower)")
     serve.add_argument("--fast", choices=("auto", "on", "off"), default="auto",

@@ -13,7 +13,7 @@ Threads and ownership:
   frees.
 
 Lock order (every path takes them in this order, never backwards, so no cycle can form):
-``Engine._load_lock`` → ``SessionState.lock`` → ``Engine._lock`` → ``MemoryManager._lock`` → leaves
+``Engine._load_lock`` → ``SessionState.lock`` → ``Engine._lock`` → ``PhaseSignals._cond`` → ``MemoryManager._lock`` → leaves
 (``HostPool._lock``, ``Handoff._cond``, ``HookDispatcher._lock``). Executor threads take only the manager's lock
 (``on_growth``) and their run's ``Handoff``; nothing waits for an executor while holding the manager's lock.
 
@@ -49,7 +49,9 @@ from .errors import (
 )
 from .executor import ENDED, PauseState, Run, RunState, Steering
 from .handoff import Command, Event
-from .memory import GiB, LRUPolicy, MemoryManager, Transfer
+from .memory import GiB, LRUPolicy, MemoryManager, PagingPolicy, Transfer
+from .phases import PhaseSignals, check_expected
+from .policies import make_policy
 from .registry import LoadedModel, prepare
 from .scheduler import fast_plan
 from .sessions import SessionState
@@ -86,6 +88,7 @@ class Engine:
         memory: MemoryManager | None = None,
         deterministic: bool = False,
         fast: bool | None = None,
+        policy: str | PagingPolicy | None = None,
     ) -> None:
         """``deterministic=True`` restricts CUDA attention to the math kernel: the fused kernels are not bitwise
         repeatable across runs on the H100 (measured: two plain runs differ in the last bits), so exact
@@ -93,7 +96,10 @@ class Engine:
 
         ``fast`` serves Llama-family models through the batched fast path (runner.py, scheduler.py) for runs
         that no breakpoint can stop; others take the module path. Its numerics differ from the module path in
-        bf16 rounding, so it is on by default on CUDA only, and never with ``deterministic``."""
+        bf16 rounding, so it is on by default on CUDA only, and never with ``deterministic``.
+
+        ``policy``: the paging policy by name (``hold``, ``lru``, ``signal``, ``signal-keep-short``; policies.py)
+        or object; None keeps the memory manager's (LRU by default)."""
         self.device = torch.device(device) if device is not None else default_device()
         if fast and deterministic:
             raise InvalidArgumentError("fast=True batches and fuses GEMMs, which deterministic=True rules out; pick one")
@@ -104,6 +110,9 @@ class Engine:
             torch.backends.cuda.enable_cudnn_sdp(False)
             torch.backends.cuda.enable_math_sdp(True)
         self.memory = memory if memory is not None else default_memory(self.device)
+        if policy is not None:
+            self.memory.policy = make_policy(policy)
+        self.phases = PhaseSignals(self.memory)
         self._progress = progress
         self._models: dict[str, LoadedModel] = {}
         self._sessions: dict[int, SessionState] = {}
@@ -446,6 +455,27 @@ class Engine:
         with session.lock:
             return self._transfer_report(sid, self.memory.page_in(sid))
 
+    def io_wait(self, sid: int, expected_s: float | None = None) -> dict[str, object]:
+        """The session now waits on IO (a tool call) for about ``expected_s`` seconds: the policy may page its KV
+        out, off the caller's path, and bring it back just before the hinted end. Returns at once with the
+        decision; the next run or ``compute`` ends the wait."""
+        expected_s = check_expected(expected_s)
+        session = self._session(sid)
+        with session.lock:
+            self._sync(session)
+            if session.run is not None and session.run.state is RunState.RUNNING:
+                raise SessionBusyError(
+                    f"session {sid} has a running run; an IO wait starts between runs or at a pause (wait for "
+                    f"the run to end, or cancel it)"
+                )
+            return {**self.phases.io_wait(sid, expected_s), **self.memory.session_stats(sid)}
+
+    def compute(self, sid: int) -> dict[str, object]:
+        """The session's IO wait is over: queued page-outs and prefetches are dropped and its KV comes back now."""
+        session = self._session(sid)
+        with session.lock:
+            return self._transfer_report(sid, self.phases.compute(sid))
+
     def _transfer_report(self, sid: int, transfer: Transfer | None) -> dict[str, object]:
         moved = {"bytes": 0, "copies": 0, "seconds": 0.0, "wall_seconds": 0.0}
         if transfer is not None:
@@ -469,7 +499,8 @@ class Engine:
                 allocated=torch.cuda.memory_allocated(self.device),
                 reserved=torch.cuda.memory_reserved(self.device),
             )
-        return {"device": device, "memory": self.memory.stats(), "models": self.models(), "sessions": self.sessions()}
+        memory = {**self.memory.stats(), "phase_signals": self.phases.stats()}
+        return {"device": device, "memory": memory, "models": self.models(), "sessions": self.sessions()}
 
     def wait(self, sid: int, timeout: float | None = None) -> dict[str, object] | None:
         """Wait for a running run to pause or end (after an interrupted ``generate`` or ``resume``)."""
@@ -671,6 +702,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Close every session and take the engine's hooks off its models."""
+        self.phases.close()
         for sid in [s["id"] for s in self.sessions()]:
             try:
                 self.close_session(sid)
