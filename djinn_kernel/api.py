@@ -462,7 +462,8 @@ class Session:
         return self._backend.io_wait(self.id, expected_s)
 
     def compute(self) -> dict[str, Any]:
-        """Say the IO wait is over: pending background paging is dropped and the KV comes back now."""
+        """Say the IO wait is over: pending background paging is dropped and the KV comes back now (if the device
+        has no room yet, ``paged`` stays true and the next ``generate`` brings it back when it is admitted)."""
         return self._backend.compute(self.id)
 
     @contextlib.contextmanager

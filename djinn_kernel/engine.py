@@ -471,7 +471,8 @@ class Engine:
             return {**self.phases.io_wait(sid, expected_s), **self.memory.session_stats(sid)}
 
     def compute(self, sid: int) -> dict[str, object]:
-        """The session's IO wait is over: queued page-outs and prefetches are dropped and its KV comes back now."""
+        """The session's IO wait is over: queued page-outs and prefetches are dropped and its KV comes back now
+        (``paged`` stays true when the device has no room yet: the next run's admission brings it back)."""
         session = self._session(sid)
         with session.lock:
             return self._transfer_report(sid, self.phases.compute(sid))

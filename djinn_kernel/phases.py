@@ -24,7 +24,7 @@ import math
 import threading
 import time
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, OutOfMemoryError
 from .memory import MemoryManager, Transfer
 
 # Swap rate assumed before the manager has measured one (bytes/s): pinned PCIe Gen5 copies ~50 GB/s measured,
@@ -83,9 +83,13 @@ class PhaseSignals:
                 "estimated_swap_s": swap_s, "bytes": nbytes, "policy": self.memory.policy.name}
 
     def compute(self, sid: int) -> Transfer | None:
-        """End the wait and bring the KV back now (on the caller's path: it is about to run)."""
+        """End the wait and bring the KV back now (on the caller's path: it is about to run). When the device has
+        no room for it now, it stays paged and the next run's admission brings it back (or queues that run)."""
         self.memory.mark_compute(sid)
-        return self.memory.page_in(sid)
+        try:
+            return self.memory.page_in(sid)
+        except OutOfMemoryError:
+            return None
 
     def bandwidth(self) -> float:
         """Bytes/s for swap estimates: the policy's own figure, else the measured rate, else a prior."""
