@@ -20,6 +20,7 @@ import djinn_kernel as dj
 from conftest import DEVICE, make_engine
 from daemon_util import DaemonProcess, wait_until
 from djinn_kernel.agents import AgentRun, random_script
+from djinn_kernel.engine import Engine
 from djinn_kernel.memory import LRUPolicy, MemoryManager, MiB, SessionMemory
 from djinn_kernel.policies import HoldPolicy, KeepShortPolicy, SignalPolicy, make_policy
 
@@ -28,21 +29,22 @@ SECOND = list(range(30, 38))
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def policy_engine(policy, budget: int = 1 << 40):
+def policy_engine(policy, budget: int = 1 << 40, fast: bool = False):
     memory = MemoryManager(torch.device(DEVICE), budget, 1 << 30, make_policy(policy), chunk_bytes=MiB)
-    return make_engine(memory=memory)
+    return Engine(device=DEVICE, memory=memory, fast=True) if fast else make_engine(memory=memory)
 
 
 @pytest.fixture(scope="module")
 def signal_backends():
-    """``get("inprocess")`` or ``get("daemon")``: a backend under the signal policy, made once per module."""
+    """``get(kind)``: a backend under the signal policy, made once per module: "inprocess", "inprocess-fast" (the
+    batched fast path, whose KV is paged block by block) or "daemon"."""
     made: dict[str, object] = {}
     daemons: list[DaemonProcess] = []
 
     def get(kind: str):
         if kind not in made:
-            if kind == "inprocess":
-                made[kind] = policy_engine("signal")
+            if kind.startswith("inprocess"):
+                made[kind] = policy_engine("signal", fast=kind.endswith("-fast"))
             else:
                 daemons.append(DaemonProcess("--policy", "signal"))
                 made[kind] = daemons[-1].client()
@@ -50,7 +52,7 @@ def signal_backends():
 
     yield get
     for kind, backend in made.items():
-        if kind == "inprocess":
+        if kind.startswith("inprocess"):
             backend.shutdown()
     for daemon in daemons:
         daemon.stop()
@@ -91,7 +93,7 @@ def conversation(backend) -> Iterator[tuple[dj.Session, int]]:
         assert_next_turn_exact(s, expected)
 
 
-@pytest.mark.parametrize("kind", ["inprocess", "daemon"])
+@pytest.mark.parametrize("kind", ["inprocess", "inprocess-fast", "daemon"])
 def test_io_wait_pages_out_and_the_next_run_is_exact(kind, signal_backends):
     backend = signal_backends(kind)
     with conversation(backend) as (s, held):
@@ -117,7 +119,7 @@ def test_compute_brings_the_kv_back_and_tool_call_wraps_both(kind, signal_backen
         assert moved["bytes"] == held and moved["gpu_bytes"] == held and s.status()["state"] == "idle"
 
 
-@pytest.mark.parametrize("kind", ["inprocess", "daemon"])
+@pytest.mark.parametrize("kind", ["inprocess", "inprocess-fast", "daemon"])
 def test_a_hint_prefetches_before_the_wait_ends(kind, signal_backends):
     backend = signal_backends(kind)
     with conversation(backend) as (s, _):
@@ -256,32 +258,6 @@ def test_cli_takes_a_policy():
 
     assert build_parser().parse_args(["serve", "--policy", "signal-keep-short"]).policy == "signal-keep-short"
     assert build_parser().parse_args(["serve"]).policy == "lru"
-
-
-def test_the_magic_signals_io_wait_and_compute():
-    from IPython.testing.globalipapp import start_ipython
-
-    ip = start_ipython()
-    ip.run_line_magic("load_ext", "djinn_kernel")
-    from djinn_kernel import api
-
-    engine = policy_engine("signal")
-    saved = api._backend
-    api._backend = engine
-    try:
-        ip.run_line_magic("djinn", "load tiny-llama")
-        ip.run_line_magic("djinn", "run Hello --max-new-tokens 3 --no-chat")
-        said = ip.run_line_magic("djinn", "io-wait")
-        assert "paging out in the background" in said
-        assert engine.phases.wait_idle(30)
-        session = ip.magics_manager.registry["DjinnMagics"].session
-        assert session.status()["state"] == "paged"
-        assert "paged" in ip.run_line_magic("djinn", "compute") and session.status()["state"] == "idle"
-        assert "kept on the device" not in ip.run_line_magic("djinn", "io-wait 5")
-        ip.run_line_magic("djinn", "compute")
-    finally:
-        api._backend = saved
-        engine.shutdown()
 
 
 def test_experiment_1_small_runs_on_the_cpu(tmp_path):
