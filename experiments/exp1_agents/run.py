@@ -85,9 +85,9 @@ class Config:
                           uncontended_agents=2, cell_timeout_s=20, deadline_s=40,
                           check={"agents": 3, "prompt_tokens": (16, 24), "rounds": 3, "new_tokens": (3, 5),
                                  "tool_s": (0.02, 0.08), "result_tokens": (3, 6)})
-        return Config(counts=(1, 2, 4, 8, 12, 16, 24, 32), prompt_tokens=(1024, 2048), rounds=4,
+        return Config(counts=(2, 4, 6, 8, 12, 16, 24, 32), prompt_tokens=(1024, 2048), rounds=4,
                       new_tokens=(50, 100), tool_s=(0.2, 2.0), result_tokens=(16, 64), arrival_window_s=1.5,
-                      budget_agents=6.0, uncontended_agents=4, cell_timeout_s=40, deadline_s=330,
+                      budget_agents=6.0, uncontended_agents=4, cell_timeout_s=40, deadline_s=350,
                       check={"agents": 4, "prompt_tokens": (256, 512), "rounds": 3, "new_tokens": (8, 12),
                              "tool_s": (0.05, 0.2), "result_tokens": (8, 16)})
 
@@ -209,15 +209,17 @@ def run_agents(engine: Engine, model: Model, agent_scripts: list[AgentScript], o
             room.notify()
         results[i] = {"records": records, "error": error}
 
-    threads = [threading.Thread(target=agent, args=(i,), name=f"exp1-agent-{i}") for i in range(len(agent_scripts))]
+    threads = [threading.Thread(target=agent, args=(i,), name=f"exp1-agent-{i}", daemon=True)
+               for i in range(len(agent_scripts))]
     sampler.start()
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    for t in threads:  # a stop cannot interrupt a generate call: give the last rounds time, then report them hung
+        t.join(max(t0 + timeout_s + 60 - time.monotonic(), 0.1))
     sampler.done.set()
     sampler.join()
-    return {"agents": [results[i] for i in range(len(agent_scripts))], "peak_kv": sampler.peak_kv,
+    hung = {"records": [], "error": "hung: the agent's thread did not end 60 s after the cell's timeout"}
+    return {"agents": [results.get(i, hung) for i in range(len(agent_scripts))], "peak_kv": sampler.peak_kv,
             "stopped": sampler.reason, "refusals": room.refusals, "wall_s": time.monotonic() - t0}
 
 
