@@ -6,7 +6,7 @@ phase signals do: around every tool call the driver says ``io_wait`` and ``compu
 is back when it answers. The conversation continues over the kept KV (``generate(..., fresh=False)``).
 
     script = random_script(seed=1, vocab=model.info["vocab_size"], prompt_tokens=512, rounds=4)
-    records = run_agent(model.session(), script)
+    records = run_agent(model.session(), script)           # or AgentRun(session, script).start() in a notebook
 """
 
 from __future__ import annotations
@@ -72,6 +72,13 @@ class AgentRun:
     tool: Callable[[int, float], None] = simulated_tool
     wait_for_room: Callable[[], None] | None = None  # called after OutOfMemoryError, before retrying; None: raise
     records: list[RoundRecord] = field(default_factory=list)
+
+    def start(self) -> threading.Thread:
+        """Run on a background thread, so the notebook cell returns and ``%djinn vram`` shows the agent's KV
+        leave the device at each tool call and come back; ``records`` fills as rounds end."""
+        thread = threading.Thread(target=self.run, name=f"djinn-agent-{self.session.id}", daemon=True)
+        thread.start()
+        return thread
 
     def run(self) -> list[RoundRecord]:
         for index, step in enumerate(self.script.steps):

@@ -246,7 +246,9 @@ def test_the_agent_driver_pages_around_each_tool_call_and_matches_the_agent_alon
         states.append(session.status()["state"])
 
     with dj.load("tiny-llama", backend=engine).session() as session:
-        records = AgentRun(session, script, tool).run()
+        agent = AgentRun(session, script, tool)
+        agent.start().join()
+        records = agent.records
     engine.shutdown()
     assert [r.tokens for r in records] == expected and all(r.error is None for r in records)
     assert states == ["paged", "paged"], "the KV left the device during each tool call"
