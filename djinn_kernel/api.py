@@ -7,6 +7,7 @@ on these handles and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -462,6 +463,29 @@ class Session:
     def page_in(self) -> dict[str, Any]:
         """Bring paged state back ahead of time (a resume does this by itself)."""
         return self._backend.page_in(self.id)
+
+    def io_wait(self, expected_s: float | None = None) -> dict[str, Any]:
+        """Say this session now waits on IO (a tool call) for about ``expected_s`` seconds (None: unknown).
+
+        Returns at once with the policy's decision (``paging``, ``reason``, ``estimated_swap_s``): under the
+        ``signal`` policies the KV is paged out in the background and, with a hint, paged back in just before
+        the wait should end. The next ``generate`` or ``compute()`` brings it back bit for bit either way."""
+        return self._backend.io_wait(self.id, expected_s)
+
+    def compute(self) -> dict[str, Any]:
+        """Say the IO wait is over: pending background paging is dropped and the KV comes back now (if the device
+        has no room yet, ``paged`` stays true and the next ``generate`` brings it back when it is admitted)."""
+        return self._backend.compute(self.id)
+
+    @contextlib.contextmanager
+    def tool_call(self, expected_s: float | None = None) -> Iterator[dict[str, Any]]:
+        """``with session.tool_call(expected_s=2.0): result = call_the_tool()``: ``io_wait`` on entry, ``compute``
+        on exit (also when the tool raises); yields the ``io_wait`` decision."""
+        decision = self.io_wait(expected_s)
+        try:
+            yield decision
+        finally:
+            self.compute()
 
     def close(self) -> None:
         self._backend.close_session(self.id)

@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .daemon import Daemon, Security, install_signal_handlers
     from .engine import Engine, default_device, default_memory
     from .memory import LRUPolicy, parse_bytes
+    from .policies import make_policy
     from .report import format_size
     from .spill import SpillStore
     from .runtime import DaemonInfo, clear_info, ipc_endpoint, new_key, read_info, runtime_dir, write_info
@@ -48,7 +49,10 @@ def _serve(args: argparse.Namespace) -> int:
     elif args.spill_memory:
         print("djinn: --spill-memory needs --spill-dir (the folder to spill to)", file=sys.stderr)
         return 2
-    memory.policy = LRUPolicy(eager=args.page_on_pause)
+    if args.page_on_pause and args.policy != "lru":
+        print(f"djinn: --page-on-pause is a mode of the lru policy, not of {args.policy}", file=sys.stderr)
+        return 2
+    memory.policy = LRUPolicy(eager=True) if args.page_on_pause else make_policy(args.policy)
     if args.host_reserve:
         memory.pool.reserve(parse_bytes(args.host_reserve))
     key, key_file = new_key(folder)
@@ -172,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a folder for the disk tier: paged sessions spill there when the host pool is full")
     serve.add_argument("--spill-memory", default=None,
                        help="the most the disk tier may hold, e.g. 200GiB (default with --spill-dir: 64GiB)")
+    serve.add_argument("--policy", choices=("hold", "lru", "signal", "signal-keep-short"), default="lru",
+                       help="paging policy: hold (never swap), lru (under pressure, default), signal (page out on "
+                            "session.io_wait, prefetch by its hint), signal-keep-short (signal, but keep waits "
+                            "shorter than 2 x the swap time); see docs/agents.md")
     serve.add_argument("--deterministic", action="store_true",
                        help="math attention only, so runs repeat bit for bit on a GPU (slower)")
     serve.add_argument("--fast", choices=("auto", "on", "off"), default="auto",

@@ -13,7 +13,7 @@ Threads and ownership:
   frees.
 
 Lock order (every path takes them in this order, never backwards, so no cycle can form):
-``Engine._load_lock`` → ``SessionState.lock`` → ``Engine._lock`` → ``MemoryManager._lock`` → leaves
+``Engine._load_lock`` → ``SessionState.lock`` → ``Engine._lock`` → ``PhaseSignals._cond`` → ``MemoryManager._lock`` → leaves
 (``HostPool._lock``, ``Handoff._cond``, ``HookDispatcher._lock``). Executor threads take only the manager's lock
 (``on_growth``) and their run's ``Handoff``; nothing waits for an executor while holding the manager's lock.
 
@@ -49,7 +49,9 @@ from .errors import (
 )
 from .executor import PauseState, Run, Steering
 from .handoff import Command, Event
-from .memory import GiB, LRUPolicy, MemoryManager, Transfer, parse_bytes
+from .memory import GiB, LRUPolicy, MemoryManager, PagingPolicy, Transfer, parse_bytes
+from .phases import PhaseSignals, check_expected
+from .policies import make_policy
 from .recording import Recorder, Recording
 from .registry import LoadedModel, prepare
 from .run_state import ENDED, RunState
@@ -99,6 +101,7 @@ class Engine:
         fast: bool | None = None,
         weight_memory: int | str | None = None,
         ring_slots: int = 2,
+        policy: str | PagingPolicy | None = None,
     ) -> None:
         """``deterministic=True`` restricts CUDA attention to the math kernel: the fused kernels are not bitwise
         repeatable across runs on the H100 (measured: two plain runs differ in the last bits), so exact
@@ -111,7 +114,10 @@ class Engine:
         ``weight_memory`` (bytes or a size such as ``"16GiB"``) caps the device bytes each model's weights may
         take: a larger model keeps the decoder layers that fit and streams the rest from a pinned host arena
         through ``ring_slots`` device slots (streaming.py; module path only). ``None``: every model is moved
-        to the device whole."""
+        to the device whole.
+
+        ``policy``: the paging policy by name (``hold``, ``lru``, ``signal``, ``signal-keep-short``; policies.py)
+        or object; None keeps the memory manager's (LRU by default)."""
         self.weight_memory = None if weight_memory is None else parse_bytes(weight_memory)
         self.ring_slots = check_ring_slots(ring_slots)
         self.device = torch.device(device) if device is not None else default_device()
@@ -124,6 +130,9 @@ class Engine:
             torch.backends.cuda.enable_cudnn_sdp(False)
             torch.backends.cuda.enable_math_sdp(True)
         self.memory = memory if memory is not None else default_memory(self.device)
+        if policy is not None:
+            self.memory.policy = make_policy(policy)
+        self.phases = PhaseSignals(self.memory)
         self._progress = progress
         self._models: dict[str, LoadedModel] = {}
         self._sessions: dict[int, SessionState] = {}
@@ -514,6 +523,28 @@ class Engine:
         with session.lock:
             return self._transfer_report(sid, self.memory.page_in(sid))
 
+    def io_wait(self, sid: int, expected_s: float | None = None) -> dict[str, object]:
+        """The session now waits on IO (a tool call) for about ``expected_s`` seconds: the policy may page its KV
+        out, off the caller's path, and bring it back just before the hinted end. Returns at once with the
+        decision; the next run or ``compute`` ends the wait."""
+        expected_s = check_expected(expected_s)
+        session = self._session(sid)
+        with session.lock:
+            self._sync(session)
+            if session.run is not None and session.run.state is RunState.RUNNING:
+                raise SessionBusyError(
+                    f"session {sid} has a running run; an IO wait starts between runs or at a pause (wait for "
+                    f"the run to end, or cancel it)"
+                )
+            return {**self.phases.io_wait(sid, expected_s), **self.memory.session_stats(sid)}
+
+    def compute(self, sid: int) -> dict[str, object]:
+        """The session's IO wait is over: queued page-outs and prefetches are dropped and its KV comes back now
+        (``paged`` stays true when the device has no room yet: the next run's admission brings it back)."""
+        session = self._session(sid)
+        with session.lock:
+            return self._transfer_report(sid, self.phases.compute(sid))
+
     def _transfer_report(self, sid: int, transfer: Transfer | None) -> dict[str, object]:
         moved = {"bytes": 0, "copies": 0, "seconds": 0.0, "wall_seconds": 0.0}
         if transfer is not None:
@@ -537,7 +568,8 @@ class Engine:
                 allocated=torch.cuda.memory_allocated(self.device),
                 reserved=torch.cuda.memory_reserved(self.device),
             )
-        return {"device": device, "memory": self.memory.stats(), "models": self.models(), "sessions": self.sessions()}
+        memory = {**self.memory.stats(), "phase_signals": self.phases.stats()}
+        return {"device": device, "memory": memory, "models": self.models(), "sessions": self.sessions()}
 
     def wait(self, sid: int, timeout: float | None = None) -> dict[str, object] | None:
         """Wait for a running run to pause or end (after an interrupted ``generate`` or ``resume``)."""
@@ -786,6 +818,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Close every session and take the engine's hooks off its models."""
+        self.phases.close()
         for sid in [s["id"] for s in self.sessions()]:
             try:
                 self.close_session(sid)

@@ -183,6 +183,9 @@ def _parser() -> _Parser:
     p.add_argument("value", nargs="?", help="factor for scale; notebook variable holding a vector for add/ablate")
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--layer", help="steer this layer on every token of every run instead of the current pause")
+    p = add("io-wait", "the session waits on a tool: the paging policy may move its KV to the host meanwhile")
+    p.add_argument("expected", nargs="?", type=float, help="expected seconds of the wait (a prefetch hint)")
+    add("compute", "the tool answered: bring the session's KV back now")
     add("sessions", "table of the sessions of this engine or daemon")
     add("vram", "live device and session memory monitor")
     add("status", "text status of the engine or daemon")
@@ -217,6 +220,7 @@ class DjinnMagics(Magics):
         %djinn continue | step | finish | cancel  (Kernel → Interrupt cancels a run in progress)
         %djinn inspect [-k 5]                   activation widget for the pause
         %djinn steer scale 0.9 | add VAR [--alpha 4] [--layer 20] | ablate VAR | reset | clear
+        %djinn io-wait [SECONDS] | compute      an agent's tool call: its KV may leave the GPU meanwhile
         %djinn sessions | vram | status
         %djinn help [SUBCOMMAND]
 
@@ -234,7 +238,7 @@ class DjinnMagics(Magics):
                 raise UsageError(f"%%djinn takes only run (the body is the prompt), not {args.command}")
             args.prompt = [cell.strip()]
         try:
-            return getattr(self, f"_{args.command}")(args)
+            return getattr(self, f"_{args.command.replace('-', '_')}")(args)
         except DjinnError as exc:
             raise UsageError(f"djinn: {for_magics(str(exc))}") from None
         except api.RunInterrupted as exc:
@@ -376,6 +380,18 @@ class DjinnMagics(Magics):
         if args.op == "add":
             return pause.add(self._vector(args.value), args.alpha)
         return pause.ablate(self._vector(args.value))
+
+    def _io_wait(self, args: argparse.Namespace) -> Rich:
+        session = self._need_session()
+        decision = session.io_wait(args.expected)
+        action = "paging out in the background" if decision["paging"] else "kept on the device"
+        return Rich(f"session {session.id} waits on IO: {action} ({decision['reason']}); %djinn compute ends the wait")
+
+    def _compute(self, args: argparse.Namespace) -> Rich:
+        session = self._need_session()
+        moved = session.compute()
+        back = f"paged {moved['bytes'] / 2**20:.2f} MiB back in" if moved["bytes"] else "its KV was on the device"
+        return Rich(f"session {session.id} computes again: {back}")
 
     def _sessions(self, args: argparse.Namespace) -> Any:
         from djinn_widgets import SessionTable

@@ -26,8 +26,11 @@ Invariants:
 - The host pool is pinned in large chunks, up front or when it grows, never per copy (pinning costs ~0.6 s
   per GiB). When even the pool is full, the request that needs room gets ``OutOfMemoryError`` and every
   session keeps what it had.
-- Policies only choose; the manager does the moving. ``PagingPolicy`` decides what to page on a pause and
-  which sessions to evict under pressure, so new policies plug in without touching the mechanism.
+- Policies only choose; the manager does the moving. ``PagingPolicy`` decides what to page on a pause, on a
+  session's IO-wait signal (policies.py, phases.py) and which sessions to evict under pressure, so new policies
+  plug in without touching the mechanism.
+- Phase signals are epoch-checked under the lock: ``io_wait`` starts an epoch, and any run or ``compute``
+  ends it, so a signalled page-out or prefetch that a background worker carries out late does nothing.
 """
 
 from __future__ import annotations
@@ -193,6 +196,8 @@ class SessionMemory:
     # On the disk tier instead: the paged storages, in the order of the file's extents, and the file.
     spilled: tuple[list[torch.UntypedStorage], SpillFile] | None = None
     lost: str | None = None  # why the session's state could not be restored, once that happened
+    io_until: float | None = None  # in an IO wait: when it expects to run again (inf: no hint); None: computing
+    io_epoch: int = 0  # bumped by every io_wait and every end of one (see ``mark_io_wait``)
 
     @property
     def is_paged(self) -> bool:
@@ -226,19 +231,39 @@ class Transfer:
 
 
 class PagingPolicy(Protocol):
+    name: str
+
     def page_on_pause(self, session: SessionMemory) -> bool: ...
 
     def victims(self, sessions: list[SessionMemory], exclude: int | None) -> list[SessionMemory]: ...
 
+    def page_on_io_wait(self, session: SessionMemory, expected_s: float | None, swap_s: float) -> tuple[bool, str]:
+        """Whether a session that signals an IO wait is paged out now (``swap_s``: the estimated round trip),
+        and why, in words for the caller."""
+        ...
+
+    def prefetch(self, session: SessionMemory) -> bool:
+        """Whether a paged session in an IO wait with a hint is paged back in just before it expects to run."""
+        ...
+
 
 class LRUPolicy:
-    """Page out only under pressure, least recently used first; ``eager`` also pages every pause at once."""
+    """Page out only under pressure, least recently used first; ``eager`` also pages every pause at once.
+    Phase signals are ignored: this is the reactive baseline."""
+
+    name = "lru"
 
     def __init__(self, eager: bool = False) -> None:
         self.eager = eager
 
     def page_on_pause(self, session: SessionMemory) -> bool:
         return self.eager
+
+    def page_on_io_wait(self, session: SessionMemory, expected_s: float | None, swap_s: float) -> tuple[bool, str]:
+        return False, "the lru policy ignores phase signals and pages only under pressure"
+
+    def prefetch(self, session: SessionMemory) -> bool:
+        return False
 
     def victims(self, sessions: list[SessionMemory], exclude: int | None) -> list[SessionMemory]:
         candidates = [s for s in sessions if s.sid != exclude and s.pageable and not s.is_paged]
@@ -321,11 +346,13 @@ class MemoryManager:
     def on_run(self, sid: int, state: RunState) -> None:
         """A move of the session's run (run_state.py). Whether the session may be paged follows from ``state``
         alone; a pause may page it at once (the policy's choice); an ended run returns its reservation and
-        leaves its context pageable like any idle state."""
+        leaves its context pageable like any idle state; a running run ends any IO wait the session signalled."""
         with self._lock:
             session = self.session(sid)
             session.pageable = state.pageable
             session.last_used = time.monotonic()
+            if state is RunState.RUNNING:
+                _end_io_wait(session)
             if state.ended:
                 session.reserved = 0
             elif state is RunState.PAUSED and session.lost is None and self.policy.page_on_pause(session):
@@ -342,6 +369,7 @@ class MemoryManager:
         """
         with self._lock:
             session = self._live(sid)
+            _end_io_wait(session)
             self.page_in(sid)
             self._make_room(max(need - session.charge(), 0), for_sid=sid)
             session.reserved = need
@@ -568,6 +596,55 @@ class MemoryManager:
         done.synchronize()
         return begin.elapsed_time(done) / 1000
 
+    # phase signals (phases.py drives these) -------------------------------------------------------------
+    def mark_io_wait(self, sid: int, expected_s: float | None) -> int:
+        """The session waits on IO (a tool call) for about ``expected_s`` seconds (None: unknown); returns the
+        epoch that the signalled page-out and prefetch must still find current to act."""
+        with self._lock:
+            session = self._live(sid)
+            session.io_epoch += 1
+            session.io_until = float("inf") if expected_s is None else time.monotonic() + expected_s
+            return session.io_epoch
+
+    def mark_compute(self, sid: int) -> None:
+        """The session's IO wait is over (``compute``): pending signalled page-outs and prefetches do nothing."""
+        with self._lock:
+            _end_io_wait(self._live(sid))
+
+    def page_out_signalled(self, sid: int, epoch: int) -> Transfer | None:
+        """The page-out an ``io_wait`` asked for, if that wait is still current; off the caller's path."""
+        with self._lock:
+            session = self._sessions.get(sid)
+            if session is None or session.lost is not None or session.io_epoch != epoch or session.io_until is None:
+                return None
+            return self.page_out(sid)
+
+    def prefetch(self, sid: int, epoch: int) -> Transfer | None:
+        """Page a session in ahead of the end of its IO wait, if that wait is still current and room can be made
+        without touching a session that runs or expects to run sooner: a prefetch never delays anyone else."""
+        with self._lock:
+            session = self._sessions.get(sid)
+            if session is None or session.lost is not None or session.io_epoch != epoch or not session.is_paged:
+                return None
+            need = session.host_bytes()
+            later = [s for s in self._sessions.values() if s.sid != sid and s.pageable and not s.is_paged
+                     and s.io_until is not None and s.io_until > (session.io_until or 0.0)]
+            for victim in sorted(later, key=lambda s: s.io_until or 0.0, reverse=True):
+                if self.charged_total() + need <= self.budget:
+                    break
+                self.page_out(victim.sid)
+            if self.charged_total() + need > self.budget:
+                return None
+            return self.page_in(sid)
+
+    def bandwidth(self) -> float | None:
+        """Bytes per second of the recent page-outs and page-ins (wall time), None before the first one."""
+        with self._lock:
+            moved = [t for t in self.transfers if t.wall_seconds > 0]
+            if not moved:
+                return None
+            return sum(t.nbytes for t in moved) / sum(t.wall_seconds for t in moved)
+
     # status ---------------------------------------------------------------------------------------------
     def session_stats(self, sid: int) -> dict[str, object]:
         with self._lock:
@@ -579,6 +656,7 @@ class MemoryManager:
                 "paged": session.is_paged,
                 "reserved": session.reserved,
                 "lost": session.lost,
+                "phase": "compute" if session.io_until is None else "io_wait",
             }
 
     def stats(self) -> dict[str, object]:
@@ -591,7 +669,14 @@ class MemoryManager:
                 "host_pool": self.pool.stats(),
                 "spill": None if self.spill is None else {**self.spill.stats(), "spills": self.spills,
                                                            "unspills": self.unspills},
+                "policy": self.policy.name,
                 "page_outs": self.page_outs,
                 "page_ins": self.page_ins,
                 "overcommits": self.overcommits,
             }
+
+
+def _end_io_wait(session: SessionMemory) -> None:
+    if session.io_until is not None:
+        session.io_until = None
+        session.io_epoch += 1

@@ -293,6 +293,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "logit_lens": ("sid", "k", "position", "edit"),
     "page_out": ("sid",),
     "page_in": ("sid",),
+    "io_wait": ("sid", "expected_s"),
+    "compute": ("sid",),
     "status": (),
     "shutdown": (),
 }

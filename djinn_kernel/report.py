@@ -22,6 +22,7 @@ def format_status(status: dict) -> str:
         f"session budget {format_size(mem['budget'])}, sessions on device {mem['session_gpu_bytes'] / gib:.3f} GiB, "
         f"host pool {pool['used'] / gib:.3f} of {pool['reserved'] / gib:.3f} GiB reserved"
         f" ({'pinned' if pool['pinned'] else 'pageable'}), page-outs {mem['page_outs']}, page-ins {mem['page_ins']}"
+        f", paging policy {mem.get('policy', 'lru')}"
     )
     spill = mem.get("spill")
     if spill:

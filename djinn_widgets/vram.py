@@ -217,11 +217,12 @@ class VramMonitor(TextFallback, W.VBox):
 
     def _session_rows(self) -> list[tuple[Any, ...]]:
         return [
-            (s["id"], s["state"], mib(s["memory"]["gpu_bytes"]), mib(s["memory"]["host_bytes"]), s["memory"]["paged"])
+            (s["id"], s["state"], s["memory"].get("phase", ""), mib(s["memory"]["gpu_bytes"]),
+             mib(s["memory"]["host_bytes"]), s["memory"]["paged"])
             for s in self.status.get("sessions", [])
         ]
 
-    _HEADERS = ("session", "state", "GPU MiB", "host MiB", "paged")
+    _HEADERS = ("session", "state", "phase", "GPU MiB", "host MiB", "paged")
 
     def _render_device(self) -> None:
         self.device_label.value = f"<b>{html.escape(self.device_line())}</b>"

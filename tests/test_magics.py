@@ -329,3 +329,27 @@ def test_conversation_continue_fork_and_rewind(ip, loaded):
     again = djinn(ip, "run --continue , world --max-new-tokens 3 --no-chat")
     assert again.tokens == second.tokens, "the fork, rewound to before the second turn, replays it"
     parent.close()
+
+
+def test_io_wait_and_compute(ip, monkeypatch):
+    from djinn_kernel import api
+    from djinn_kernel.engine import Engine
+
+    engine = Engine(device="cpu", deterministic=True, policy="signal")
+    monkeypatch.setattr(api, "_backend", engine)
+    try:
+        djinn(ip, "load tiny-llama")
+        djinn(ip, "run Hello --max-new-tokens 3 --no-chat")
+        assert "paging out in the background" in djinn(ip, "io-wait")
+        assert engine.phases.wait_idle(30)
+        session = ip.magics_manager.registry["DjinnMagics"].session
+        host = session.status()["memory"]["host_bytes"]
+        assert session.status()["state"] == "paged" and host > 0
+        assert f"paged {host / 2**20:.2f} MiB back in" in djinn(ip, "compute") and session.status()["state"] == "idle"
+        assert "paging out" in djinn(ip, "io-wait 5")
+        djinn(ip, "compute")  # at once: before or after the background page-out, the KV is back
+        assert session.status()["state"] == "idle" and session.status()["memory"]["phase"] == "compute"
+        with pytest.raises(UsageError, match="invalid float value"):
+            djinn(ip, "io-wait soon")
+    finally:
+        engine.shutdown()
