@@ -19,7 +19,7 @@ import torch
 
 from .edits import Ablate, AddVector, Edit, Replace, Scale, SetPositions
 from .engine import Engine
-from .errors import DjinnError, NotPausedError
+from .errors import DjinnError, InvalidArgumentError, NotPausedError
 from .report import pause_html, pause_text, run_html, run_text
 
 _engine: Engine | None = None
@@ -143,13 +143,17 @@ class _Driver:
     reports each new token. Either way Ctrl-C cancels the run instead of leaving it running unowned.
     """
 
-    def __init__(self, backend: Any, sid: int, on_progress: ProgressCallback | None, known_run: int | None) -> None:
+    def __init__(
+        self, backend: Any, sid: int, on_progress: ProgressCallback | None, known_run: int | None, tokens: int
+    ) -> None:
+        """``tokens``: what the run holds as the call starts (0 for a new run), the base of the call's rate even
+        when the first snapshot already shows the run further on."""
         self.backend = backend
         self.sid = sid
         self.on_progress = on_progress
         self.known_run = known_run  # a snapshot of this run id is not the call's run (generate: the previous one)
         self.start = time.monotonic()
-        self.first_tokens: int | None = None
+        self.first_tokens = tokens
         self.reported: tuple[int, str, int] | None = None
         self.last_text = ""
         self.last_report = self.start
@@ -197,8 +201,6 @@ class _Driver:
     def _report(self, snapshot: dict[str, Any], done: bool) -> Progress | None:
         now = time.monotonic()
         tokens, text = len(snapshot["tokens"]), snapshot["text"]
-        if self.first_tokens is None:
-            self.first_tokens = tokens
         key = (tokens, snapshot["state"], snapshot["run_id"])
         if not done and key == self.reported and now - self.last_report < HEARTBEAT:
             return None
@@ -420,7 +422,7 @@ class Session:
         if streaming:  # ask the backend: snapshots of an earlier run must not be reported as this one's
             last = self._backend.run_snapshot(self.id)
             known = last["run_id"] if last is not None else None
-        return _Driver(self._backend, self.id, on_progress, known), bool(self.steering)
+        return _Driver(self._backend, self.id, on_progress, known, 0), bool(self.steering)
 
     def _adopt(self, snapshot: dict[str, Any], steered: bool) -> Run:
         self._run = Run(self._backend, self, snapshot, steered)
@@ -510,6 +512,7 @@ class Run:
         self._pause: Pause | None = None
         self.steered = steered  # persistent steering was on when it started: every token is touched
         self.edited_steps: set[int] = set()  # token steps whose forward an edit at a pause changed
+        self._recorded: dict[int | str, torch.Tensor] | None = None
 
     def _update(self, snapshot: dict[str, Any]) -> Run:
         self._snapshot = snapshot
@@ -571,10 +574,19 @@ class Run:
     @property
     def recorded(self) -> dict[int | str, torch.Tensor]:
         """What the session's recordings kept in this run, by module path and, for decoder layers, by index too
-        (CPU tensors ``[rows, width]``; see ``Session.record``)."""
-        by_path = self._backend.recorded(self.session.id)
-        layers = {path: i for i, path in enumerate(self.session.model.info.get("layer_paths", []))}
-        return {**by_path, **{layers[p]: t for p, t in by_path.items() if p in layers}}
+        (CPU tensors ``[rows, width]``; see ``Session.record``). Kept by this handle once read; the engine keeps
+        a run's rows only until the session's next run starts."""
+        if self._recorded is None:
+            current = self._backend.run_snapshot(self.session.id)
+            if current is None or current["run_id"] != self.id:
+                raise InvalidArgumentError(
+                    f"run {self.id}'s recordings were released when its session started another run; read "
+                    f"run.recorded before generating again"
+                )
+            by_path = self._backend.recorded(self.session.id)
+            layers = {path: i for i, path in enumerate(self.session.model.info.get("layer_paths", []))}
+            self._recorded = {**by_path, **{layers[p]: t for p, t in by_path.items() if p in layers}}
+        return self._recorded
 
     def resume(self, *, on_progress: ProgressCallback | None = None) -> Run:
         """Continue to the next breakpoint hit, or to the end (``on_progress``: see ``Session.generate``)."""
@@ -591,13 +603,13 @@ class Run:
     def stream(self, mode: str = "continue") -> Iterator[str]:
         """Resume (``continue``, ``step`` or ``finish``), yielding text as it is produced until the next pause or
         the end. Leaving the loop early (``break``, Ctrl-C) cancels the run."""
-        driver = _Driver(self._backend, self.session.id, None, None)
+        driver = _Driver(self._backend, self.session.id, None, None, len(self.tokens))
         yield from _pieces(
             driver, driver.stream(self._backend.resume, self.session.id, mode), self._update, self._interrupted
         )
 
     def _move(self, mode: str, on_progress: ProgressCallback | None) -> Run:
-        driver = _Driver(self._backend, self.session.id, on_progress, None)
+        driver = _Driver(self._backend, self.session.id, on_progress, None, len(self.tokens))
         try:
             return self._update(driver(self._backend.resume, self.session.id, mode))
         except _Cancelled as cancelled:
@@ -712,6 +724,33 @@ class Pause:
         self.run._snapshot = {**self.run._snapshot, "pause": self.info}
         self.run.edited_steps.discard(self.token_step)
         return self
+
+    def patch(self, source: Run, positions: list[int] | None = None) -> Pause:
+        """Set this activation at ``positions`` (all by default) to ``source``'s at the same place, as a recording
+        of this module kept it (``session.record``): activation patching. At the prefill the source's prompt
+        rows (its prompt must be as long as this one), at decode step t the row of the token that step fed."""
+        self._check_current()
+        recorded = source.recorded.get(self.path)
+        if recorded is None:
+            raise InvalidArgumentError(
+                f"run {source.id} recorded nothing at {self.path}; record it first (session.record({self.path!r}))"
+            )
+        tokens = self.shape[-2]
+        prompt = len(source.prompt_ids)
+        if self.token_step == 0 and prompt != tokens:
+            raise InvalidArgumentError(
+                f"run {source.id}'s prompt has {prompt} tokens, this one {tokens}: patch between prompts of the "
+                f"same length"
+            )
+        start = 0 if self.token_step == 0 else prompt + self.token_step - 1
+        rows = recorded[start : start + tokens]
+        if rows.shape[0] != tokens:
+            raise InvalidArgumentError(
+                f"run {source.id} has no recorded row for token step {self.token_step} at {self.path} (it recorded "
+                f"{recorded.shape[0]} rows)"
+            )
+        chosen = list(range(tokens)) if positions is None else list(positions)
+        return self.set(chosen, rows[chosen])
 
     def logit_lens(self, k: int = 5, position: int = -1, edit: Edit | None = None) -> list[dict[str, Any]]:
         """Top-k tokens this activation would predict if it went straight to the final norm and unembedding.
