@@ -760,6 +760,13 @@ class Pause:
         self._check_current()
         return self.run._backend.logit_lens(self.run.session.id, k, position, edit)
 
+    def attention(self) -> torch.Tensor:
+        """Attention weights ``[heads, tokens, context + tokens]`` of the decoder layer this activation feeds
+        (this layer at its input, the next at an output), for this step's tokens, computed from the activation
+        as edited so far: what that layer will attend to. Llama-family models."""
+        self._check_current()
+        return self.run._backend.attention(self.run.session.id)
+
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder layer ``layer``'s keys and values (``[kv_heads, tokens, head_dim]``, CPU copies) for the tokens
         before this step: the conversation so far, which this step attends to besides its own new tokens."""

@@ -33,6 +33,7 @@ from torch import nn
 
 from . import conditions, context, models
 from .anatomy import resolve_target
+from .attention import attention_weights
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
 from .edits import AddVector, Edit, check_positions, check_tensor
@@ -763,6 +764,36 @@ class Engine:
             with torch.inference_mode():
                 context.write_kv(run.cache, index, where, checked["keys"], checked["values"])
             return {"layer": index, "positions": where, "keys": keys is not None, "values": values is not None}
+
+    def attention(self, sid: int) -> torch.Tensor:
+        """The attention weights ``[heads, tokens, context + tokens]`` (CPU) of the decoder layer the paused
+        activation feeds (the layer itself at its input side, the next one at an output), for this step's tokens,
+        from the activation as edited so far (attention.py)."""
+        session = self._session(sid)
+        with session.lock, self.memory.resident(session.id):
+            run, pause = self._paused_run(session)
+            loaded = session.model
+            paths = loaded.anatomy.layer_paths
+            if pause.layer is None or pause.path != paths[pause.layer]:
+                raise InvalidTargetError(
+                    "attention weights need a pause on a decoder layer's input or output (the residual stream a "
+                    f"layer's attention reads), not at {pause.path}"
+                )
+            target = pause.layer if pause.side == "input" else pause.layer + 1
+            if target >= len(paths):
+                raise InvalidTargetError("the last layer's output feeds no attention layer; break at its input")
+            held = _held_before(run, pause)
+            past, _ = context.read_kv(run.cache, target, held, loaded.model.config)
+            rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
+            if rotary is None:
+                raise InvalidTargetError(
+                    "attention weights at a pause are computed for Llama-family models (rotary embeddings, "
+                    "self_attn.q_proj/k_proj); this model has no model.rotary_emb"
+                )
+            with torch.inference_mode():
+                weights = attention_weights(loaded.model.get_submodule(paths[target]), rotary, pause.current,
+                                            past.to(pause.current.device), held)
+            return weights.to("cpu", copy=True)
 
     def _kv_layer(self, session: SessionState, layer: object) -> int:
         layers = len(session.model.anatomy.layer_paths)

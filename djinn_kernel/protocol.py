@@ -289,6 +289,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "edit": ("sid", "edit"),
     "reset_edits": ("sid",),
     "kv": ("sid", "layer"),
+    "attention": ("sid",),
     "edit_kv": ("sid", "layer", "positions", "keys", "values"),
     "logit_lens": ("sid", "k", "position", "edit"),
     "page_out": ("sid",),

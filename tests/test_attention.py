@@ -1,0 +1,82 @@
+"""Attention weights at a pause equal Hugging Face's eager attention weights of the layer the activation feeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import djinn_kernel as dj
+from conftest import torch_model
+from djinn_kernel.decode import ForwardCall
+from djinn_kernel.errors import InvalidTargetError
+
+PROMPT = list(range(5, 17))
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def reference(backends):
+    """Tokens of a plain run, and HF's eager attention weights of every layer at each forward of that run."""
+    from transformers import DynamicCache
+
+    engine = backends("inprocess")
+    model = dj.load("tiny-llama", backend=engine)
+    with model.session() as s:
+        tokens = s.generate(PROMPT, NEW).tokens
+    net = torch_model(engine, model)
+    before = net.config._attn_implementation
+    net.set_attn_implementation("eager")
+    try:
+        cache, steps = DynamicCache(config=net.config), []
+        with torch.inference_mode():
+            for ids in [PROMPT, *([t] for t in tokens[:-1])]:
+                out = net(torch.tensor([ids]), output_attentions=True, **ForwardCall.of(net).kwargs(cache))
+                steps.append([a[0] for a in out.attentions])
+    finally:
+        net.set_attn_implementation(before)
+    return tokens, steps
+
+
+@pytest.mark.parametrize("kind", ["inprocess", "daemon", "inprocess-fast"])
+def test_attention_at_a_pause_is_the_next_layers(kind, backends, reference):
+    tokens, steps = reference
+    model = dj.load("tiny-llama", backend=backends(kind))
+    with model.session() as s:
+        s.break_at(1, tokens=0)
+        s.break_at(1, tokens=3)
+        run = s.generate(PROMPT, NEW)
+        for step in (0, 3):
+            weights = run.pause.attention()
+            assert weights.shape == steps[step][2].shape
+            torch.testing.assert_close(weights, steps[step][2], atol=1e-5, rtol=0)
+            run.resume()
+        assert run.tokens == tokens
+
+
+@pytest.mark.parametrize("kind", ["inprocess", "daemon"])
+def test_input_side_edits_and_refusals(kind, backends, reference):
+    tokens, steps = reference
+    model = dj.load("tiny-llama", backend=backends(kind))
+    with model.session() as s:
+        s.break_at(2, side="input", tokens=2)
+        run = s.generate(PROMPT, NEW)
+        plain = run.pause.attention()
+        torch.testing.assert_close(plain, steps[2][2], atol=1e-5, rtol=0)
+        run.pause.scale(3.0)
+        assert not torch.allclose(run.pause.attention(), plain), "the edited activation's attention"
+        run.finish()
+        s.delete()
+        for target, side in ((model.num_layers - 1, "output"), ("model.layers.1.mlp", "output")):
+            s.break_at(target, side=side, tokens=1)
+            run = s.generate(PROMPT, 3)
+            with pytest.raises(InvalidTargetError):
+                run.pause.attention()
+            run.finish()
+            s.delete()
+    gpt2 = dj.load("tiny-gpt2", backend=backends(kind))
+    with gpt2.session() as s:
+        s.break_at(0, tokens=0)
+        run = s.generate(PROMPT, 2)
+        with pytest.raises(InvalidTargetError, match="Llama-family"):
+            run.pause.attention()
+        run.finish()
