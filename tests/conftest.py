@@ -97,6 +97,29 @@ def torch_model(engine: Engine, model: dj.Model):
     return engine._model(model.info["id"]).model
 
 
+def plain_run(backends, prompt: list[int], new: int):
+    """The in-process tiny Llama's nn.Module, and the tokens and logits of a plain run of ``prompt``: what the
+    interpretability tests hold against Hugging Face's own computation."""
+    engine = backends("inprocess")
+    model = dj.load("tiny-llama", backend=engine)
+    with model.session() as s:
+        run = s.generate(prompt, new, keep_logits=True)
+        return torch_model(engine, model), run.tokens, run.logits
+
+
+def hf_forwards(net, prompt: list[int], fed: list[int], cache=None, **kwargs):
+    """Hugging Face's own forwards as a run makes them: the prompt, then one token of ``fed`` at a time, over one
+    ``DynamicCache`` (``cache`` if given); yields each forward's output (same GEMM shapes, so the same bits)."""
+    from djinn_kernel.decode import ForwardCall
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=net.config) if cache is None else cache
+    with torch.inference_mode():
+        for ids in [prompt, *([t] for t in fed)]:
+            yield net(torch.tensor([ids]), **kwargs, **ForwardCall.of(net).kwargs(cache))
+
+
 def reference(model: dj.Model, prompt: str = PROMPT, max_new_tokens: int = 8):
     """Tokens and logits of a run with no breakpoint and no steering."""
     with model.session() as s:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import torch_model
-from djinn_kernel.decode import ForwardCall
+from conftest import hf_forwards, plain_run
 from djinn_kernel.errors import InvalidTargetError
 
 PROMPT = list(range(5, 17))
@@ -17,21 +16,12 @@ NEW = 6
 @pytest.fixture(scope="module")
 def reference(backends):
     """Tokens of a plain run, and HF's eager attention weights of every layer at each forward of that run."""
-    from transformers import DynamicCache
-
-    engine = backends("inprocess")
-    model = dj.load("tiny-llama", backend=engine)
-    with model.session() as s:
-        tokens = s.generate(PROMPT, NEW).tokens
-    net = torch_model(engine, model)
+    net, tokens, _ = plain_run(backends, PROMPT, NEW)
     before = net.config._attn_implementation
     net.set_attn_implementation("eager")
     try:
-        cache, steps = DynamicCache(config=net.config), []
-        with torch.inference_mode():
-            for ids in [PROMPT, *([t] for t in tokens[:-1])]:
-                out = net(torch.tensor([ids]), output_attentions=True, **ForwardCall.of(net).kwargs(cache))
-                steps.append([a[0] for a in out.attentions])
+        forwards = hf_forwards(net, PROMPT, tokens[:-1], output_attentions=True)
+        steps = [[a[0] for a in out.attentions] for out in forwards]
     finally:
         net.set_attn_implementation(before)
     return tokens, steps

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import drain, torch_model
+from conftest import drain, plain_run
 from djinn_kernel.conditions import parse
 
 PROMPT = list(range(5, 17))
@@ -23,11 +23,7 @@ KINDS = ["inprocess", "daemon", "inprocess-fast"]
 @pytest.fixture(scope="module")
 def reference(backends):
     """Tokens of an unarmed run and, per token step, the layer's output rows and the logit lens's top token."""
-    engine = backends("inprocess")
-    model = dj.load("tiny-llama", backend=engine)
-    with model.session() as s:
-        tokens = s.generate(PROMPT, NEW).tokens
-    net = torch_model(engine, model)
+    net, tokens, _ = plain_run(backends, PROMPT, NEW)
     with torch.inference_mode():
         ids = torch.tensor([PROMPT + tokens[:-1]])
         hidden = net(ids, output_hidden_states=True).hidden_states[LAYER + 1][0]  # [positions, hidden]

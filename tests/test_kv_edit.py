@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import torch_model
+from conftest import hf_forwards, plain_run
 from djinn_kernel.decode import ForwardCall
 from djinn_kernel.errors import InvalidArgumentError, InvalidTargetError, InvalidTensorError, NotPausedError
 
@@ -17,25 +17,18 @@ KINDS = ["inprocess", "daemon", "inprocess-fast"]
 
 
 def hf_cache(net, fed: list[int]):
-    """Hugging Face's cache after its prefill of ``PROMPT`` and a decode step for each token of ``fed``: the
-    forwards a run makes, so the same GEMM shapes and the same bits."""
+    """Hugging Face's cache after its prefill of ``PROMPT`` and a decode step for each token of ``fed``."""
     from transformers import DynamicCache
 
-    call = ForwardCall.of(net)
     cache = DynamicCache(config=net.config)
-    with torch.inference_mode():
-        for ids in [PROMPT, *([t] for t in fed)]:
-            net(torch.tensor([ids]), **call.kwargs(cache))
+    for _ in hf_forwards(net, PROMPT, fed, cache):
+        pass
     return cache
 
 
 @pytest.fixture(scope="module")
 def reference(backends):
-    engine = backends("inprocess")
-    model = dj.load("tiny-llama", backend=engine)
-    with model.session() as s:
-        run = s.generate(PROMPT, NEW, keep_logits=True)
-        return torch_model(engine, model), run.tokens, run.logits
+    return plain_run(backends, PROMPT, NEW)
 
 
 @pytest.mark.parametrize("kind", KINDS)

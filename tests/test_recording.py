@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import DEVICE, make_engine, torch_model
-from djinn_kernel.decode import ForwardCall
+from conftest import DEVICE, hf_forwards, make_engine, plain_run
 from djinn_kernel.errors import InvalidArgumentError, OutOfMemoryError
 from djinn_kernel.memory import MemoryManager, MiB
 
@@ -21,22 +20,11 @@ KINDS = ["inprocess", "daemon", "inprocess-fast"]
 def reference(backends):
     """Tokens and logits of an unrecorded run, and the outputs of layer 1 and of layer 2's MLP at each of its
     forwards (the prefill, then one token at a time), from Hugging Face's own modules."""
-    from transformers import DynamicCache
-
-    engine = backends("inprocess")
-    model = dj.load("tiny-llama", backend=engine)
-    with model.session() as s:
-        run = s.generate(PROMPT, NEW, keep_logits=True)
-        tokens, logits = run.tokens, run.logits
-    net = torch_model(engine, model)
+    net, tokens, logits = plain_run(backends, PROMPT, NEW)
     seen: list[torch.Tensor] = []
     handle = net.model.layers[2].mlp.register_forward_hook(lambda m, a, out: seen.append(out[0].clone()))
-    cache, layer1 = DynamicCache(config=net.config), []
     try:
-        with torch.inference_mode():
-            for ids in [PROMPT, *([t] for t in tokens[:-1])]:
-                out = net(torch.tensor([ids]), output_hidden_states=True, **ForwardCall.of(net).kwargs(cache))
-                layer1.append(out.hidden_states[2][0])
+        layer1 = [out.hidden_states[2][0] for out in hf_forwards(net, PROMPT, tokens[:-1], output_hidden_states=True)]
     finally:
         handle.remove()
     return tokens, logits, torch.cat(layer1), torch.cat(seen)
