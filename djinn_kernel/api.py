@@ -288,6 +288,10 @@ class Model:
         """Each token id as text, decoded on its own (labels for plots)."""
         return self._backend.token_strings(self.info["id"], list(token_ids))
 
+    def tokenize(self, text: str) -> list[int]:
+        """``text``'s token ids (no special tokens, no chat template), e.g. prompts to patch position by position."""
+        return self._backend.tokenize(self.info["id"], text)
+
     def __repr__(self) -> str:
         return f"<djinn Model {self.name}: {self.num_layers} layers, {self.info['dtype']} on {self.info['device']}>"
 

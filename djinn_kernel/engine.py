@@ -212,6 +212,16 @@ class Engine:
             return [f"#{t}" for t in token_ids]
         return [loaded.tokenizer.decode([t]) for t in token_ids]
 
+    def tokenize(self, model_id: str, text: str) -> list[int]:
+        """The token ids of ``text`` as the model's tokenizer writes it, no special tokens and no chat template:
+        what patching and other position-wise comparisons take."""
+        loaded = self._model(model_id)
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"text must be a string, not {type(text).__name__}")
+        if loaded.tokenizer is None:
+            raise InvalidArgumentError("this model has no tokenizer; pass token ids instead")
+        return list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def models(self) -> list[dict[str, object]]:
         with self._lock:
             return [m.describe() for m in self._models.values()]

@@ -266,6 +266,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "models": (),
     "module_paths": ("model_id",),
     "token_strings": ("model_id", "token_ids"),
+    "tokenize": ("model_id", "text"),
     "open_session": ("model_id",),
     "close_session": ("sid",),
     "sessions": (),

@@ -82,3 +82,13 @@ def test_a_sweep_equals_hugging_face_with_the_rows_hooked_in(backends):
     )
     with pytest.raises(InvalidArgumentError, match="same number of tokens"):
         patch_sweep(model, CLEAN, CLEAN[:-1], metric)
+
+
+@pytest.mark.parametrize("kind", ["inprocess", "daemon"])
+def test_tokenize_gives_the_ids_a_prompt_is_made_of(kind, backends):
+    model = dj.load("tiny-llama", backend=backends(kind))
+    ids = model.tokenize("hello world")
+    assert ids and all(isinstance(t, int) for t in ids)
+    assert "".join(model.token_strings(ids)).strip() == "hello world"
+    with pytest.raises(InvalidArgumentError, match="string"):
+        model.tokenize(["hello"])
