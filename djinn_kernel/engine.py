@@ -18,6 +18,9 @@ Lock order (every path takes them in this order, never backwards, so no cycle ca
 (``on_growth``) and their run's ``Handoff``; nothing waits for an executor while holding the manager's lock.
 
 The engine speaks in ids, plain dicts and tensors, so the in-process API and the daemon share it unchanged.
+Its parts live by responsibility: model registration (registry.py), session state (sessions.py), the fast
+path's step loop and runner (scheduler.py, runner.py), memory (memory.py), runs (executor.py, run_state.py),
+and what a driver does at a pause (inspection.py, mixed in as ``PauseOps``).
 """
 
 from __future__ import annotations
@@ -33,10 +36,9 @@ from torch import nn
 
 from . import conditions, context, models
 from .anatomy import resolve_target
-from .attention import attention_weights
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
-from .edits import AddVector, Edit, check_positions, check_tensor
+from .edits import AddVector, Edit, check_tensor
 from .errors import (
     DjinnError,
     ExecutionError,
@@ -50,6 +52,7 @@ from .errors import (
 )
 from .executor import PauseState, Run, Steering
 from .handoff import Command, Event
+from .inspection import PauseOps
 from .memory import GiB, LRUPolicy, MemoryManager, PagingPolicy, Transfer, parse_bytes
 from .phases import PhaseSignals, check_expected
 from .policies import make_policy
@@ -82,15 +85,7 @@ def default_memory(device: torch.device, budget: int | None = None, host: int | 
     return MemoryManager(device, budget, host, LRUPolicy(), budget_from_free_memory=derived, host_reserve=reserve)
 
 
-def _held_before(run: Run, pause: PauseState) -> int:
-    """Tokens the session's cache held before the paused step: its kept context at the prefill (step 0), then
-    that plus every token the prefill fed and every token generated before this step."""
-    if pause.token_step == 0:
-        return run.context_length
-    return run.context_length + len(run.prompt_ids) + pause.token_step - 1
-
-
-class Engine:
+class Engine(PauseOps):
     """Loads models once and runs every session's forward passes. Thread-safe; see the module docstring."""
 
     def __init__(
@@ -710,152 +705,6 @@ class Engine:
         if run.state not in ENDED:
             raise NotPausedError("logits are available once the run has finished")
         return torch.stack(run.logits) if run.logits else torch.empty(0)
-
-    # the paused activation ------------------------------------------------------------------------------
-    def activation(self, sid: int, original: bool = False) -> torch.Tensor:
-        """A CPU copy of the paused activation, made while it is resident: the caller owns it outright."""
-        session = self._session(sid)
-        with session.lock, self.memory.resident(session.id):
-            _, pause = self._paused_run(session)
-            return (pause.original if original else pause.current).detach().to("cpu", copy=True)
-
-    def edit(self, sid: int, edit: Edit) -> dict[str, object]:
-        """Apply an edit to the paused activation; it takes effect on resume. A failed edit changes nothing."""
-        if not isinstance(edit, Edit):
-            raise InvalidArgumentError(f"expected an Edit (Replace, Scale, AddVector, Ablate, SetPositions), not {edit!r}")
-        session = self._session(sid)
-        with session.lock, self.memory.resident(session.id):
-            _, pause = self._paused_run(session)
-            with torch.inference_mode():
-                pause.current = edit.apply(pause.current)
-            pause.edits += 1
-            return pause.describe()
-
-    def reset_edits(self, sid: int) -> dict[str, object]:
-        session = self._session(sid)
-        with session.lock, self.memory.resident(session.id):
-            _, pause = self._paused_run(session)
-            pause.current, pause.edits = pause.original, 0
-            return pause.describe()
-
-    def kv(self, sid: int, layer: int) -> dict[str, torch.Tensor]:
-        """Decoder layer ``layer``'s keys and values for the tokens before the paused step (the context this step
-        attends to besides its own new tokens), as CPU copies ``[kv_heads, tokens, head_dim]``. The same tokens on
-        every path and at every layer, whichever layers of the step have already run."""
-        session = self._session(sid)
-        with session.lock, self.memory.resident(session.id):
-            run, pause = self._paused_run(session)
-            index = self._kv_layer(session, layer)
-            keys, values = context.read_kv(run.cache, index, _held_before(run, pause), session.model.model.config)
-            return {"keys": keys.to("cpu", copy=True), "values": values.to("cpu", copy=True)}
-
-    def edit_kv(
-        self, sid: int, layer: int, positions: object, keys: torch.Tensor | None = None,
-        values: torch.Tensor | None = None,
-    ) -> dict[str, object]:
-        """Overwrite decoder layer ``layer``'s keys and/or values at token ``positions`` of the context before the
-        paused step (e.g. knock a token out). In place: this step's layers that have not run yet and every later
-        step read them, and the session keeps them (``rewind`` to before a position drops the edit with the
-        token). All or nothing: a refused edit changes nothing."""
-        session = self._session(sid)
-        with session.lock, self.memory.resident(session.id):
-            run, pause = self._paused_run(session)
-            index = self._kv_layer(session, layer)
-            held = _held_before(run, pause)
-            where = check_positions(positions, held, f"the context of layer {index}'s")
-            if keys is None and values is None:
-                raise InvalidArgumentError("pass keys, values or both: there is nothing to write")
-            heads, head_dim, dtype, device = context.kv_shape(run.cache, index)
-            like = torch.empty((heads, len(where), head_dim), dtype=dtype, device=device)
-            checked = {
-                name: None if t is None else check_tensor(t, like=like, what=name)
-                for name, t in (("keys", keys), ("values", values))
-            }
-            with torch.inference_mode():
-                context.write_kv(run.cache, index, where, checked["keys"], checked["values"])
-            return {"layer": index, "positions": where, "keys": keys is not None, "values": values is not None}
-
-    def attention(self, sid: int) -> torch.Tensor:
-        """The attention weights ``[heads, tokens, context + tokens]`` (CPU) of the decoder layer the paused
-        activation feeds (the layer itself at its input side, the next one at an output), for this step's tokens,
-        from the activation as edited so far (attention.py)."""
-        session = self._session(sid)
-        with session.lock, self.memory.resident(session.id):
-            run, pause = self._paused_run(session)
-            loaded = session.model
-            paths = loaded.anatomy.layer_paths
-            if pause.layer is None or pause.path != paths[pause.layer]:
-                raise InvalidTargetError(
-                    "attention weights need a pause on a decoder layer's input or output (the residual stream a "
-                    f"layer's attention reads), not at {pause.path}"
-                )
-            target = pause.layer if pause.side == "input" else pause.layer + 1
-            if target >= len(paths):
-                raise InvalidTargetError("the last layer's output feeds no attention layer; break at its input")
-            held = _held_before(run, pause)
-            past, _ = context.read_kv(run.cache, target, held, loaded.model.config)
-            rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
-            if rotary is None:
-                raise InvalidTargetError(
-                    "attention weights at a pause are computed for Llama-family models (rotary embeddings, "
-                    "self_attn.q_proj/k_proj); this model has no model.rotary_emb"
-                )
-            with torch.inference_mode():
-                weights = attention_weights(loaded.model.get_submodule(paths[target]), rotary, pause.current,
-                                            past.to(pause.current.device), held)
-            return weights.to("cpu", copy=True)
-
-    def _kv_layer(self, session: SessionState, layer: object) -> int:
-        layers = len(session.model.anatomy.layer_paths)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -layers <= layer < layers:
-            raise InvalidTargetError(f"layer must be a decoder layer index from 0 to {layers - 1}, not {layer!r}")
-        return layer % layers
-
-    def logit_lens(
-        self, sid: int, k: int = 5, position: int = -1, edit: Edit | None = None
-    ) -> list[dict[str, object]]:
-        """Top-k next-token guesses from the paused activation, through the final norm and the unembedding.
-
-        Meaningful at a decoder layer's output (the residual stream); elsewhere the width may not match. With
-        ``edit``, the lens of the activation as that edit would leave it, without applying it (a preview).
-        """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidArgumentError(f"k must be a positive integer, not {k!r}")
-        if edit is not None and not isinstance(edit, Edit):
-            raise InvalidArgumentError(f"edit must be an Edit (Scale, AddVector ...), not {edit!r}")
-        session = self._session(sid)
-        with session.lock, self.memory.resident(session.id):
-            _, pause = self._paused_run(session)
-            loaded = session.model
-            anatomy = loaded.anatomy
-            if anatomy.unembed_path is None:
-                raise InvalidTargetError("this model has no output embedding Djinn can find, so no logit lens")
-            head = loaded.model.get_submodule(anatomy.unembed_path)
-            h = pause.current
-            if edit is not None:
-                with torch.inference_mode():
-                    h = edit.apply(h)
-            if h.dim() < 2 or h.shape[-1] != head.in_features:
-                raise InvalidTargetError(
-                    f"the logit lens needs a residual-stream activation of width {head.in_features}; this pause "
-                    f"at {pause.path} ({pause.side}) has shape {tuple(h.shape)}"
-                )
-            n = h.shape[-2]
-            if isinstance(position, bool) or not isinstance(position, int) or not -n <= position < n:
-                raise InvalidArgumentError(f"position {position!r} is outside the {n} positions of this activation")
-            with torch.inference_mode():
-                logits = loaded.lens(h.reshape(-1, n, h.shape[-1])[0, position])
-                probs = logits.float().softmax(-1)
-                top = torch.topk(probs, min(k, probs.shape[-1]))
-            return [
-                {
-                    "token_id": int(i),
-                    "token": loaded.decode([int(i)]),
-                    "prob": float(p),
-                    "logit": float(logits[int(i)]),
-                }
-                for p, i in zip(top.values.tolist(), top.indices.tolist())
-            ]
 
     def shutdown(self) -> None:
         """Close every session and take the engine's hooks off its models."""
