@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 
 class ActivationInspector(TextFallback, W.VBox):
-    """Header, tokens × top-variance dims heatmap, per-token L2 norms and a logit-lens table for one pause.
+    """Header, tokens × top-variance dims heatmap, per-token L2 norms, a logit-lens table and, where the pause
+    feeds a Llama-family layer, that layer's attention weights per head for one pause.
 
     Rows of the activation are the tokens that forward processed: every prompt token at the prefill (token
     step 0), and only the token fed in at a decode step (the last generated one), so ``labels`` follow that.
@@ -56,14 +57,23 @@ class ActivationInspector(TextFallback, W.VBox):
         self.plot = W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
         self.position_control = W.Dropdown(description="position")
         self.lens_table = W.HTML()
+        # Attention weights of the layer this activation feeds (Pause.attention), per head or their mean.
+        self.weights: torch.Tensor | None = None  # [heads, tokens, keys]
+        self.attention_figure: Figure | None = None
+        self.head_control = W.Dropdown(description="head")
+        self.attention_note = W.HTML()
+        self.attention_plot = W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
         super().__init__(
             [
                 self.header,
                 self.plot,
                 W.HBox([self.position_control, self.lens_table], layout=W.Layout(flex_flow="row wrap")),
+                W.HBox([self.head_control, self.attention_note]),
+                self.attention_plot,
             ]
         )
         self.position_control.observe(self._on_position, names="value")
+        self.head_control.observe(self._on_head, names="value")
         self.refresh()
 
     # data -------------------------------------------------------------------------------------------------
@@ -98,6 +108,7 @@ class ActivationInspector(TextFallback, W.VBox):
             self._quiet = False
         self._update_lens(last)
         self._render()
+        self._read_attention()
 
     def _labels(self, n: int) -> list[str]:
         """Token strings of the ``n`` rows: the last ``n`` of prompt + tokens generated before this step."""
@@ -140,6 +151,47 @@ class ActivationInspector(TextFallback, W.VBox):
     def _on_position(self, change: dict[str, Any]) -> None:
         if not self._quiet and change["new"] is not None and self.error is None:
             self._update_lens(change["new"])
+
+    def _read_attention(self) -> None:
+        """The weights of the layer this activation feeds; where there are none, say why and hide the plot."""
+        try:
+            self.weights = self.pause.attention()
+        except DjinnError as exc:
+            self.weights = None
+            self.attention_note.value = f"<i>no attention weights here: {_esc(exc)}</i>"
+            self.head_control.layout.display = self.attention_plot.layout.display = "none"
+            return
+        self.head_control.layout.display = self.attention_plot.layout.display = None
+        self._quiet = True
+        try:
+            self.head_control.options = [("mean", -1)] + [(str(h), h) for h in range(self.weights.shape[0])]
+            self.head_control.value = -1
+        finally:
+            self._quiet = False
+        self._render_attention(-1)
+
+    def _on_head(self, change: dict[str, Any]) -> None:
+        if not self._quiet and change["new"] is not None and self.weights is not None:
+            self._render_attention(change["new"])
+
+    def _render_attention(self, head: int) -> None:
+        weights = self.weights.float()
+        shown = weights.mean(0) if head < 0 else weights[head]
+        layer = self.pause.layer if self.pause.side == "input" else self.pause.layer + 1
+        which = "mean over heads" if head < 0 else f"head {head}"
+        self.attention_note.value = f"attention of layer {layer} ({which}) for this step's tokens"
+        rows, keys = shown.shape
+        fig = new_figure(8.0, ROW_BASE + ROW_INCHES * min(rows, 40))
+        ax = fig.add_subplot()
+        image = ax.imshow(shown.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+        key_labels = [visible(t) for t in self._labels(keys)]
+        every_key, every_row = math.ceil(keys / 40), math.ceil(rows / 40)
+        ax.set_xticks(range(0, keys, every_key), key_labels[::every_key], rotation=90, fontsize=6)
+        ax.set_yticks(range(0, rows, every_row), [visible(t) for t in self.labels][::every_row], fontsize=7)
+        ax.set_xlabel("attended token", fontsize=8)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        self.attention_figure = fig
+        self.attention_plot.value = png(fig)
 
     def _show_error(self, exc: DjinnError) -> None:
         self.error = str(exc)

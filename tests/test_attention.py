@@ -70,3 +70,28 @@ def test_input_side_edits_and_refusals(kind, backends, reference):
         with pytest.raises(InvalidTargetError, match="Llama-family"):
             run.pause.attention()
         run.finish()
+
+
+def test_the_inspector_shows_the_weights_per_head(backends, reference):
+    from djinn_widgets import ActivationInspector
+
+    _, steps = reference
+    model = dj.load("tiny-llama", backend=backends("inprocess"))
+    with model.session() as s:
+        s.break_at(1, tokens=0)
+        run = s.generate(PROMPT, 2)
+        inspector = ActivationInspector(run.pause)
+        torch.testing.assert_close(inspector.weights, steps[0][2], atol=1e-5, rtol=0)
+        assert inspector.head_control.options[0] == ("mean", -1) and len(inspector.head_control.options) == 5
+        inspector.head_control.value = 2
+        assert "layer 2 (head 2)" in inspector.attention_note.value
+        shown = inspector.attention_figure.axes[0].images[0].get_array()
+        torch.testing.assert_close(torch.as_tensor(shown.data), steps[0][2][2].float(), atol=1e-5, rtol=0)
+        run.finish()
+        s.delete()
+        s.break_at(model.num_layers - 1, tokens=0)
+        run = s.generate(PROMPT, 2)
+        inspector = ActivationInspector(run.pause)
+        assert inspector.weights is None and "no attention weights here" in inspector.attention_note.value
+        assert inspector.attention_plot.layout.display == "none"
+        run.finish()
