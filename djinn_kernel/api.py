@@ -13,12 +13,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .edits import Ablate, AddVector, Edit, Replace, Scale, SetPositions
 from .engine import Engine
+from .sae import SAE
 from .errors import DjinnError, InvalidArgumentError, NotPausedError
 from .report import pause_html, pause_text, run_html, run_text
 
@@ -304,6 +306,7 @@ class Session:
         self.model = model
         self.id = sid
         self._run: Run | None = None
+        self._saes: dict[int | str, SAE] = {}  # attached here, by target as given and by module path
 
     def break_at(
         self,
@@ -355,6 +358,31 @@ class Session:
         ``positions`` chosen) then one row per generated token but the last. Returns the recordings' ids."""
         many = targets if isinstance(targets, (list, tuple)) else [targets]
         return [self._backend.add_recording(self.id, t, positions)["id"] for t in many]
+
+    def attach_sae(self, target: int | str, sae: str | Path | SAE) -> dict[str, Any]:
+        """Attach a sparse autoencoder (a folder in the SAELens format, read here, or an ``SAE``) to ``target``'s
+        output: ``pause.features(k)`` there, and ``steer_feature``/``clamp_feature`` by its features."""
+        loaded = sae if isinstance(sae, SAE) else SAE.load(sae)
+        info = self._backend.attach_sae(self.id, target, loaded.tensors(), loaded.apply_b_dec_to_input)
+        self._saes[info["path"]] = self._saes[target] = loaded
+        return info
+
+    def detach_sae(self, target: int | str) -> None:
+        self._backend.detach_sae(self.id, target)
+        self._saes = {k: v for k, v in self._saes.items() if v is not self._saes.get(target)}
+
+    def steer_feature(self, target: int | str, feature: int, alpha: float = 1.0) -> int:
+        """Persistent steering along one SAE feature's decoder direction (``alpha`` times it, every token)."""
+        return self.steer(target, self._sae(target).direction(feature), alpha)
+
+    def clamp_feature(self, target: int | str, feature: int, value: float) -> int:
+        """Persistent steering that sets one SAE feature's contribution to ``value`` at every token."""
+        return self.steer_with(target, self._sae(target).clamp(feature, value))
+
+    def _sae(self, target: int | str) -> SAE:
+        if target not in self._saes:
+            raise InvalidArgumentError(f"no SAE is attached at {target!r}; session.attach_sae({target!r}, folder) first")
+        return self._saes[target]
 
     def unrecord(self, recording_id: int | None = None) -> list[int]:
         """Stop a recording (all of them by default); returns the ids removed."""
@@ -702,6 +730,7 @@ class Pause:
     def apply(self, edit: Edit) -> Pause:
         self._check_current()
         self.info = self.run._backend.edit(self.run.session.id, edit)
+        self._cache = None  # the count of edits alone cannot tell a reset-then-edit from the edit before it
         self.run._snapshot = {**self.run._snapshot, "pause": self.info}
         self.run.edited_steps.add(self.token_step)
         return self
@@ -725,6 +754,7 @@ class Pause:
         """Drop every edit made at this pause."""
         self._check_current()
         self.info = self.run._backend.reset_edits(self.run.session.id)
+        self._cache = None
         self.run._snapshot = {**self.run._snapshot, "pause": self.info}
         self.run.edited_steps.discard(self.token_step)
         return self
@@ -770,6 +800,20 @@ class Pause:
         as edited so far: what that layer will attend to. Llama-family models."""
         self._check_current()
         return self.run._backend.attention(self.run.session.id)
+
+    def features(self, k: int = 5) -> list[list[dict[str, Any]]]:
+        """The ``k`` most active features of the SAE attached here (``session.attach_sae``), per token of the
+        activation as edited so far: ``[{"feature": id, "activation": value}, ...]`` for each token."""
+        self._check_current()
+        return self.run._backend.features(self.run.session.id, k)
+
+    def add_feature(self, feature: int, alpha: float = 1.0, positions: list[int] | None = None) -> Pause:
+        """Add ``alpha`` times the feature's decoder direction (the SAE attached at this module)."""
+        return self.add(self.run.session._sae(self.path).direction(feature), alpha, positions)
+
+    def clamp_feature(self, feature: int, value: float, positions: list[int] | None = None) -> Pause:
+        """Set the feature's contribution to ``value`` (the SAE attached at this module)."""
+        return self.apply(self.run.session._sae(self.path).clamp(feature, value, _tuple(positions)))
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder layer ``layer``'s keys and values (``[kv_heads, tokens, head_dim]``, CPU copies) for the tokens

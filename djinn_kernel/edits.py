@@ -164,6 +164,36 @@ class SetPositions(Edit):
         return out
 
 
+@dataclass(frozen=True)
+class ClampFeature(Edit):
+    """Set one SAE feature's contribution to ``value``: ``h + (value - f(h)) * decoder`` with the feature's
+    activation ``f(h) = relu((h - b_dec) @ encoder + bias)`` (sae.py); at every position or the given ones."""
+
+    kind: ClassVar[str] = "clamp_feature"
+    encoder: torch.Tensor  # the feature's column of W_enc, [hidden]
+    bias: float  # its b_enc entry
+    decoder: torch.Tensor  # its row of W_dec, [hidden]
+    b_dec: torch.Tensor  # subtracted before encoding (zeros when the SAE does not), [hidden]
+    value: float
+    positions: tuple[int, ...] | None = None
+
+    def apply(self, activation: torch.Tensor) -> torch.Tensor:
+        value = _check_coefficient(self.value, "feature value")
+        bias = _check_coefficient(self.bias, "feature bias")
+        hidden = (activation.shape[-1],)
+        like = activation.float()
+        encoder, decoder, b_dec = (
+            check_tensor(t, like=like, what=name, shape=hidden)
+            for name, t in (("encoder", self.encoder), ("decoder", self.decoder), ("b_dec", self.b_dec))
+        )
+        out = activation.clone()
+        index = _positions(activation, self.positions)
+        h = activation[..., index, :].float()
+        feature = torch.relu((h - b_dec) @ encoder + bias)
+        out[..., index, :] = (h + (value - feature).unsqueeze(-1) * decoder).to(activation.dtype)
+        return out
+
+
 def _positions(activation: torch.Tensor, positions: tuple[int, ...] | list[int] | None) -> list[int] | slice:
     """Validate token positions against the activation's token axis (second to last); negatives count from the end."""
     if positions is None:

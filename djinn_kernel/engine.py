@@ -60,6 +60,7 @@ from .recording import Recorder, Recording
 from .registry import LoadedModel, prepare
 from .run_state import ENDED, RunState
 from .scheduler import fast_plan
+from .sae import SAE
 from .sessions import SessionState
 from .streaming import check_ring_slots
 
@@ -381,6 +382,30 @@ class Engine(PauseOps):
         if run.state not in ENDED:
             raise NotPausedError("recordings are available once the run has ended")
         return run.recorder.result()
+
+    def attach_sae(
+        self, sid: int, target: int | str, weights: dict[str, torch.Tensor], apply_b_dec_to_input: bool = True
+    ) -> dict[str, object]:
+        """Attach a sparse autoencoder (its four tensors, sae.py) to ``target``'s output for this session's
+        pauses there (``features``); replaces one attached before."""
+        if not isinstance(weights, dict) or not isinstance(apply_b_dec_to_input, bool):
+            raise InvalidArgumentError("attach_sae takes the SAE's tensors by name and apply_b_dec_to_input (a bool)")
+        sae = SAE.checked(weights, apply_b_dec_to_input)
+        session = self._session(sid)
+        with session.lock:
+            path, _ = self._target(session, target, "output")
+            hidden = getattr(session.model.model.config, "hidden_size", None)
+            if hidden is not None and sae.d_in != hidden and path in session.model.anatomy.layer_paths:
+                raise InvalidArgumentError(f"the SAE reads {sae.d_in} dims; {path} gives {hidden}")
+            session.saes[path] = sae.to(session.model.device)
+            return {"path": path, "d_in": sae.d_in, "d_sae": sae.W_enc.shape[1]}
+
+    def detach_sae(self, sid: int, target: int | str) -> None:
+        session = self._session(sid)
+        with session.lock:
+            path, _ = self._target(session, target, "output")
+            if session.saes.pop(path, None) is None:
+                raise InvalidArgumentError(f"no SAE is attached at {path}")
 
     # runs -----------------------------------------------------------------------------------------------
     def generate(

@@ -127,6 +127,29 @@ class PauseOps:
                                             past.to(pause.current.device), held)
             return weights.to("cpu", copy=True)
 
+    def features(self, sid: int, k: int = 5) -> list[list[dict[str, object]]]:
+        """The ``k`` most active features of the SAE attached at the paused module, per token of the activation
+        as edited so far: ``[{"feature": id, "activation": value}, ...]`` for each token."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidArgumentError(f"k must be a positive integer, not {k!r}")
+        session = self._session(sid)
+        with session.lock, self.memory.resident(session.id):
+            _, pause = self._paused_run(session)
+            sae = session.saes.get(pause.path)
+            if sae is None:
+                raise InvalidArgumentError(
+                    f"no SAE is attached at {pause.path}; attach one with session.attach_sae(target, folder)"
+                )
+            if pause.side != "output" or pause.current.shape[-1] != sae.d_in:
+                raise InvalidArgumentError(f"the SAE reads {sae.d_in}-wide outputs; this pause is not one")
+            with torch.inference_mode():
+                acts = sae.encode(pause.current.reshape(-1, sae.d_in))
+                top = acts.topk(min(k, acts.shape[-1]), dim=-1)
+            return [
+                [{"feature": int(i), "activation": float(v)} for v, i in zip(values, indices)]
+                for values, indices in zip(top.values.tolist(), top.indices.tolist())
+            ]
+
     def _kv_layer(self, session: SessionState, layer: object) -> int:
         layers = len(session.model.anatomy.layer_paths)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -layers <= layer < layers:

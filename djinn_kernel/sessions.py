@@ -13,6 +13,7 @@ from . import context
 from .executor import Run, Steering, Worker
 from .memory import MemoryManager
 from .recording import Recording
+from .sae import SAE
 from .registry import LoadedModel
 from .run_state import ENDED
 
@@ -26,6 +27,7 @@ class SessionState:
     breakpoints: BreakpointTable = field(default_factory=BreakpointTable)
     steering: dict[int, Steering] = field(default_factory=dict)
     recordings: dict[int, Recording] = field(default_factory=dict)
+    saes: dict[str, SAE] = field(default_factory=dict)  # by module path: sparse autoencoders attached (sae.py)
     run: Run | None = None
     history: list[int] = field(default_factory=list)  # the conversation's tokens; see context.py
     cache: object | None = None  # K/V of the history, kept across runs
