@@ -68,9 +68,14 @@ def test_a_knocked_out_token_acts_at_once_and_stays(kind, backends, reference):
         s.break_at(1, tokens=2)
         run = s.generate(PROMPT, NEW, keep_logits=True)
         keys, values = run.pause.kv(last)
+        before = [run.pause.kv(layer)[1] for layer in range(model.num_layers)]
         run.pause.edit_kv(last, [3], values=torch.zeros(values.shape[0], 1, values.shape[2]))
-        assert torch.equal(run.pause.kv(last)[1][:, 3], torch.zeros_like(values[:, 3]))
-        assert torch.equal(run.pause.kv(last)[0], keys), "keys were not asked for: unchanged"
+        after_keys, after_values = run.pause.kv(last)
+        assert torch.equal(after_values[:, 3], torch.zeros_like(values[:, 3]))
+        others = [p for p in range(values.shape[1]) if p != 3]
+        assert torch.equal(after_values[:, others], values[:, others]), "only the edited position changed"
+        assert torch.equal(after_keys, keys), "keys were not asked for: unchanged"
+        assert all(torch.equal(run.pause.kv(layer)[1], held) for layer, held in enumerate(before) if layer != last)
         run.finish()
         got_tokens, got_logits = run.tokens, run.logits
         assert s.history == len(PROMPT) + NEW
