@@ -57,6 +57,9 @@ class ActivationInspector(TextFallback, W.VBox):
         self.plot = W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
         self.position_control = W.Dropdown(description="position")
         self.lens_table = W.HTML()
+        # The SAE attached at this module, if any (session.attach_sae): top features of the chosen position.
+        self.features: list[list[dict[str, Any]]] = []
+        self.features_table = W.HTML()
         # Attention weights of the layer this activation feeds (Pause.attention), per head or their mean.
         self.weights: torch.Tensor | None = None  # [heads, tokens, keys]
         self.attention_figure: Figure | None = None
@@ -67,7 +70,10 @@ class ActivationInspector(TextFallback, W.VBox):
             [
                 self.header,
                 self.plot,
-                W.HBox([self.position_control, self.lens_table], layout=W.Layout(flex_flow="row wrap")),
+                W.HBox(
+                    [self.position_control, self.lens_table, self.features_table],
+                    layout=W.Layout(flex_flow="row wrap"),
+                ),
                 W.HBox([self.head_control, self.attention_note]),
                 self.attention_plot,
             ]
@@ -106,6 +112,10 @@ class ActivationInspector(TextFallback, W.VBox):
             self.position_control.value = last
         finally:
             self._quiet = False
+        try:
+            self.features = self.pause.features(self.k)
+        except DjinnError:
+            self.features = []  # no SAE attached here: nothing to show
         self._update_lens(last)
         self._render()
         self._read_attention()
@@ -131,8 +141,18 @@ class ActivationInspector(TextFallback, W.VBox):
         score = typical.var(dim=0, unbiased=False) if typical.shape[0] > 1 else typical[0].abs()
         return score.topk(min(self.top_dims, rows.shape[1])).indices
 
+    def _update_features(self, position: int) -> None:
+        if not self.features:
+            self.features_table.value = ""
+            return
+        self.features_table.value = html_table(
+            ["SAE feature", "activation"],
+            [(r["feature"], f"{r['activation']:.3f}") for r in self.features[position]],
+        )
+
     def _update_lens(self, position: int) -> None:
         self.position = position
+        self._update_features(position)
         try:
             cached = self._lenses.get(position)
             self.lens = cached if cached is not None else self.pause.logit_lens(self.k, position)

@@ -111,3 +111,23 @@ def test_features_at_a_pause_and_feature_edits(kind, backends, sae_folder):
         s.detach_sae(LAYER)
         with pytest.raises(InvalidArgumentError, match="no SAE is attached"):
             s.steer_feature(LAYER, feature, 1.0)
+
+
+def test_the_inspector_lists_the_top_features_of_the_chosen_position(backends, sae_folder):
+    from djinn_widgets import ActivationInspector
+
+    sae = SAE.load(sae_folder)
+    model = dj.load("tiny-llama", backend=backends("inprocess"))
+    with model.session() as s:
+        s.break_at(LAYER, tokens=0)
+        run = s.generate(PROMPT, 2)
+        assert ActivationInspector(run.pause).features_table.value == "", "no SAE attached: nothing shown"
+        s.attach_sae(LAYER, sae_folder)
+        inspector = ActivationInspector(run.pause)
+        top = sae.encode(run.pause.activation[0]).topk(inspector.k, dim=-1).indices
+        assert [r["feature"] for r in inspector.features[-1]] == top[-1].tolist()
+        assert f">{int(top[-1, 0])}<" in inspector.features_table.value
+        inspector.position_control.value = 0
+        assert [r["feature"] for r in inspector.features[0]] == top[0].tolist()
+        assert f">{int(top[0, 0])}<" in inspector.features_table.value
+        run.finish()
