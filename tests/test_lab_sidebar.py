@@ -76,7 +76,7 @@ def page(lab):
             profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, viewport={"width": 1500, "height": 950}
         )
         page = context.pages[0] if context.pages else context.new_page()
-        page.set_default_timeout(60_000)
+        page.set_default_timeout(150_000)
         page.goto(lab)
         yield page
         context.close()
@@ -89,7 +89,9 @@ def _run_menu(page, item: str) -> None:
 
 def test_sidebar_shows_the_pause_and_continue_advances_the_notebook(page):
     expect = pytest.importorskip("playwright.sync_api").expect
-    expect.set_options(timeout=60_000)  # a first kernel start and model load on 2 CPU cores
+    # A first kernel start, daemon start and model load on 2 CPU cores: 19 s alone, but one CI run of a fresh
+    # clone went past 60 s here with nothing else running; the check is what appears, not how fast.
+    expect.set_options(timeout=150_000)
     cells = page.locator(".jp-Notebook .jp-Cell")
     expect(cells).to_have_count(len(CELLS))
     expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1)
