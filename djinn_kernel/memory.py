@@ -401,10 +401,8 @@ class MemoryManager:
             try:
                 return self.pool.alloc(nbytes)
             except OutOfMemoryError:
-                victims = [
-                    s for s in self._sessions.values() if s.paged and s.sid != for_sid and s.lost is None
-                ] if self.spill is not None else []
-                if not victims:
+                victims = [s for s in self._sessions.values() if s.paged and s.sid != for_sid and s.lost is None]
+                if self.spill is None or not victims:
                     raise
                 self._spill_out(min(victims, key=lambda s: s.last_used))
 
