@@ -368,8 +368,8 @@ class Session:
         return info
 
     def detach_sae(self, target: int | str) -> None:
-        self._backend.detach_sae(self.id, target)
-        self._saes = {k: v for k, v in self._saes.items() if v is not self._saes.get(target)}
+        detached = self._saes.get(self._backend.detach_sae(self.id, target))
+        self._saes = {k: v for k, v in self._saes.items() if v is not detached}
 
     def steer_feature(self, target: int | str, feature: int, alpha: float = 1.0) -> int:
         """Persistent steering along one SAE feature's decoder direction (``alpha`` times it, every token)."""

@@ -400,12 +400,14 @@ class Engine(PauseOps):
             session.saes[path] = sae.to(session.model.device)
             return {"path": path, "d_in": sae.d_in, "d_sae": sae.W_enc.shape[1]}
 
-    def detach_sae(self, sid: int, target: int | str) -> None:
+    def detach_sae(self, sid: int, target: int | str) -> str:
+        """Detach the SAE at ``target``; returns its module path."""
         session = self._session(sid)
         with session.lock:
             path, _ = self._target(session, target, "output")
             if session.saes.pop(path, None) is None:
                 raise InvalidArgumentError(f"no SAE is attached at {path}")
+            return path
 
     # runs -----------------------------------------------------------------------------------------------
     def generate(
