@@ -17,12 +17,18 @@ Invariants:
   to a caller aliases session memory: the engine answers with copies made inside ``resident``.
 - One lock, the innermost of the engine's lock order: the manager never calls code that takes another lock
   (``tensors`` callbacks only list tensors), so it cannot be part of a deadlock.
+- The lock is not held while bytes cross PCIe. A page-out or page-in marks its session ``moving``, queues its
+  copies on a side stream and waits for them through the lock's condition (which releases it), so other
+  sessions' admissions, growth checks and reads go on meanwhile; the scheduler's decode loop never waits for
+  another session's copy. Whatever touches a session's storages first waits until it is no longer moving, and
+  a session being admitted, paged in or held by ``resident`` is never picked as a victim (``holds``).
 - Admission reserves: a run is admitted with the device bytes it will need (``admit``), paging others out
   first; only the new request can get ``OutOfMemoryError``. A running run is never failed for memory.
-- Stream order on CUDA: a page-out's copy stream first waits for the compute stream (the bytes are final),
-  and the storage is freed only once the copy's event has completed. A page-in allocates, waits for the
-  compute stream, copies, and makes the compute stream wait on its event, so the resumed forward reads only
-  complete data; the host extent is released after that event.
+- Stream order on CUDA: a copy stream first waits for the compute stream (a page-out's bytes are final; a
+  page-in's freshly allocated blocks are no longer read by queued kernels of their previous owner). The host
+  waits for the copy's event before the operation completes: a page-out frees the storage only then, and a
+  page-in returns (so the session's next kernels are queued) only then. The compute stream itself never waits
+  for a copy, so other sessions' steps are not held up by it.
 - The host pool is pinned in large chunks, up front or when it grows, never per copy (pinning costs ~0.6 s
   per GiB). When even the pool is full, the request that needs room gets ``OutOfMemoryError`` and every
   session keeps what it had.
@@ -36,6 +42,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 from collections import deque
@@ -198,6 +205,8 @@ class SessionMemory:
     lost: str | None = None  # why the session's state could not be restored, once that happened
     io_until: float | None = None  # in an IO wait: when it expects to run again (inf: no hint); None: computing
     io_epoch: int = 0  # bumped by every io_wait and every end of one (see ``mark_io_wait``)
+    moving: str | None = None  # "out" or "in" while its copies run with the manager's lock released
+    holds: int = 0  # admissions, page-ins and ``resident`` blocks under way: never a victim meanwhile
 
     @property
     def is_paged(self) -> bool:
@@ -214,7 +223,7 @@ class SessionMemory:
 
     def charge(self) -> int:
         """Device bytes counted against the budget: what it holds, or what its run was promised if more."""
-        return 0 if self.is_paged else max(self.reserved, self.resident_bytes())
+        return 0 if self.is_paged and self.moving != "in" else max(self.reserved, self.resident_bytes())
 
 
 @dataclass(frozen=True)
@@ -302,11 +311,13 @@ class MemoryManager:
         self.unspills = 0
         self._sessions: dict[int, SessionMemory] = {}
         self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # notified when a session stops moving or a copy completes
         self.transfers: deque[Transfer] = deque(maxlen=1024)
         self.page_outs = 0
         self.page_ins = 0
         self.overcommits = 0  # times a running session outgrew its reservation and nothing could be paged
         self._cuda = self.device.type == "cuda"
+        self._workers: dict[int, _Worker] = {}  # per copy stream: a page-in never queues behind a page-out
         if self._cuda:
             self._out_stream = torch.cuda.Stream(self.device)
             self._in_stream = torch.cuda.Stream(self.device)
@@ -324,8 +335,10 @@ class MemoryManager:
     def release(self, sid: int) -> None:
         """Forget a session: its host extents go back to the pool (its device tensors die with it)."""
         with self._lock:
-            session = self._sessions.pop(sid, None)
+            session = self._sessions.get(sid)
             if session is not None:
+                self._cond.wait_for(lambda: session.moving is None and session.holds == 0)
+                self._sessions.pop(sid, None)
                 self._drop_paged(session)
 
     def session(self, sid: int) -> SessionMemory:
@@ -335,8 +348,25 @@ class MemoryManager:
             raise SessionClosedError(f"session {sid} was closed; its memory is released")
         return session
 
-    def _live(self, sid: int) -> SessionMemory:
+    def _settled(self, sid: int) -> SessionMemory:
+        """The session once no copy of it is under way (waiting releases the lock; the caller holds it)."""
         session = self.session(sid)
+        self._cond.wait_for(lambda: session.moving is None)
+        return session
+
+    @contextlib.contextmanager
+    def _held(self, sid: int) -> Iterator[SessionMemory]:
+        """The live, settled session, kept from being paged out by anyone else for the block."""
+        session = self._live(sid)
+        session.holds += 1
+        try:
+            yield session
+        finally:
+            session.holds -= 1
+            self._cond.notify_all()
+
+    def _live(self, sid: int) -> SessionMemory:
+        session = self._settled(sid)
         if session.lost is not None:
             raise SessionLostError(
                 f"session {sid} lost its paged state ({session.lost}); close it and open a new one"
@@ -348,7 +378,7 @@ class MemoryManager:
         alone; a pause may page it at once (the policy's choice); an ended run returns its reservation and
         leaves its context pageable like any idle state; a running run ends any IO wait the session signalled."""
         with self._lock:
-            session = self.session(sid)
+            session = self._settled(sid)
             session.pageable = state.pageable
             session.last_used = time.monotonic()
             if state is RunState.RUNNING:
@@ -367,8 +397,7 @@ class MemoryManager:
 
         ``OutOfMemoryError`` when even paging cannot make room; then nothing has changed.
         """
-        with self._lock:
-            session = self._live(sid)
+        with self._lock, self._held(sid) as session:
             _end_io_wait(session)
             self.page_in(sid)
             self._make_room(max(need - session.charge(), 0), for_sid=sid)
@@ -379,7 +408,7 @@ class MemoryManager:
     def drop(self, sid: int) -> None:
         """The session discards its state (a fresh conversation): host copies of it go back to the pool."""
         with self._lock:
-            self._drop_paged(self.session(sid))
+            self._drop_paged(self._settled(sid))
 
     def make_room(self, need: int, for_sid: int | None = None) -> None:
         """Page others out until ``need`` more bytes fit (e.g. for a fork's copy); ``OutOfMemoryError`` if not."""
@@ -442,7 +471,7 @@ class MemoryManager:
     @contextlib.contextmanager
     def resident(self, sid: int) -> Iterator[None]:
         """Hold the session's state on the device for the block (paged in first); nothing pages it meanwhile."""
-        with self._lock:
+        with self._lock, self._held(sid):
             self.page_in(sid)
             yield
 
@@ -461,7 +490,9 @@ class MemoryManager:
         if self.charged_total() + need <= self.budget:
             return True
         for victim in self.policy.victims(list(self._sessions.values()), for_sid):
-            if victim.lost is None:
+            # Each page-out releases the lock while it copies, so the list may be stale: check again.
+            current = self._sessions.get(victim.sid) is victim and victim.lost is None
+            if current and victim.moving is None and victim.holds == 0:
                 self.page_out(victim.sid)
                 if self.charged_total() + need <= self.budget:
                     return True
@@ -484,41 +515,50 @@ class MemoryManager:
         """Copy every storage of the session to the host, then free them: all of it, or (on any error) none."""
         with self._lock:
             session = self._live(sid)
-            if session.is_paged or not session.pageable:
+            if session.is_paged or not session.pageable or session.holds:
                 return None
-            storages = unique_storages(session.tensors())
-            total = sum(s.nbytes() for s in storages)
-            if total == 0:
-                return None
-            fixed = [s for s in storages if not s.resizable()]
-            if fixed:
-                raise PagingError(
-                    f"session {sid} holds {len(fixed)} tensor(s) whose memory cannot be freed (an outside buffer "
-                    f"aliases it); nothing was paged"
-                )
-            start = time.perf_counter()
-            plan: list[tuple[torch.UntypedStorage, Extent]] = []
+            session.moving = "out"
             try:
-                for storage in storages:
-                    plan.append((storage, self._host_extent(storage.nbytes(), sid)))
-                seconds = self._copy([(e.view, _bytes_view(s)) for s, e in plan], self._out_stream if self._cuda else None)
-            except BaseException:
-                for _, extent in plan:
-                    self.pool.free(extent)
-                raise
-            freed: list[tuple[torch.UntypedStorage, Extent]] = []
-            try:
-                for storage, extent in plan:
-                    storage.resize_(0)
-                    freed.append((storage, extent))
-            except BaseException as exc:
-                self._undo_page_out(session, freed, plan)
-                raise PagingError(f"paging session {sid} out failed ({exc}); nothing was paged") from exc
-            session.paged = plan
-            transfer = Transfer(sid, "out", total, len(plan), seconds, time.perf_counter() - start)
-            self.transfers.append(transfer)
-            self.page_outs += 1
-            return transfer
+                return self._page_out(session)
+            finally:
+                session.moving = None
+                self._cond.notify_all()
+
+    def _page_out(self, session: SessionMemory) -> Transfer | None:
+        sid = session.sid
+        storages = unique_storages(session.tensors())
+        total = sum(s.nbytes() for s in storages)
+        if total == 0:
+            return None
+        fixed = [s for s in storages if not s.resizable()]
+        if fixed:
+            raise PagingError(
+                f"session {sid} holds {len(fixed)} tensor(s) whose memory cannot be freed (an outside buffer "
+                f"aliases it); nothing was paged"
+            )
+        start = time.perf_counter()
+        plan: list[tuple[torch.UntypedStorage, Extent]] = []
+        try:
+            for storage in storages:
+                plan.append((storage, self._host_extent(storage.nbytes(), sid)))
+            seconds = self._copy([(e.view, _bytes_view(s)) for s, e in plan], self._out_stream if self._cuda else None)
+        except BaseException:
+            for _, extent in plan:
+                self.pool.free(extent)
+            raise
+        freed: list[tuple[torch.UntypedStorage, Extent]] = []
+        try:
+            for storage, extent in plan:
+                storage.resize_(0)
+                freed.append((storage, extent))
+        except BaseException as exc:
+            self._undo_page_out(session, freed, plan)
+            raise PagingError(f"paging session {sid} out failed ({exc}); nothing was paged") from exc
+        session.paged = plan
+        transfer = Transfer(sid, "out", total, len(plan), seconds, time.perf_counter() - start)
+        self.transfers.append(transfer)
+        self.page_outs += 1
+        return transfer
 
     def _undo_page_out(
         self,
@@ -540,8 +580,7 @@ class MemoryManager:
 
     def page_in(self, sid: int) -> Transfer | None:
         """Bring a paged session back (making room first): all of it, or (on any error) it stays paged as it was."""
-        with self._lock:
-            session = self._live(sid)
+        with self._lock, self._held(sid) as session:
             session.last_used = time.monotonic()
             if not session.is_paged:
                 return None
@@ -549,50 +588,79 @@ class MemoryManager:
                 self._spill_in(session)
             total = session.host_bytes()
             self._make_room(max(total, session.reserved), for_sid=sid)
-            start = time.perf_counter()
-            grown: list[torch.UntypedStorage] = []
+            self._cond.wait_for(lambda: session.moving is None)  # making room released the lock: another
+            if not session.is_paged:  # caller may have paged this session in meanwhile
+                return None
+            session.moving = "in"
             try:
-                for storage, extent in session.paged:
-                    storage.resize_(extent.nbytes)
-                    grown.append(storage)
-                copies = [(_bytes_view(s), e.view) for s, e in session.paged]
-                seconds = self._copy(copies, self._in_stream if self._cuda else None)
-            except BaseException as exc:
-                for storage in grown:
-                    storage.resize_(0)
-                if isinstance(exc, torch.OutOfMemoryError):
-                    raise OutOfMemoryError(
-                        f"the device has no room to page session {sid} back in ({total / MiB:.1f} MiB); it stays "
-                        f"paged: finish or close another session and retry"
-                    ) from exc
-                raise
-            self._drop_paged(session)
-            transfer = Transfer(sid, "in", total, len(copies), seconds, time.perf_counter() - start)
-            self.transfers.append(transfer)
-            self.page_ins += 1
-            return transfer
+                return self._page_in(session, total)
+            finally:
+                session.moving = None
+                self._cond.notify_all()
+
+    def _page_in(self, session: SessionMemory, total: int) -> Transfer:
+        start = time.perf_counter()
+        grown: list[torch.UntypedStorage] = []
+        try:
+            for storage, extent in session.paged:
+                storage.resize_(extent.nbytes)
+                grown.append(storage)
+            copies = [(_bytes_view(s), e.view) for s, e in session.paged]
+            seconds = self._copy(copies, self._in_stream if self._cuda else None)
+        except BaseException as exc:
+            for storage in grown:
+                storage.resize_(0)
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise OutOfMemoryError(
+                    f"the device has no room to page session {session.sid} back in ({total / MiB:.1f} MiB); it "
+                    f"stays paged: finish or close another session and retry"
+                ) from exc
+            raise
+        self._drop_paged(session)
+        transfer = Transfer(session.sid, "in", total, len(copies), seconds, time.perf_counter() - start)
+        self.transfers.append(transfer)
+        self.page_ins += 1
+        return transfer
 
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stream: torch.cuda.Stream | None) -> float:
-        """Copy ``src -> dst`` for each pair; on CUDA on ``stream``, ordered after compute and before it.
-
-        Returns the seconds the copies themselves took.
-        """
+        """Copy ``src -> dst`` for each pair (on CUDA on ``stream``, after the compute stream's queued work) and
+        wait for the copies with the lock released. Returns the seconds the copies themselves took."""
         if stream is None:
-            start = time.perf_counter()
-            for dst, src in pairs:
-                dst.copy_(src)
-            return time.perf_counter() - start
-        compute = torch.cuda.current_stream(self.device)
-        stream.wait_stream(compute)
+            seconds: list[float] = []
+
+            def copy() -> None:
+                start = time.perf_counter()
+                for dst, src in pairs:
+                    dst.copy_(src)
+                seconds.append(time.perf_counter() - start)
+
+            self._unlocked(None, copy)
+            return seconds[0]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             begin.record(stream)
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
             done.record(stream)
-        compute.wait_event(done)
-        done.synchronize()
+        self._unlocked(stream, done.synchronize)
         return begin.elapsed_time(done) / 1000
+
+    def _unlocked(self, stream: torch.cuda.Stream | None, work: Callable[[], None]) -> None:
+        """Run blocking ``work`` (a copy's event wait on CUDA, the copies themselves on the CPU, so that the CPU
+        tests exercise this same path) on the stream's worker thread while this thread waits on the lock's
+        condition, which releases the lock at every level the caller holds."""
+        worker = self._workers.get(id(stream))
+        if worker is None:
+            worker = self._workers[id(stream)] = _Worker(self._cond, f"djinn-copies-{len(self._workers)}")
+        job = worker.submit(work)
+        try:
+            self._cond.wait_for(job.done.is_set)
+        except BaseException:
+            self._cond.wait_for(job.done.is_set)  # interrupted: the bytes are still moving; never free under them
+            raise
+        if job.error is not None:
+            raise job.error
 
     # phase signals (phases.py drives these) -------------------------------------------------------------
     def mark_io_wait(self, sid: int, expected_s: float | None) -> int:
@@ -678,3 +746,36 @@ def _end_io_wait(session: SessionMemory) -> None:
     if session.io_until is not None:
         session.io_until = None
         session.io_epoch += 1
+
+
+class _Job:
+    def __init__(self, work: Callable[[], None]) -> None:
+        self.work = work
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class _Worker:
+    """A daemon thread that runs blocking jobs in turn and, as each ends, sets its flag and notifies ``cond``:
+    how the manager waits for copies without holding its lock."""
+
+    def __init__(self, cond: threading.Condition, name: str) -> None:
+        self._cond = cond
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, work: Callable[[], None]) -> _Job:
+        job = _Job(work)
+        self._queue.put(job)
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                job.work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller, who raises it
+                job.error = exc
+            with self._cond:
+                job.done.set()
+                self._cond.notify_all()
