@@ -16,6 +16,7 @@ import torch
 import djinn_kernel as dj
 from conftest import DEVICE, PROMPT, make_engine, reference
 from daemon_util import DaemonProcess, wait_until
+from djinn_kernel import cli
 from djinn_kernel.errors import InvalidArgumentError, OutOfMemoryError, PagingError
 from djinn_kernel.memory import MemoryManager, MiB
 from djinn_kernel.report import format_status
@@ -196,6 +197,16 @@ def test_a_read_failing_half_way_leaves_the_session_on_disk_as_it_was(tmp_path, 
 def test_the_disk_tiers_thread_count_and_block_size_are_checked(tmp_path, options):
     with pytest.raises(InvalidArgumentError):
         SpillStore(tmp_path, MiB, **options)
+
+
+def test_djinn_serve_refuses_a_bad_thread_count_or_block_size(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DJINN_RUNTIME_DIR", str(tmp_path))
+    os.chmod(tmp_path, 0o700)
+    spill = ["serve", "--device", "cpu", "--spill-dir", str(tmp_path / "spill")]
+    assert cli.main([*spill, "--spill-threads", "0"]) == 2
+    assert cli.main([*spill, "--spill-block", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "at least one IO thread" in err and "multiple of 4096" in err
 
 
 def test_a_crashed_daemons_files_are_removed_when_the_folder_is_opened_again(tmp_path):
