@@ -10,6 +10,7 @@ Invariants:
   it on to the device while later blocks are still being read: a page-in from disk costs about the longer of
   the read and the copy, not their sum. When ``read`` returns, for good or with an error, no reader thread is
   still writing into the extents, so the caller may free them.
+- A file is readable by the daemon's user only (0600): it holds a session's state.
 - All or nothing. A failed write (a full disk, the folder's ``capacity``) removes the partial file, and the
   session keeps its host extents; a failed read leaves the session on disk as it was. Nothing is lost.
 - A file lives exactly as long as its session stays spilled: it is removed once read back, when the session is
@@ -126,8 +127,10 @@ class SpillStore:
                 self._each_block(path, fd, os.pwritev, sizes, buffers, None)
             finally:
                 os.close(fd)
-        except OSError as exc:
+        except BaseException as exc:
             path.unlink(missing_ok=True)
+            if not isinstance(exc, OSError):
+                raise
             why = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
             raise OutOfMemoryError(
                 f"spilling session {sid} to {self.folder} failed ({why}); it stays in host memory: free disk "

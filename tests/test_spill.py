@@ -127,6 +127,8 @@ def test_blocks_cover_every_extent_once_in_file_order():
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_a_spilled_session_read_in_many_blocks_by_several_threads_comes_back_exact(tmp_path, threads):
     memory, kv, expected = spilled_odd_session(tmp_path, threads=threads)
+    (path,) = tmp_path.iterdir()
+    assert path.stat().st_size == sum(ODD) and path.stat().st_mode & 0o777 == 0o600, "the owner's alone"
     memory.page_in(1)
     assert all(torch.equal(a, b) for a, b in zip(kv, expected))
     assert not memory.session(1).is_paged and memory.unspills == 1
