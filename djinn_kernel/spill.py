@@ -36,6 +36,7 @@ from .runtime import pid_alive
 MiB = 1 << 20
 GiB = 1 << 30
 PAGE = 4096
+IOV_MAX = 1024  # the most buffers one preadv/pwritev takes on Linux
 
 Piece = tuple[int, int, int]  # (extent index, first byte, end byte) of one block's part inside one extent
 
@@ -51,7 +52,8 @@ class SpillFile:
 
 
 def blocks(sizes: tuple[int, ...], block_bytes: int) -> list[tuple[int, list[Piece]]]:
-    """The file of extents ``sizes`` back to back cut into blocks: (file offset, the extent pieces it covers)."""
+    """The file of extents ``sizes`` back to back cut into blocks of ``block_bytes`` (fewer where ``IOV_MAX`` small
+    extents come first): (file offset, the extent pieces it covers)."""
     out: list[tuple[int, list[Piece]]] = []
     offset, pieces, room = 0, [], block_bytes
     for index, size in enumerate(sizes):
@@ -60,9 +62,9 @@ def blocks(sizes: tuple[int, ...], block_bytes: int) -> list[tuple[int, list[Pie
             take = min(size - first, room)
             pieces.append((index, first, first + take))
             first, room = first + take, room - take
-            if room == 0:
+            if room == 0 or len(pieces) == IOV_MAX:
                 out.append((offset, pieces))
-                offset, pieces, room = offset + block_bytes, [], block_bytes
+                offset, pieces, room = offset + block_bytes - room, [], block_bytes
     if pieces:
         out.append((offset, pieces))
     return out

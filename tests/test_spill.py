@@ -112,16 +112,31 @@ def spilled_odd_session(folder, **store) -> tuple[MemoryManager, list[torch.Tens
     return memory, kv, expected
 
 
-def test_blocks_cover_every_extent_once_in_file_order():
+@pytest.mark.parametrize("sizes", [ODD, (7,) * 3000 + ODD])
+def test_blocks_cover_every_extent_once_in_file_order(sizes):
     for block in (4096, 8192, 1 << 20):
-        cut = blocks(ODD, block)
-        assert [offset for offset, _ in cut] == list(range(0, sum(ODD), block))
-        assert all(sum(end - first for _, first, end in pieces) <= block for _, pieces in cut)
+        cut = blocks(sizes, block)
+        lengths = [sum(end - first for _, first, end in pieces) for _, pieces in cut]
+        assert [offset for offset, _ in cut] == [sum(lengths[:k]) for k in range(len(cut))]
+        assert all(0 < n <= block for n in lengths) and all(len(pieces) <= 1024 for _, pieces in cut)
         flat = [piece for _, pieces in cut for piece in pieces]
-        for index, size in enumerate(ODD):
+        for index, size in enumerate(sizes):
             mine = [(first, end) for i, first, end in flat if i == index]
             assert mine[0][0] == 0 and mine[-1][1] == size
             assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+    assert [offset for offset, _ in blocks(ODD, 4096)] == list(range(0, sum(ODD), 4096))
+
+
+def test_a_file_of_thousands_of_small_extents_goes_and_comes_back_exact(tmp_path):
+    store = SpillStore(tmp_path, 64 * MiB, threads=3, block_bytes=1 << 20)
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in (7,) * 3000 + ODD]
+    spilled = store.write(1, views)
+    back = [torch.zeros_like(v) for v in views]
+    store.read(spilled, back)
+    assert all(torch.equal(a, b) for a, b in zip(back, views))
+    store.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
