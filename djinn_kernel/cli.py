@@ -45,7 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=parse_bytes(args.host_memory) if args.host_memory else None,
     )
     if args.spill_dir:
-        memory.spill = SpillStore(args.spill_dir, parse_bytes(args.spill_memory or "64GiB"))
+        memory.spill = SpillStore(args.spill_dir, parse_bytes(args.spill_memory or "64GiB"), args.spill_threads,
+                                  parse_bytes(args.spill_block))
     elif args.spill_memory:
         print("djinn: --spill-memory needs --spill-dir (the folder to spill to)", file=sys.stderr)
         return 2
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a folder for the disk tier: paged sessions spill there when the host pool is full")
     serve.add_argument("--spill-memory", default=None,
                        help="the most the disk tier may hold, e.g. 200GiB (default with --spill-dir: 64GiB)")
+    serve.add_argument("--spill-threads", type=int, default=4,
+                       help="disk tier reads and writes in flight at once (default: 4)")
+    serve.add_argument("--spill-block", default="16MiB",
+                       help="the disk tier moves files in blocks of this size, a multiple of 4 KiB (default: 16MiB)")
     serve.add_argument("--policy", choices=("hold", "lru", "signal", "signal-keep-short"), default="lru",
                        help="paging policy: hold (never swap), lru (under pressure, default), signal (page out on "
                             "session.io_wait, prefetch by its hint), signal-keep-short (signal, but keep waits "

@@ -9,7 +9,8 @@ Invariants:
   if anything fails, what was freed is restored from those copies and the session is exactly as before. A
   page-in frees the host extents only after every storage is back; on failure the session stays paged. If an
   undo itself fails the session is marked ``lost`` and every later use raises ``SessionLostError`` instead of
-  touching freed memory.
+  touching freed memory. A spilled session is paged in from its file through fresh host extents, each block
+  copied on to the device as soon as it is read (spill.py), and its file is removed only once all of it is back.
 - Only a session whose executor is blocked (paused) or has no run may be paged; a running forward is never
   touched. The engine reports a new run (``admit``) and every move of a run (``on_run``), and whether the session
   may be paged follows from the run's state (``RunState.pageable``); it holds the manager's lock (``resident``)
@@ -28,7 +29,8 @@ Invariants:
   page-in's freshly allocated blocks are no longer read by queued kernels of their previous owner). The host
   waits for the copy's event before the operation completes: a page-out frees the storage only then, and a
   page-in returns (so the session's next kernels are queued) only then. The compute stream itself never waits
-  for a copy, so other sessions' steps are not held up by it.
+  for a copy, so other sessions' steps are not held up by it. A page-in that fails waits for the copies it had
+  queued before it frees their device storages and host extents.
 - The host pool is pinned in large chunks, up front or when it grows, never per copy (pinning costs ~0.6 s
   per GiB). When even the pool is full, the request that needs room gets ``OutOfMemoryError`` and every
   session keeps what it had.
@@ -58,6 +60,8 @@ from .spill import SpillFile, SpillStore
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+Copy = Callable[[torch.Tensor, torch.Tensor], None]  # queues one copy, dst <- src
 
 
 def parse_bytes(text: str | int) -> int:
@@ -220,6 +224,9 @@ class SessionMemory:
 
     def host_bytes(self) -> int:
         return sum(extent.nbytes for _, extent in self.paged)
+
+    def paged_bytes(self) -> int:
+        return self.host_bytes() + self.disk_bytes()
 
     def charge(self) -> int:
         """Device bytes counted against the budget: what it holds, or what its run was promised if more."""
@@ -430,7 +437,8 @@ class MemoryManager:
             try:
                 return self.pool.alloc(nbytes)
             except OutOfMemoryError:
-                victims = [s for s in self._sessions.values() if s.paged and s.sid != for_sid and s.lost is None]
+                victims = [s for s in self._sessions.values()
+                           if s.paged and s.sid != for_sid and s.lost is None and s.moving is None]
                 if self.spill is None or not victims:
                     raise
                 self._spill_out(min(victims, key=lambda s: s.last_used))
@@ -444,21 +452,17 @@ class MemoryManager:
         session.paged, session.spilled = [], (storages, spilled)
         self.spills += 1
 
-    def _spill_in(self, session: SessionMemory) -> None:
-        """Bring a spilled session back to host extents (spilling others if the pool needs room): all or nothing."""
-        storages, spilled = session.spilled
+    def _host_extents(self, sizes: tuple[int, ...], for_sid: int) -> list[Extent]:
+        """Host extents of ``sizes`` (spilling others while the pool is full): all of them, or none."""
         extents: list[Extent] = []
         try:
-            for size in spilled.sizes:
-                extents.append(self._host_extent(size, session.sid))
-            self.spill.read(spilled, [extent.view for extent in extents])
+            for size in sizes:
+                extents.append(self._host_extent(size, for_sid))
         except BaseException:
             for extent in extents:
                 self.pool.free(extent)
             raise
-        self.spill.remove(spilled)
-        session.paged, session.spilled = list(zip(storages, extents)), None
-        self.unspills += 1
+        return extents
 
     def resident_total(self) -> int:
         with self._lock:
@@ -579,14 +583,14 @@ class MemoryManager:
             self.pool.free(extent)
 
     def page_in(self, sid: int) -> Transfer | None:
-        """Bring a paged session back (making room first): all of it, or (on any error) it stays paged as it was."""
+        """Bring a paged session back (making room first), from the host pool or, for a spilled one, from its file
+        through fresh host extents, each block copied on to the device as soon as it is read: all of it, or (on
+        any error) it stays paged where it was."""
         with self._lock, self._held(sid) as session:
             session.last_used = time.monotonic()
             if not session.is_paged:
                 return None
-            if session.spilled is not None:
-                self._spill_in(session)
-            total = session.host_bytes()
+            total = session.paged_bytes()
             self._make_room(max(total, session.reserved), for_sid=sid)
             self._cond.wait_for(lambda: session.moving is None)  # making room released the lock: another
             if not session.is_paged:  # caller may have paged this session in meanwhile
@@ -599,51 +603,95 @@ class MemoryManager:
                 self._cond.notify_all()
 
     def _page_in(self, session: SessionMemory, total: int) -> Transfer:
+        sid = session.sid
         start = time.perf_counter()
+        spilled = session.spilled
+        if spilled is None:
+            storages, extents = [s for s, _ in session.paged], [e for _, e in session.paged]
+        else:
+            storages, extents = spilled[0], self._host_extents(spilled[1].sizes, sid)
+        stream = self._in_stream if self._cuda else None
         grown: list[torch.UntypedStorage] = []
         try:
-            for storage, extent in session.paged:
+            for storage, extent in zip(storages, extents, strict=True):
                 storage.resize_(extent.nbytes)
                 grown.append(storage)
-            copies = [(_bytes_view(s), e.view) for s, e in session.paged]
-            seconds = self._copy(copies, self._in_stream if self._cuda else None)
+            pairs = [(_bytes_view(s), e.view) for s, e in zip(storages, extents)]
+            if spilled is None:
+                seconds = self._copy(pairs, stream)
+            else:
+                seconds = self._timed(stream, lambda copy: self._read_spilled(spilled[1], pairs, copy))
         except BaseException as exc:
+            if stream is not None:
+                stream.synchronize()  # no copy queued before the error still touches what is freed below
             for storage in grown:
                 storage.resize_(0)
+            if spilled is not None:
+                for extent in extents:
+                    self.pool.free(extent)
             if isinstance(exc, torch.OutOfMemoryError):
                 raise OutOfMemoryError(
-                    f"the device has no room to page session {session.sid} back in ({total / MiB:.1f} MiB); it "
-                    f"stays paged: finish or close another session and retry"
+                    f"the device has no room to page session {sid} back in ({total / MiB:.1f} MiB); it stays "
+                    f"paged: finish or close another session and retry"
                 ) from exc
             raise
-        self._drop_paged(session)
-        transfer = Transfer(session.sid, "in", total, len(copies), seconds, time.perf_counter() - start)
+        if spilled is None:
+            self._drop_paged(session)
+        else:
+            for extent in extents:
+                self.pool.free(extent)
+            self.spill.remove(spilled[1])
+            session.spilled = None
+            self.unspills += 1
+        transfer = Transfer(sid, "in", total, len(pairs), seconds, time.perf_counter() - start)
         self.transfers.append(transfer)
         self.page_ins += 1
         return transfer
 
+    def _read_spilled(self, spilled: SpillFile, pairs: list[tuple[torch.Tensor, torch.Tensor]], copy: Copy) -> None:
+        """Read the file into the host halves of ``pairs`` and queue each block's copy to the device as it lands."""
+
+        def landed(pieces: list[tuple[int, int, int]]) -> None:
+            for index, first, end in pieces:
+                dst, src = pairs[index]
+                copy(dst[first:end], src[first:end])
+
+        self.spill.read(spilled, [src for _, src in pairs], landed)
+
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stream: torch.cuda.Stream | None) -> float:
-        """Copy ``src -> dst`` for each pair (on CUDA on ``stream``, after the compute stream's queued work) and
-        wait for the copies with the lock released. Returns the seconds the copies themselves took."""
+        """Copy ``src -> dst`` for each pair (see ``_timed``)."""
+
+        def each(copy: Copy) -> None:
+            for dst, src in pairs:
+                copy(dst, src)
+
+        return self._timed(stream, each)
+
+    def _timed(self, stream: torch.cuda.Stream | None, issue: Callable[[Copy], None]) -> float:
+        """Run ``issue(copy)``, each ``copy(dst, src)`` queueing one copy (on CUDA on ``stream``, after the compute
+        stream's queued work), on the stream's worker thread with the lock released, and wait for the copies.
+        Returns the seconds from the start of ``issue`` to the last copy done (CUDA events on ``stream``)."""
         if stream is None:
             seconds: list[float] = []
 
-            def copy() -> None:
+            def run() -> None:
                 start = time.perf_counter()
-                for dst, src in pairs:
-                    dst.copy_(src)
+                issue(lambda dst, src: dst.copy_(src))
                 seconds.append(time.perf_counter() - start)
 
-            self._unlocked(None, copy)
+            self._unlocked(None, run)
             return seconds[0]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            begin.record(stream)
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
-            done.record(stream)
-        self._unlocked(stream, done.synchronize)
+
+        def queue_and_wait() -> None:
+            with torch.cuda.stream(stream):
+                begin.record(stream)
+                issue(lambda dst, src: dst.copy_(src, non_blocking=True))
+                done.record(stream)
+            done.synchronize()
+
+        self._unlocked(stream, queue_and_wait)
         return begin.elapsed_time(done) / 1000
 
     def _unlocked(self, stream: torch.cuda.Stream | None, work: Callable[[], None]) -> None:
@@ -692,7 +740,7 @@ class MemoryManager:
             session = self._sessions.get(sid)
             if session is None or session.lost is not None or session.io_epoch != epoch or not session.is_paged:
                 return None
-            need = session.host_bytes()
+            need = session.paged_bytes()
             later = [s for s in self._sessions.values() if s.sid != sid and s.pageable and not s.is_paged
                      and s.io_until is not None and s.io_until > (session.io_until or 0.0)]
             for victim in sorted(later, key=lambda s: s.io_until or 0.0, reverse=True):

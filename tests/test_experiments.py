@@ -28,3 +28,6 @@ def test_exp3_small_pauses_every_session_across_three_tiers_exactly(tmp_path):
     assert result["token_accuracy"] == 1.0 and result["steering"]["unsteered_sessions_bitwise_equal"] == 6
     assert result["concurrency"] == {"a_exact": True, "b_finished": True}
     assert result["spill_files_left"] == 0 and list(spill.iterdir()) == []
+    assert result["spill_files_dropped_from_page_cache"] > 0
+    assert result["bandwidth"]["threads"] == 4 and result["bandwidth"]["read_gb_s"] > 0
+    assert result["page_in_inside_ms"]["disk"]["copies"]["n"] == result["resume_latency_ms"]["disk"]["n"]

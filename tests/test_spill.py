@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -15,10 +16,11 @@ import torch
 import djinn_kernel as dj
 from conftest import DEVICE, PROMPT, make_engine, reference
 from daemon_util import DaemonProcess, wait_until
-from djinn_kernel.errors import OutOfMemoryError
+from djinn_kernel import cli
+from djinn_kernel.errors import InvalidArgumentError, OutOfMemoryError, PagingError
 from djinn_kernel.memory import MemoryManager, MiB
 from djinn_kernel.report import format_status
-from djinn_kernel.spill import SpillStore
+from djinn_kernel.spill import SpillStore, blocks
 
 
 def manager(folder, host: int = 2 * MiB, disk: int = 64 * MiB) -> MemoryManager:
@@ -67,16 +69,13 @@ def test_a_full_disk_refuses_and_loses_nothing(tmp_path, monkeypatch, why):
     first, second = session_of(memory, 1, 1.0), session_of(memory, 2, 2.0)
     memory.page_out(1)
     if why == "disk full":
-        real_open = open
+        real_pwritev = os.pwritev
 
-        def full(path, mode="r", **kw):
-            f = real_open(path, mode, **kw)
-            if "w" in mode:
-                f.write(b"partial")
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return f
+        def full(fd, buffers, offset):
+            real_pwritev(fd, [b"partial"], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr("builtins.open", full)
+        monkeypatch.setattr(os, "pwritev", full)
     with pytest.raises(OutOfMemoryError, match="full"):
         memory.page_out(2)
     monkeypatch.undo()
@@ -85,6 +84,146 @@ def test_a_full_disk_refuses_and_loses_nothing(tmp_path, monkeypatch, why):
     assert torch.equal(second, torch.full_like(second, 2.0))
     memory.page_in(1)
     assert torch.equal(first, torch.full_like(first, 1.0))
+
+
+ODD = (1, 4095, 4097, 12345, 3 * 4096, 70001)  # extent sizes that straddle 4 KiB blocks every way
+
+
+def odd_tensors(sid: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(sid)
+    return [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in ODD]
+
+
+def odd_session(memory: MemoryManager, sid: int) -> list[torch.Tensor]:
+    kv = odd_tensors(sid)
+    memory.register(sid, lambda: kv)
+    return kv
+
+
+def spilled_odd_session(folder, **store) -> tuple[MemoryManager, list[torch.Tensor], list[torch.Tensor]]:
+    """Session 1 (extents of ``ODD`` sizes) spilled to disk by session 2, in a pool that holds one of them."""
+    memory = MemoryManager(torch.device("cpu"), 1 << 40, sum(ODD), chunk_bytes=sum(ODD),
+                           spill=SpillStore(folder, 64 * MiB, **{"threads": 3, "block_bytes": 4096, **store}))
+    kv, expected = odd_session(memory, 1), odd_tensors(1)
+    odd_session(memory, 2)
+    memory.page_out(1)
+    memory.page_out(2)
+    assert memory.session(1).disk_bytes() == sum(ODD)
+    return memory, kv, expected
+
+
+@pytest.mark.parametrize("sizes", [ODD, (7,) * 3000 + ODD])
+def test_blocks_cover_every_extent_once_in_file_order(sizes):
+    for block in (4096, 8192, 1 << 20):
+        cut = blocks(sizes, block)
+        lengths = [sum(end - first for _, first, end in pieces) for _, pieces in cut]
+        assert [offset for offset, _ in cut] == [sum(lengths[:k]) for k in range(len(cut))]
+        assert all(0 < n <= block for n in lengths) and all(len(pieces) <= 1024 for _, pieces in cut)
+        flat = [piece for _, pieces in cut for piece in pieces]
+        for index, size in enumerate(sizes):
+            mine = [(first, end) for i, first, end in flat if i == index]
+            assert mine[0][0] == 0 and mine[-1][1] == size
+            assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+    assert [offset for offset, _ in blocks(ODD, 4096)] == list(range(0, sum(ODD), 4096))
+
+
+def test_a_file_of_thousands_of_small_extents_goes_and_comes_back_exact(tmp_path):
+    store = SpillStore(tmp_path, 64 * MiB, threads=3, block_bytes=1 << 20)
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in (7,) * 3000 + ODD]
+    spilled = store.write(1, views)
+    back = [torch.zeros_like(v) for v in views]
+    store.read(spilled, back)
+    assert all(torch.equal(a, b) for a, b in zip(back, views))
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_a_spilled_session_read_in_many_blocks_by_several_threads_comes_back_exact(tmp_path, threads):
+    memory, kv, expected = spilled_odd_session(tmp_path, threads=threads)
+    (path,) = tmp_path.iterdir()
+    assert path.stat().st_size == sum(ODD) and path.stat().st_mode & 0o777 == 0o600, "the owner's alone"
+    memory.page_in(1)
+    assert all(torch.equal(a, b) for a, b in zip(kv, expected))
+    assert not memory.session(1).is_paged and memory.unspills == 1
+    assert memory.spill.stats()["threads"] == threads and memory.spill.stats()["block_bytes"] == 4096
+
+
+def test_each_block_goes_on_to_the_device_while_later_blocks_are_still_being_read(tmp_path, monkeypatch):
+    """One reader that may read block k+1 only once block k was handed on: this finishes only if the copy of
+    a block starts before the whole file is read (a serial read-then-copy would time out)."""
+    memory, kv, expected = spilled_odd_session(tmp_path, threads=1)
+    handed_on = threading.Semaphore(0)
+    reads, real_preadv, real_read = [], os.preadv, memory.spill.read
+
+    def paced(fd, buffers, offset):
+        if reads and not handed_on.acquire(timeout=10):
+            raise OSError(errno.ETIMEDOUT, "block not handed on before the next read")
+        reads.append(offset)
+        return real_preadv(fd, buffers, offset)
+
+    def read(spilled, views, landed):
+        def landed_then_release(pieces):
+            landed(pieces)
+            handed_on.release()
+
+        return real_read(spilled, views, landed_then_release)
+
+    monkeypatch.setattr(os, "preadv", paced)
+    monkeypatch.setattr(memory.spill, "read", read)
+    memory.page_in(1)
+    assert len(reads) == len(blocks(ODD, 4096)) > 10
+    assert all(torch.equal(a, b) for a, b in zip(kv, expected))
+
+
+@pytest.mark.parametrize("how", ["read error", "file cut short"])
+def test_a_read_failing_half_way_leaves_the_session_on_disk_as_it_was(tmp_path, monkeypatch, how):
+    memory, kv, expected = spilled_odd_session(tmp_path)
+    (path,) = tmp_path.iterdir()
+    before = path.read_bytes()
+    real_preadv, calls = os.preadv, []
+
+    def failing(fd, buffers, offset):
+        calls.append(offset)
+        if len(calls) > 5:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_preadv(fd, buffers, offset)
+
+    if how == "read error":
+        monkeypatch.setattr(os, "preadv", failing)
+    else:
+        os.truncate(path, sum(ODD) // 2)
+    with pytest.raises(PagingError, match="Input/output error" if how == "read error" else "ends early"):
+        memory.page_in(1)  # room for it on the host was made first: session 2 went to disk, whole
+    session = memory.session(1)
+    assert session.disk_bytes() == sum(ODD) and session.resident_bytes() == 0 and session.is_paged
+    assert path.exists() and memory.pool.used == 0 and memory.spill.used == 2 * sum(ODD)
+    monkeypatch.undo()
+    memory.page_in(2)
+    assert all(torch.equal(a, b) for a, b in zip(memory.session(2).tensors(), odd_tensors(2)))
+    if how == "read error":
+        assert path.read_bytes() == before
+        memory.page_in(1)
+        assert all(torch.equal(a, b) for a, b in zip(kv, expected))
+        assert list(tmp_path.iterdir()) == [] and memory.spill.used == 0
+
+
+@pytest.mark.parametrize("options", [{"threads": 0}, {"threads": 1.5}, {"threads": True}, {"block_bytes": 0},
+                                     {"block_bytes": 1000}, {"block_bytes": 4096 + 1}, {"block_bytes": "16MiB"}])
+def test_the_disk_tiers_thread_count_and_block_size_are_checked(tmp_path, options):
+    with pytest.raises(InvalidArgumentError):
+        SpillStore(tmp_path, MiB, **options)
+
+
+def test_djinn_serve_refuses_a_bad_thread_count_or_block_size(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DJINN_RUNTIME_DIR", str(tmp_path))
+    os.chmod(tmp_path, 0o700)
+    spill = ["serve", "--device", "cpu", "--spill-dir", str(tmp_path / "spill")]
+    assert cli.main([*spill, "--spill-threads", "0"]) == 2
+    assert cli.main([*spill, "--spill-block", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "at least one IO thread" in err and "multiple of 4096" in err
 
 
 def test_a_crashed_daemons_files_are_removed_when_the_folder_is_opened_again(tmp_path):
