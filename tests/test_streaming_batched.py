@@ -227,3 +227,23 @@ def test_concurrent_solo_and_batched_steps_keep_the_ring_consistent(fast_streame
     assert [out[i] for i in range(4)] == [expected] * 4
     assert all(slot.readers == 0 for slot in loaded.ring.slots)
     check_reuse_rule(loaded.ring.log)
+
+
+def test_through_a_fast_daemon_a_streamed_model_batches_with_its_resident_tokens(backends):
+    from daemon_util import DaemonProcess
+
+    resident = dj.load("tiny-llama", backend=backends("inprocess-fast"))
+    alone = []
+    for prompt in PROMPTS:
+        with resident.session() as s:
+            alone.append(s.generate(prompt, 16).tokens)
+    process = DaemonProcess("--fast", "on", "--weight-memory", str(streaming_budget("tiny-llama", 1)))
+    try:
+        client = process.client()
+        model = dj.load("tiny-llama", backend=client)
+        assert model.info["fast_path"] == "on" and model.info["streaming"]["streamed_layers"] == [0, 1, 2]
+        assert concurrent_tokens(model, PROMPTS, 16) == alone
+        stats = client.status()["models"][0]["streaming"]
+        assert stats["bytes_per_token"] == stats["arena_bytes"], "a batched step copies each streamed layer once"
+    finally:
+        process.stop()
