@@ -110,8 +110,8 @@ class Engine(PauseOps):
 
         ``weight_memory`` (bytes or a size such as ``"16GiB"``) caps the device bytes each model's weights may
         take: a larger model keeps the decoder layers that fit and streams the rest from a pinned host arena
-        through ``ring_slots`` device slots (streaming.py; module path only). ``None``: every model is moved
-        to the device whole.
+        through ``ring_slots`` device slots (streaming.py; on the fast path too, batched). ``None``: every model
+        is moved to the device whole.
 
         ``policy``: the paging policy by name (``hold``, ``lru``, ``signal``, ``signal-keep-short``; policies.py)
         or object; None keeps the memory manager's (LRU by default)."""

@@ -14,7 +14,7 @@ from .anatomy import Anatomy, inspect_model
 from .decode import ForwardCall
 from .errors import InvalidArgumentError
 from .hooks import HookDispatcher
-from .runner import Runner, unsupported_reason
+from .runner import Runner, fuse_layers, unsupported_reason
 from .scheduler import Scheduler
 from .streaming import WeightRing, plan_for, stream_model
 
@@ -116,14 +116,18 @@ def prepare(
     and with ``fast`` (and a Llama-family model) a runner and its scheduler for the batched fast path.
 
     When its weights exceed ``weight_budget`` device bytes, the layers that do not fit stay in a host arena and
-    stream through a ring of ``ring_slots`` device slots (streaming.py); such a model takes the module path only,
-    since the runner reads every layer's weights in place."""
+    stream through a ring of ``ring_slots`` device slots (streaming.py); the runner then acquires those layers
+    from the ring in its layer loop, so the fast path batches a streamed model's sessions as well."""
     forward_call = ForwardCall.of(source.model)
     model = source.model
     anatomy = inspect_model(model)
     total_bytes = weight_bytes(model)
     layers = [model.get_submodule(path) for path in anatomy.layer_paths]
+    reason = unsupported_reason(model) if fast else None
     plan = None if weight_budget is None else plan_for(model, layers, weight_budget, ring_slots)
+    if plan is not None and fast and reason is None:
+        fuse_layers(model)  # before the arena is packed: each slot then holds a layer as the runner reads it
+        plan = plan_for(model, layers, weight_budget, ring_slots)
     dispatcher = HookDispatcher(model)
     for path in anatomy.layer_paths:
         dispatcher.ensure(path)  # before the ring's hooks: a pause at a layer's input or output holds no slot
@@ -133,15 +137,10 @@ def prepare(
     else:
         ring = stream_model(model, anatomy.layer_paths, plan, device)
     scheduler, fast_path = None, "off"
-    if ring is not None:
-        fast_path = (
-            "unavailable: decoder layers stream from host memory (the fast path reads every layer's weights in place)"
-        )
-    elif fast:
-        reason = unsupported_reason(model)
+    if fast:
         if reason is None:
             try:
-                scheduler, fast_path = Scheduler(Runner(model), name), "on"
+                scheduler, fast_path = Scheduler(Runner(model, ring=ring), name), "on"
             except Exception as exc:  # noqa: BLE001 - e.g. no Triton on this CUDA machine: the module path serves
                 fast_path = f"unavailable: {type(exc).__name__}: {exc}"
         else:

@@ -7,9 +7,14 @@ is a per-row vector added at a layer's output, and on CUDA the whole step is cap
 size and replayed with new inputs.
 
 Invariants:
-- The runner reads the model's parameters; it never copies them. At build time the q/k/v and gate/up weights of
-  each layer are moved into one fused tensor each and the modules' parameters become views of it, so Hugging
-  Face's modules (the debugger's module path) and the runner share one copy.
+- The runner reads the model's parameters; it never copies them. At build time the q/k/v weights (and biases)
+  and gate/up weights of each layer are moved into one fused tensor each and the modules' parameters become
+  views of it, so Hugging Face's modules (the debugger's module path) and the runner share one copy.
+- A model whose first decoder layers stream through a weight ring (streaming.py) was fused before it was
+  streamed, so each slot holds a layer in the fused layout: the layer loop acquires a streamed layer from the
+  ring, reads its fused tensors as views of the slot, computes it for the whole batch and releases it. The
+  streamed layers run eagerly (their slot changes from step to step, and against a layer's copy over PCIe its
+  launches are negligible); the resident ones keep their CUDA graphs.
 - The layer math is Hugging Face's (RMSNorm in float32, rotary halves, SiLU-gated MLP, attention scaled by
   ``head_dim ** -0.5``): on the CPU in float32 its logits agree with the module path to float rounding. Fused and
   batched GEMMs round differently in bf16, so bitwise claims belong to the module path (``deterministic``).
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kv_blocks import BlockKV, KVShape
+from .streaming import WeightRing
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PROMPT_TILE = 64  # prompt tokens of one row that one program of the prefill attention kernel covers
@@ -84,15 +90,64 @@ class DecodeRow:
     steering: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
-    """One tensor holding the modules' weights stacked by rows; each module's parameter becomes a view of it."""
-    fused = torch.cat([m.weight.detach() for m in modules])
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor whose consecutive row blocks ``parts`` are, as one view; ``None`` when they are not that."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for part in parts:
+        if (
+            part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or part.storage_offset() != offset
+            or not part.is_contiguous()
+            or part.shape[1:] != first.shape[1:]
+        ):
+            return None
+        offset += part.numel()
+    shape = (sum(part.shape[0] for part in parts), *first.shape[1:])
+    strides = [1]
+    for size in reversed(shape[1:]):
+        strides.insert(0, strides[0] * size)
+    return first.as_strided(shape, strides, first.storage_offset())
+
+
+def _fuse(params: list[nn.Parameter], fuse: bool = True) -> torch.Tensor:
+    """One tensor holding the parameters stacked by rows, each parameter a view of it: the one they view already
+    (fused before, e.g. ahead of streaming), else (``fuse``) a new one they are pointed at."""
+    joined = _joined(params)
+    if joined is not None:
+        return joined
+    if not fuse:
+        raise ValueError("a streamed layer's q/k/v or gate/up weights are not fused in its ring slot")
+    fused = torch.cat([p.detach() for p in params])
     start = 0
-    for m in modules:
-        rows = m.weight.shape[0]
-        m.weight.data = fused[start : start + rows]
+    for p in params:
+        rows = p.shape[0]
+        p.data = fused[start : start + rows]
         start += rows
     return fused
+
+
+def _take(layer: nn.Module, fuse: bool = True) -> _Layer:
+    """The layer's weights as the runner reads them (fused where ``fuse``, or where they already are)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    biases = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    return _Layer(
+        ln1=layer.input_layernorm.weight,
+        ln2=layer.post_attention_layernorm.weight,
+        qkv=_fuse([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], fuse),
+        qkv_bias=None if biases[0] is None else _fuse(biases, fuse),
+        o=attn.o_proj.weight,
+        gate_up=_fuse([mlp.gate_proj.weight, mlp.up_proj.weight], fuse),
+        down=mlp.down_proj.weight,
+    )
+
+
+def fuse_layers(model: nn.Module) -> None:
+    """Fuse every decoder layer's weights as the runner does at build: before a model's layers are streamed, so
+    that the ring packs each layer in the layout the runner reads (see the module docstring)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            _take(layer)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -140,10 +195,16 @@ class Runner:
     """Prefill (one session, eager) and batched decode steps over sessions' block KV; see the module docstring."""
 
     def __init__(
-        self, model: nn.Module, max_batch: int = BUCKETS[-1], graphs: bool | None = None, compile: bool = True
+        self,
+        model: nn.Module,
+        max_batch: int = BUCKETS[-1],
+        graphs: bool | None = None,
+        compile: bool = True,
+        ring: WeightRing | None = None,
     ) -> None:
         """On CUDA, ``graphs`` captures each decode step (default on) and ``compile`` fuses the elementwise work
-        around the GEMMs with ``torch.compile`` (default on; ``warm_up`` pays for it at load)."""
+        around the GEMMs with ``torch.compile`` (default on; ``warm_up`` pays for it at load). ``ring``: the
+        weight ring of a model whose layers were fused (``fuse_layers``) and then streamed."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fast path cannot run this model: {reason}")
@@ -159,8 +220,16 @@ class Runner:
         self.eps = inner.norm.variance_epsilon
         weight = self.embed.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.ring = ring
+        self._modules = list(inner.layers)
+        in_ring = {} if ring is None else {id(layer): k for k, layer in enumerate(ring.layers)}
+        # layer index -> its position in the ring's streamed order
+        self.streamed = {i: in_ring[id(layer)] for i, layer in enumerate(self._modules) if id(layer) in in_ring}
         with torch.no_grad():
-            self.layers = [self._take(layer) for layer in inner.layers]
+            # A streamed layer's weights are read from its slot at each step; checked now for the fused layout.
+            self.layers = [_take(layer, fuse=i not in self.streamed) for i, layer in enumerate(self._modules)]
+            for i in self.streamed:
+                self.layers[i] = None
             positions = getattr(config, "max_position_embeddings", None) or 4096
             self.max_positions = positions
             cos, sin = inner.rotary_emb(weight[:1], torch.arange(positions, device=self.device)[None])
@@ -178,19 +247,6 @@ class Runner:
         self.mlp = torch.compile(attention_output_and_mlp, dynamic=True) if fused else attention_output_and_mlp
         self._graphs = _CudaSteps(self, graphs if graphs is not None else True) if self.cuda else None
         self._solo: _CudaSteps | None = None  # segment graphs for steps that may stop (decode_solo)
-
-    def _take(self, layer: nn.Module) -> _Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        biases = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        return _Layer(
-            ln1=layer.input_layernorm.weight,
-            ln2=layer.post_attention_layernorm.weight,
-            qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
-            qkv_bias=None if biases[0] is None else torch.cat([b.detach() for b in biases]),
-            o=attn.o_proj.weight,
-            gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
-            down=mlp.down_proj.weight,
-        )
 
     def new_kv(self) -> BlockKV:
         return BlockKV(self.shape)
@@ -224,8 +280,21 @@ class Runner:
         attend: Attend,
         steer: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One decoder layer on ``h`` (``[rows, tokens, hidden]``); ``attend`` stores K/V and returns attention."""
-        w = self.layers[index]
+        """One decoder layer on ``h`` (``[rows, tokens, hidden]``); ``attend`` stores K/V and returns attention.
+        A streamed layer is acquired from the ring around it, once for all the rows."""
+        position = self.streamed.get(index)
+        if position is None:
+            return self._compute(self.layers[index], index, h, cos, sin, attend, steer)
+        self.ring.acquire(position)
+        try:
+            return self._compute(_take(self._modules[index], fuse=False), index, h, cos, sin, attend, steer)
+        finally:
+            self.ring.release(position)
+
+    def _compute(
+        self, w: _Layer, index: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+        steer: torch.Tensor | None,
+    ) -> torch.Tensor:
         q, k, v = self.qkv(h, w.ln1, w.qkv, w.qkv_bias, cos, sin, self.eps, self.heads, self.kv_heads)
         return self.mlp(h, attend(index, q, k, v), w.o, w.ln2, w.gate_up, w.down, self.eps, steer)
 
@@ -378,6 +447,21 @@ class Runner:
         return self._logits(h[:, -1])
 
 
+def pieces(first: int, last: int, streamed: Collection[int]) -> list[tuple[int, int, bool]]:
+    """Layers ``first..last`` cut where they pass between ``streamed`` and resident ones: ``(lo, hi, streamed)``
+    in order. An empty span (only the logits remain) is one resident piece."""
+    if first > last:
+        return [(first, last, False)]
+    out = []
+    for layer in range(first, last + 1):
+        kind = layer in streamed
+        if out and out[-1][2] == kind:
+            out[-1] = (out[-1][0], layer, kind)
+        else:
+            out.append((layer, layer, kind))
+    return out
+
+
 def _replaced(h: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
     """The layer output after a stop: unchanged, or the edited value (same shape, dtype and device)."""
     if new is None:
@@ -405,6 +489,8 @@ class _CudaSteps:
 
     A whole step is one span. A step that may stop (``segments``) is cut into spans at its stops; the hidden
     state crosses a cut in a fixed buffer (the cut costs a replay boundary, ~0.05 ms measured on the H200).
+    Within a span, the layers a weight ring streams run eagerly between the graphs of the resident ones
+    (``pieces``): a graph bakes the addresses of the weights it reads, and a streamed layer's slot changes.
     """
 
     def __init__(self, runner: Runner, graphs: bool, max_rows: int | None = None) -> None:
@@ -505,11 +591,20 @@ class _CudaSteps:
     def _span(self, bucket: int, steered: tuple[int, ...], first: int, last: int, ends: bool) -> torch.Tensor:
         if not self.use_graphs:
             return self._layers(bucket, steered, first, last, ends)
-        key = (bucket, steered, first, last, ends)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(lambda: self._layers(bucket, steered, first, last, ends))
-        graph, out = self.graphs[key]
-        graph.replay()
+        out = None
+        for lo, hi, streamed in pieces(first, last, self.runner.streamed):
+            if out is not None:
+                self.hidden_in[:bucket].copy_(out)
+            done = ends and hi == last
+            mine = tuple(layer for layer in steered if lo <= layer <= hi)
+            if streamed:
+                out = self._layers(bucket, mine, lo, hi, done)
+                continue
+            key = (bucket, mine, lo, hi, done)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(lambda: self._layers(bucket, mine, lo, hi, done))
+            graph, out = self.graphs[key]
+            graph.replay()
         return out
 
     def _layers(self, bucket: int, steered: tuple[int, ...], first: int, last: int, ends: bool) -> torch.Tensor:

@@ -11,12 +11,16 @@ end of a token (streaming the last layers instead would leave it idle while the 
 Invariants:
 - One arena, allocated (and pinned, on CUDA) at load, holds every streamed layer's parameters packed in one
   extent per layer; a slot holds one layer in the same packing, so a load is one copy and the layer's
-  parameters become views of the slot (``param.data``), never copies.
+  parameters become views of the slot (``param.data``), never copies. Parameters that view one tensor (the
+  fast path's fused q/k/v and gate/up weights, runner.py) keep that tensor's layout in the extent, so the
+  runner reads the fused tensor as one view of the slot.
 - Loads follow execution order: the module order of the decoder layers, cyclically (after the last streamed
-  layer of one forward come the first ones of the next). The forward pre-hook of a streamed layer ``acquire``s
-  it (loading it on demand if no prefetch did), makes the compute stream wait for its copy and points the
-  parameters at the slot; the forward hook ``release``s it: records an event after the layer's kernels and
-  queues the next layer in execution order into the slot that is no longer wanted.
+  layer of one forward come the first ones of the next). Whoever computes a streamed layer ``acquire``s it
+  first (loading it on demand if no prefetch did), which makes the compute stream wait for its copy and points
+  the parameters at the slot, and ``release``s it after: records an event after the layer's kernels and
+  queues the next layer in execution order into the slot that is no longer wanted. On the module path the
+  layer's forward pre-hook and forward hook do this; the fast path's layer loop calls them itself (one
+  acquire and release per layer for a whole batch of sessions, so a batched step copies each layer once).
 - A slot is reused only when no forward is inside the layer it holds (``readers == 0``), and its next copy is
   queued on the prefetch stream behind the events of every release of that layer: the copy never overwrites
   weights a kernel may still read. A forward paused inside a streamed layer (a breakpoint on one of its
@@ -58,8 +62,8 @@ def _unique_params(module: nn.Module) -> list[nn.Parameter]:
 
 
 def packed_bytes(module: nn.Module) -> int:
-    """Bytes one layer takes in the arena and in a slot: its parameters, each aligned."""
-    return sum(_aligned(p.numel() * p.element_size()) for p in _unique_params(module))
+    """Bytes one layer takes in the arena and in a slot: the tensors its parameters view, each aligned."""
+    return _layout(module).nbytes
 
 
 def _tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
@@ -193,10 +197,38 @@ class _Slot:
 
 @dataclass
 class _Layout:
-    """One streamed layer: its parameters with their offsets in the packed extent."""
+    """One streamed layer: its parameters with their byte offsets in the packed extent."""
 
     params: list[tuple[nn.Parameter, int, torch.Size, torch.dtype]]
     nbytes: int
+
+
+def _layout(layer: nn.Module) -> _Layout:
+    """Each parameter packed (aligned) in the order of first use, except that parameters which tile one storage
+    exactly (the runner's fused q/k/v and gate/up tensors) are packed as that one tensor, each at its own place
+    in it, so that the fused tensor stays one tensor in the arena and in the slots."""
+    storages: dict[object, list[nn.Parameter]] = {}
+    for p in _unique_params(layer):
+        key = (p.device, p.untyped_storage().data_ptr()) if p.is_contiguous() else id(p)
+        storages.setdefault(key, []).append(p)
+    params, offset = [], 0
+    for members in storages.values():
+        for tile in [members] if _tiles(members) else [[p] for p in members]:
+            low = min(p.storage_offset() for p in tile)
+            itemsize = tile[0].element_size()
+            params += [(p, offset + (p.storage_offset() - low) * itemsize, p.shape, p.dtype) for p in tile]
+            offset += _aligned(sum(p.numel() for p in tile) * itemsize)
+    return _Layout(params, offset)
+
+
+def _tiles(members: list[nn.Parameter]) -> bool:
+    """Whether contiguous views of one storage cover all of it, one after another (the parts of a fused tensor)."""
+    end = 0
+    for p in sorted(members, key=lambda p: p.storage_offset()):
+        if p.storage_offset() != end:
+            return False
+        end += p.numel()
+    return end * members[0].element_size() == members[0].untyped_storage().nbytes()
 
 
 @dataclass(frozen=True)
@@ -219,7 +251,8 @@ class WeightRing:
         self.plan = plan
         self.ops = _CudaOps(self.device) if self.device.type == "cuda" else _HostOps()
         self.paths = [layer_paths[i] for i in plan.streamed]
-        self._layouts = [self._layout(model.get_submodule(path)) for path in self.paths]
+        self.layers = [model.get_submodule(path) for path in self.paths]  # in streamed order
+        self._layouts = [_layout(layer) for layer in self.layers]
         self.arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, pin_memory=self.ops.pin)
         self._extents: list[torch.Tensor] = []
         offset = 0
@@ -248,14 +281,6 @@ class WeightRing:
         self._forward_bytes = 0  # bytes of the loads the current forward consumed
         self.per_forward: deque[int] = deque(maxlen=self.LOG)  # the same, for each forward that ran to its end
         self.log: deque[RingEvent] = deque(maxlen=self.LOG)
-
-    @staticmethod
-    def _layout(layer: nn.Module) -> _Layout:
-        params, offset = [], 0
-        for p in _unique_params(layer):
-            params.append((p, offset, p.shape, p.dtype))
-            offset += _aligned(p.numel() * p.element_size())
-        return _Layout(params, offset)
 
     @staticmethod
     def _views(layout: _Layout, extent: torch.Tensor) -> list[torch.Tensor]:

@@ -93,3 +93,35 @@ def test_packed_prefill_kernels_match_hugging_face(tiny):
     step = runner.decode([DecodeRow(kv, t) for kv, t in zip(kvs, nxt)])
     for row, (seq, t) in enumerate(zip(seqs, nxt)):
         assert (step[row].float() - hf_last([*seq, t])).abs().max() < 2e-3
+
+
+def test_a_streamed_model_steps_batched_with_eager_streamed_layers_and_graphs_of_the_rest(tiny):
+    """Three of four layers streamed through a 2-slot ring: eight rows per step agree with the resident runner, and
+    each step copies every streamed layer once for all eight (tests/test_streaming_batched.py on the CPU)."""
+    import copy
+
+    from djinn_kernel.runner import DecodeRow, Runner, fuse_layers
+    from djinn_kernel.streaming import packed_bytes, plan_for, stream_model
+
+    model = copy.deepcopy(tiny)
+    fuse_layers(model)
+    layers = list(model.model.layers)
+    in_layers = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    other = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) - in_layers
+    plan = plan_for(model, layers, other + 3 * packed_bytes(layers[0]), 2)
+    assert plan.streamed == (0, 1, 2) and plan.resident == (3,)
+    ring = stream_model(model, [f"model.layers.{i}" for i in range(4)], plan, torch.device("cuda"))
+    runner, reference = Runner(model, ring=ring), Runner(tiny)
+    prompts = [PROMPT[i:] for i in range(8)]
+    kvs, ref_kvs = [runner.new_kv() for _ in prompts], [reference.new_kv() for _ in prompts]
+    logits = runner.prefill([(kv, p, {}) for kv, p in zip(kvs, prompts)])
+    expected = reference.prefill([(kv, p, {}) for kv, p in zip(ref_kvs, prompts)])
+    for _ in range(12):
+        assert (logits.float() - expected.float()).abs().max() < 2e-3
+        tokens = expected.argmax(-1).tolist()
+        forwards = ring.forwards
+        logits = runner.decode([DecodeRow(kv, t) for kv, t in zip(kvs, tokens)]).clone()
+        expected = reference.decode([DecodeRow(kv, t) for kv, t in zip(ref_kvs, tokens)]).clone()
+        assert ring.forwards == forwards + 1 and ring.per_forward[-1] == plan.arena_bytes
+    assert any(key[2] == 3 for key in runner._graphs.graphs), "the resident layer replays a graph"
+    assert all(slot.readers == 0 for slot in ring.slots)

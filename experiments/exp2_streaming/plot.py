@@ -1,5 +1,6 @@
 """Plot experiment 2: seconds per decoded token for Accelerate's CPU offload, Djinn's weight streaming and the
-PCIe floor (streamed bytes / pinned H2D), from one result file of run.py.
+PCIe floor (streamed bytes / pinned H2D), from one result file of run.py; the title adds how 8 sessions
+decoding at once scale against one (phase 5), when the file has it.
 
     python experiments/exp2_streaming/plot.py experiments/results/exp2_h200.json experiments/results/exp2_h200.png
 """
@@ -29,11 +30,16 @@ def main(source: str, target: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("seconds per decoded token (batch 1)")
     load = result["djinn_load"]
+    batched = result.get("batched_8_sessions")
+    scaling = (
+        f"\n8 sessions decoding at once: {batched['speedup_8_vs_1']:.1f}x the tokens/s of one"
+        if isinstance(batched, dict) and "speedup_8_vs_1" in batched else ""
+    )
     ax.set_title(
         f"{result['shape']['name']} {result['shape']['dtype']} at a {result['budget_bytes'] / 2**30:.0f} GiB budget, "
         f"{result['environment']['device']}\n{load['streamed_layers']} of "
         f"{load['streamed_layers'] + load['resident_layers']} layers streamed, "
-        f"{result['djinn_bytes_streamed_per_token'] / 1e9:.2f} GB/token",
+        f"{result['djinn_bytes_streamed_per_token'] / 1e9:.2f} GB/token{scaling}",
         fontsize=9,
     )
     ax.grid(True, axis="y", which="both", alpha=0.3)
