@@ -247,3 +247,49 @@ def test_a_budget_measured_from_free_memory_loses_the_weights_of_each_model():
     assert given.budget == 1 << 30, "a budget the operator gave is kept as given"
     engine.shutdown()
     other.shutdown()
+
+
+def test_the_lock_is_free_while_a_session_moves(monkeypatch):
+    """A page-out's copies run with the manager's lock released: other sessions are admitted and read meanwhile,
+    the moving session is never a victim, and a page-in of it waits for the page-out, then restores it exactly."""
+    import threading
+
+    from djinn_kernel import memory as memory_module
+
+    manager = MemoryManager(torch.device("cpu"), budget=1 << 20, host_capacity=1 << 20, policy=LRUPolicy())
+    a, b = torch.arange(1000, dtype=torch.float32), torch.arange(2000, dtype=torch.float32)
+    manager.register(1, lambda: [a])
+    manager.register(2, lambda: [b])
+    expected = a.clone()
+    gate, entered = threading.Event(), threading.Event()
+    original = memory_module._Worker.submit
+
+    def gated(self, work):
+        def held_back():
+            entered.set()
+            assert gate.wait(30), "the test never opened the gate"
+            work()
+
+        return original(self, held_back)
+
+    monkeypatch.setattr(memory_module._Worker, "submit", gated)
+    mover = threading.Thread(target=manager.page_out, args=(1,))
+    mover.start()
+    assert entered.wait(30)
+    assert manager.session(1).moving == "out"
+    monkeypatch.setattr(memory_module._Worker, "submit", original)  # what follows may copy at once
+    with manager.resident(2):  # the lock is free: another session is held and read at once
+        assert torch.equal(b, torch.arange(2000, dtype=torch.float32))
+    manager.admit(2, 8000)
+    assert manager.session(1).moving == "out"
+    with pytest.raises(dj.OutOfMemoryError):  # the only other session moves: it is not a victim
+        manager.make_room(1 << 30, for_sid=2)
+    back = threading.Thread(target=manager.page_in, args=(1,))
+    back.start()
+    back.join(0.2)  # a bound, not a sync: the assertion can only fail if the page-in did not wait
+    assert back.is_alive(), "a page-in of a moving session waits for the move to end"
+    gate.set()
+    mover.join(30)
+    back.join(30)
+    assert not manager.session(1).is_paged and manager.session(1).moving is None
+    assert torch.equal(a, expected) and manager.page_outs == 1 and manager.page_ins == 1

@@ -288,7 +288,7 @@ def swap_stats(engine: Engine, n_transfers: int, phases_before: dict) -> dict:
         "copy_seconds": sum(t.seconds for t in moved), "wall_seconds": sum(t.wall_seconds for t in moved),
         **{k: phases[k] - phases_before[k] for k in ("signalled_page_outs", "prefetches", "kept", "failed")},
         "meaning": "page-ins include prefetches (off the agent's path) and admissions (on it); wall_seconds is "
-                   "the time the memory lock was held moving bytes",
+                   "the wall time of the page-outs and page-ins (the memory lock is released while the bytes move)",
     }
 
 
