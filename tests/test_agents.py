@@ -271,4 +271,5 @@ def test_experiment_1_small_runs_on_the_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["complete"] and set(result["max_agents_at_target"]) == {"hold", "lru", "signal", "signal-keep-short"}
     assert result["corrupted_rounds"] == 0 and result["failed_rounds"] == 0
-    assert {"density_ratio_vs_hold", "density_ratio_vs_lru", "rounds"} <= set(result)
+    assert {"density_ratio_vs_hold", "density_ratio_vs_lru", "rounds", "counts"} <= set(result)
+    assert all(c["repeats"] == 1 for c in result["counts"])

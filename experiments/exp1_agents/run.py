@@ -76,6 +76,7 @@ class Config:
     uncontended_agents: int
     cell_timeout_s: float
     deadline_s: float  # the sweep stops starting cells after this (script time), leaving room for the check
+    repeats: int  # cells per (count, policy), each with its own arrival times; a count's p99 pools their rounds
     check: dict
 
     @staticmethod
@@ -83,12 +84,12 @@ class Config:
         if small:
             return Config(counts=(1, 2, 4), prompt_tokens=(24, 48), rounds=3, new_tokens=(4, 8),
                           tool_s=(0.05, 0.2), result_tokens=(4, 8), arrival_rate=10.0, budget_agents=1.5,
-                          uncontended_agents=2, cell_timeout_s=20, deadline_s=40,
+                          uncontended_agents=2, cell_timeout_s=20, deadline_s=40, repeats=1,
                           check={"agents": 3, "prompt_tokens": (16, 24), "rounds": 3, "new_tokens": (3, 5),
                                  "tool_s": (0.02, 0.08), "result_tokens": (3, 6)})
         return Config(counts=(8, 16, 32, 48, 64), prompt_tokens=(1024, 2048), rounds=3,
                       new_tokens=(50, 100), tool_s=(1.0, 10.0), result_tokens=(16, 64), arrival_rate=8.0,
-                      budget_agents=6.0, uncontended_agents=4, cell_timeout_s=60, deadline_s=430,
+                      budget_agents=6.0, uncontended_agents=4, cell_timeout_s=60, deadline_s=430, repeats=1,
                       check={"agents": 4, "prompt_tokens": (256, 512), "rounds": 3, "new_tokens": (8, 12),
                              "tool_s": (0.05, 0.2), "result_tokens": (8, 16)})
 
@@ -292,16 +293,27 @@ def swap_stats(engine: Engine, n_transfers: int, phases_before: dict) -> dict:
     }
 
 
-def max_at_target(cells: list[dict], policy: str) -> dict:
-    """The largest count whose cell met the target, with every smaller tested count meeting it too. Where the sweep
-    starts above one agent, one agent counts as met: the uncontended run that sets the target is that point."""
-    mine = sorted((c for c in cells if c["policy"] == policy), key=lambda c: c["agents"])
+def pooled(cells: list[dict], rows: list[dict], policy: str, count: int, target_s: float) -> dict:
+    """A count's figure over all its repeats: every cell complete, and the p99 of all their rounds together."""
+    mine = [c for c in cells if c["policy"] == policy and c["agents"] == count]
+    lat = [r["latency_s"] for r in rows if r["policy"] == policy and r["agents"] == count and r["error"] is None]
+    p99 = quantile(lat, 0.99)
+    complete = all(c["completed_rounds"] == c["expected_rounds"] for c in mine)
+    return {"policy": policy, "agents": count, "repeats": len(mine), "rounds": len(lat), "p99_s": p99,
+            "meets_target": bool(mine and complete and p99 is not None and p99 <= target_s)}
+
+
+def max_at_target(counts: list[dict], policy: str) -> dict:
+    """The largest count that met the target (pooled over its repeats), with every smaller tested count meeting it
+    too. Where the sweep starts above one agent, one agent counts as met: the uncontended run that sets the target
+    is that point."""
+    mine = sorted((c for c in counts if c["policy"] == policy), key=lambda c: c["agents"])
     best, bounded = (0 if mine and mine[0]["agents"] == 1 else 1), False
-    for cell in mine:
-        if not cell["meets_target"]:
+    for entry in mine:
+        if not entry["meets_target"]:
             bounded = True
             break
-        best = cell["agents"]
+        best = entry["agents"]
     return {"agents": best, "bounded_by_sweep": not bounded}
 
 
@@ -357,34 +369,47 @@ def sweep(engine: Engine, model: Model, cfg: Config, seed: int, vocab: int, targ
     pool = scripts(seed, max(cfg.counts), vocab, cfg.prompt_tokens, rounds=cfg.rounds, new_tokens=cfg.new_tokens,
                    tool_s=cfg.tool_s, result_tokens=cfg.result_tokens)
     for count in cfg.counts:
-        offsets = poisson_offsets(random.Random(seed + count), count, count / cfg.arrival_rate)
-        for policy in POLICIES:
-            if misses[policy] >= 2:
-                continue
+        for repeat in range(cfg.repeats):
             if time.monotonic() - START > cfg.deadline_s:
                 results.data["sweep_cut_off"] = f"deadline {cfg.deadline_s:.0f} s reached before {count} agents"
                 log(results.data["sweep_cut_off"])
                 return
-            engine.memory.policy = make_policy(policy)
-            n_transfers, phases_before = len(engine.memory.transfers), engine.phases.stats()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            outcome = run_agents(engine, model, pool[:count], offsets, cfg.cell_timeout_s)
-            engine.phases.wait_idle(30)
-            peak = torch.cuda.max_memory_allocated() if cuda else None
-            cell = summarize(policy, count, outcome, count * cfg.rounds, target_s,
-                             swap_stats(engine, n_transfers, phases_before), peak, engine.memory.budget)
-            cells.append(cell)
-            rows += round_rows(policy, count, outcome)
-            misses[policy] = 0 if cell["meets_target"] else misses[policy] + 1
-            lat = cell["latency_s"]
-            log(f"{policy:>17} x{count:<3} rounds {cell['completed_rounds']}/{cell['expected_rounds']} "
-                f"p50 {lat['p50'] or 0:.3f} p99 {lat['p99'] or 0:.3f} s (target {target_s:.3f}) "
-                f"queued {cell['queueing']['seconds']:.2f} s, outs {cell['swap']['page_outs']} ins "
-                f"{cell['swap']['page_ins']} swap {cell['swap']['wall_seconds']:.3f} s, peak KV "
-                f"{cell['peak_vram']['session_kv_bytes_sampled'] / GiB:.2f} GiB"
-                f"{' STOPPED: ' + cell['stopped'] if cell['stopped'] else ''}")
-            results.write()
+            offsets = poisson_offsets(random.Random(seed + count + 1000 * repeat), count, count / cfg.arrival_rate)
+            for policy in POLICIES:
+                if misses[policy] < 2:
+                    cell(engine, model, pool[:count], offsets, policy, repeat, target_s, results, cfg, cuda)
+        for policy in POLICIES:
+            if misses[policy] < 2:
+                entry = pooled(cells, rows, policy, count, target_s)
+                results.data["counts"].append(entry)
+                misses[policy] = 0 if entry["meets_target"] else misses[policy] + 1
+        results.write()
+
+
+def cell(engine: Engine, model: Model, agents: list[AgentScript], offsets: list[float], policy: str, repeat: int,
+         target_s: float, results: Results, cfg: Config, cuda: bool) -> None:
+    """One cell: the agents under one policy, summarized into ``results`` (cells and per-round rows)."""
+    count = len(agents)
+    engine.memory.policy = make_policy(policy)
+    n_transfers, phases_before = len(engine.memory.transfers), engine.phases.stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    outcome = run_agents(engine, model, agents, offsets, cfg.cell_timeout_s)
+    engine.phases.wait_idle(30)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    summary = summarize(policy, count, outcome, count * cfg.rounds, target_s,
+                     swap_stats(engine, n_transfers, phases_before), peak, engine.memory.budget)
+    summary["repeat"] = repeat
+    results.data["cells"].append(summary)
+    results.data["rounds"] += [{**row, "repeat": repeat} for row in round_rows(policy, count, outcome)]
+    lat = summary["latency_s"]
+    log(f"{policy:>17} x{count:<3} rounds {summary['completed_rounds']}/{summary['expected_rounds']} "
+        f"p50 {lat['p50'] or 0:.3f} p99 {lat['p99'] or 0:.3f} s (target {target_s:.3f}) "
+        f"queued {summary['queueing']['seconds']:.2f} s, outs {summary['swap']['page_outs']} ins "
+        f"{summary['swap']['page_ins']} swap {summary['swap']['wall_seconds']:.3f} s, peak KV "
+        f"{summary['peak_vram']['session_kv_bytes_sampled'] / GiB:.2f} GiB"
+        f"{' STOPPED: ' + summary['stopped'] if summary['stopped'] else ''}")
+    results.write()
 
 
 def exactness(device: torch.device, cfg: Config, seed: int, small: bool, results: Results) -> None:
@@ -443,9 +468,9 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for policy in POLICIES:
-        cells = sorted((c for c in results["cells"] if c["policy"] == policy and c["latency_s"]["p99"] is not None),
-                       key=lambda c: c["agents"])
-        ax.plot([c["agents"] for c in cells], [c["latency_s"]["p99"] for c in cells], marker="o", label=policy)
+        counts = sorted((c for c in results["counts"] if c["policy"] == policy and c["p99_s"] is not None),
+                        key=lambda c: c["agents"])
+        ax.plot([c["agents"] for c in counts], [c["p99_s"] for c in counts], marker="o", label=policy)
     ax.axhline(results["target_s"], color="grey", linestyle="--", label="target: 2 x uncontended p99")
     ax.set_xlabel("concurrent agents")
     ax.set_ylabel("p99 round latency (s)")
@@ -461,6 +486,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="result JSON (rewritten as the run goes)")
     ap.add_argument("--small", action="store_true", help="tiny fp32 model on the CPU: a smoke test (< 1 minute)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--counts", default=None, help="agent counts to sweep, e.g. 12,16,20 (default: the config's)")
+    ap.add_argument("--repeats", type=int, default=None, help="cells per count and policy (default 1)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds of script time after which no cell starts")
     return ap.parse_args()
 
 
@@ -473,6 +501,12 @@ def main() -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     cfg = Config.make(small)
+    if args.counts:
+        cfg = replace(cfg, counts=tuple(int(c) for c in args.counts.split(",")))
+    if args.repeats:
+        cfg = replace(cfg, repeats=args.repeats)
+    if args.deadline:
+        cfg = replace(cfg, deadline_s=args.deadline)
     import transformers
 
     results = Results(args.out, {
@@ -497,15 +531,16 @@ def main() -> int:
             "round_latency": "wall time of one generate call of a round (queueing for memory included), from the "
                              "agent's request to the run's end",
             "target_s": "2 x the p99 round latency of the same kind of agents run one at a time under hold",
-            "max_agents_at_target": "the largest agent count whose cell completed every round with p99 <= target, "
-                                    "all smaller counts meeting it too (0: none did); max_agents_bounded_by_sweep: "
+            "max_agents_at_target": "the largest agent count whose cells (all repeats) completed every round with "
+                                    "the p99 of their rounds pooled <= target, all smaller counts meeting it too "
+                                    "(0: none did; see counts); max_agents_bounded_by_sweep: "
                                     "no tested count missed, so the true figure may be larger",
             "density_ratio_vs_hold / _vs_lru": "the better signal-driven policy's max_agents_at_target / hold's "
                                                "(lru's); per policy in density_ratios",
             "corrupted_rounds": "rounds whose tokens differ from the same agent run alone (deterministic engine)",
             "failed_rounds": "rounds that raised or did not finish, in the sweep and in the exactness check",
         },
-        "cells": [], "rounds": [],
+        "cells": [], "rounds": [], "counts": [],
     })
     results.write()
 
@@ -548,7 +583,7 @@ def main() -> int:
     exactness(device, cfg, args.seed, small, results)
 
     data = results.data
-    found = {p: max_at_target(data["cells"], p) for p in POLICIES}
+    found = {p: max_at_target(data["counts"], p) for p in POLICIES}
     best = {p: found[p]["agents"] for p in POLICIES}
     signal_best = max(best[p] for p in SIGNAL_DRIVEN)
     check = data["exactness_check"]
