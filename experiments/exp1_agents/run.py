@@ -488,6 +488,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--counts", default=None, help="agent counts to sweep, e.g. 12,16,20 (default: the config's)")
     ap.add_argument("--repeats", type=int, default=None, help="cells per count and policy (default 1)")
+    ap.add_argument("--arrival-rate", type=float, default=None, help="agents arriving per second (default 8)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds of script time after which no cell starts")
     return ap.parse_args()
 
@@ -505,6 +506,8 @@ def main() -> int:
         cfg = replace(cfg, counts=tuple(int(c) for c in args.counts.split(",")))
     if args.repeats:
         cfg = replace(cfg, repeats=args.repeats)
+    if args.arrival_rate:
+        cfg = replace(cfg, arrival_rate=args.arrival_rate)
     if args.deadline:
         cfg = replace(cfg, deadline_s=args.deadline)
     import transformers
