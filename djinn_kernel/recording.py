@@ -13,7 +13,8 @@ Invariants:
   hook runs: each forward asks for ``taps``, host rows the runner fills from its layer loop on a side stream
   (taps.py), and the rows count once the forward has succeeded (``written``), so a failed or cancelled forward
   leaves no row unfilled (the pool's memory is reused: an unfilled row would show another session's bytes).
-  ``result`` and ``free`` wait for the last forward's copies (its event), not for the whole device.
+  ``result`` and ``free`` wait for the copies still in flight into these rows (their events), not for the whole
+  device, whether or not their forward succeeded.
 - Rows line up with ``run.prompt_ids + run.tokens``: the prefill's positions (all, or the ``positions`` chosen),
   then one row per decode step, for the token that step fed (the last generated token is fed by no forward, so
   it has no row).
@@ -56,7 +57,7 @@ class Recorder:
         self._rows: dict[str, torch.Tensor] = {}
         self._filled: dict[str, int] = {}
         self._device: torch.device | None = None
-        self._done: torch.cuda.Event | None = None  # after which the fast path's last copies are in host memory
+        self._in_flight: list[Tap] = []  # the fast path's taps whose copies may not have landed yet
 
     @property
     def recordings(self) -> list[Recording]:
@@ -85,6 +86,8 @@ class Recorder:
     def taps(self, step: int, tokens: int, dtype: torch.dtype, width: int) -> dict[int, Tap]:
         """Where the fast path's forward number ``step``, feeding ``tokens`` tokens, sends each recording's rows,
         by decoder layer (every recording must be at one). They count once ``written``."""
+        # The run's forwards come one after another: a tap not sent by now never will be.
+        self._in_flight = [t for t in self._in_flight if t.done is not None and not t.done.query()]
         out = {}
         for path, recording in self._recordings.items():
             if recording.layer is None:
@@ -92,14 +95,13 @@ class Recorder:
             keep = self._kept(recording, step, tokens)
             rows = self._next_rows(recording, tokens if keep is None else len(keep), dtype, width)
             out[recording.layer] = Tap(rows, keep)
+        self._in_flight.extend(out.values())
         return out
 
     def written(self, taps: dict[int, Tap]) -> None:
         """The forward that ``taps`` came from succeeded: their rows count (host-readable after ``tap.done``)."""
         for layer, tap in taps.items():
             self._filled[self._layers[layer]] += tap.dest.shape[0]
-            if tap.done is not None:
-                self._done = tap.done
 
     @staticmethod
     def _kept(recording: Recording, step: int, tokens: int) -> list[int] | None:
@@ -138,14 +140,18 @@ class Recorder:
         """CPU copies of every recording's rows so far (call after the run ended: it waits for the copies)."""
         if self._device is not None and self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
-        if self._done is not None:
-            self._done.synchronize()
+        self._wait_for_copies()
         return {path: rows[: self._filled[path]].clone() for path, rows in self._rows.items()}
+
+    def _wait_for_copies(self) -> None:
+        for tap in self._in_flight:
+            if tap.done is not None:
+                tap.done.synchronize()
+        self._in_flight.clear()
 
     def free(self) -> None:
         """Give the rows' host memory back (the session's next run or its close), once no copy writes it."""
-        if self._done is not None:
-            self._done.synchronize()
+        self._wait_for_copies()
         for extent in self._extents.values():
             self._pool.free(extent)
         self._extents.clear()

@@ -352,6 +352,9 @@ class Runner:
         cos, sin = self.cos[pos], self.sin[pos]
         kvs = [kv for kv, _, _ in rows]
         attend = self._prompt_kernels(kvs, starts, counts, pos) if self.cuda else self._prompt_reference(kvs, starts, counts)
+        # Each distinct set of kept positions goes to the device once, here, not at every tapped layer.
+        keeps = {tuple(t.keep) for row in taps or () for t in row.values() if t.keep is not None}
+        kept = {keep: torch.tensor(keep, device=dev) for keep in keeps}
         for index in range(len(self.layers)):
             steer = None
             if any(index in steering for _, _, steering in rows):
@@ -364,7 +367,7 @@ class Runner:
                 h = _replaced(h, after_layer(index, h))
             if taps is not None:
                 self.outbox.send([
-                    (row[index].rows(h[0, end - count : end]), row[index])
+                    (_kept_rows(h[0, end - count : end], row[index], kept), row[index])
                     for row, end, count in zip(taps, ends, counts)
                     if index in row
                 ])
@@ -487,6 +490,12 @@ def _replaced(h: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
     if new.shape != h.shape or new.dtype != h.dtype or new.device != h.device:
         raise ValueError(f"an edited activation must keep shape {tuple(h.shape)} and dtype {h.dtype}")
     return new
+
+
+def _kept_rows(h: torch.Tensor, tap: Tap, kept: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
+    """The rows of one prompt's layer output ``h`` (``[tokens, hidden]``) that ``tap`` keeps (``kept``: the kept
+    positions as device indices)."""
+    return h if tap.keep is None else h.index_select(0, kept[tuple(tap.keep)])
 
 
 def _steer_rows(rows: list[DecodeRow], layer: int, hidden: int, like: torch.Tensor) -> torch.Tensor | None:

@@ -25,15 +25,11 @@ import torch
 @dataclass
 class Tap:
     """One row's output of one decoder layer in one forward, bound for ``dest`` (host, ``[kept, hidden]``): the
-    row's tokens at ``keep`` (indices among the tokens this forward feeds the row; all when ``None``)."""
+    row's tokens at ``keep`` (indices from 0 among the tokens this forward feeds the row; all when ``None``)."""
 
     dest: torch.Tensor
     keep: list[int] | None = None
     done: torch.cuda.Event | None = None
-
-    def rows(self, h: torch.Tensor) -> torch.Tensor:
-        """The kept rows of one row's layer output ``h`` (``[tokens, hidden]``)."""
-        return h if self.keep is None else h[self.keep]
 
 
 class Outbox:

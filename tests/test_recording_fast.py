@@ -133,7 +133,7 @@ def test_the_runner_sends_each_tapping_rows_layer_output_and_no_other():
     kvs = [runner.new_kv(), runner.new_kv()]
     prompts = [PROMPT, OTHER]
     prompt_rows = torch.zeros(2, 64)
-    runner.prefill([(kv, p, {}) for kv, p in zip(kvs, prompts)], taps=[{1: Tap(prompt_rows, [0, -1])}, {}])
+    runner.prefill([(kv, p, {}) for kv, p in zip(kvs, prompts)], taps=[{1: Tap(prompt_rows, [0, len(PROMPT) - 1])}, {}])
     step_row = torch.zeros(1, 64)
     runner.decode([DecodeRow(kvs[0], 7, taps={1: Tap(step_row)}), DecodeRow(kvs[1], 9)])
     with torch.inference_mode():
