@@ -48,7 +48,7 @@ def test_recorded_rows_are_the_modules_outputs_and_change_nothing(kind, backends
         assert list(again) == ["model.layers.1", 1] and torch.equal(again[1], layer1), "kept for every later run"
 
 
-@pytest.mark.parametrize("kind", ["inprocess", "daemon"])
+@pytest.mark.parametrize("kind", ["inprocess", "daemon", "daemon-fast"])
 def test_chosen_prompt_positions_and_bad_requests(kind, backends, reference):
     _, _, layer1, _ = reference
     model = dj.load("tiny-llama", backend=backends(kind))
