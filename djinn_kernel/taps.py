@@ -6,9 +6,10 @@ device address (the decode step's staging buffer, which the captured graph write
 layer's output itself), and an ``Outbox`` copies them to their host rows afterwards.
 
 Invariants:
-- The copies run on the outbox's side stream, after an event recorded on the stream that computed the rows: the
-  compute stream never waits for them. A tap's ``done`` is the event after which its host rows hold the values;
-  a host reader waits on it (``Recorder.result``), never on the whole device.
+- The copies run on the outbox's side stream, after an event recorded on the stream that computed the rows; the
+  compute stream waits for them (on the device) only before it writes a staging buffer they read again, and the
+  host never does during a step. A tap's ``done`` is the event after which its host rows hold the values; a
+  host reader waits on it (``Recorder.result``), never on the whole device.
 - A source stays valid until its copy is done: a freshly computed tensor is marked as used by the side stream
   (``record_stream``), so the allocator does not reuse it earlier; a staging buffer is written again only after
   the compute stream waited for the event of the copies that read it (``_CudaSteps``).
