@@ -85,13 +85,12 @@ class Recorder:
 
     def taps(self, step: int, tokens: int, dtype: torch.dtype, width: int) -> dict[int, Tap]:
         """Where the fast path's forward number ``step``, feeding ``tokens`` tokens, sends each recording's rows,
-        by decoder layer (every recording must be at one). They count once ``written``."""
+        by decoder layer (``fast_plan`` keeps a run with any other recording on the module path). They count once
+        ``written``."""
         # The run's forwards come one after another: a tap not sent by now never will be.
         self._in_flight = [t for t in self._in_flight if t.done is not None and not t.done.query()]
         out = {}
-        for path, recording in self._recordings.items():
-            if recording.layer is None:
-                raise InvalidArgumentError(f"{path} is not a decoder layer's output: the fast path cannot record it")
+        for recording in self._recordings.values():
             keep = self._kept(recording, step, tokens)
             rows = self._next_rows(recording, tokens if keep is None else len(keep), dtype, width)
             out[recording.layer] = Tap(rows, keep)
