@@ -16,8 +16,8 @@ Invariants:
   (``Recorder.written``, in ``_deliver``).
 - A run that needs what only the module path offers (a breakpoint on a submodule or an input, steering other
   than an ``AddVector`` at a decoder layer's output, a recording of anything but a decoder layer's output) is
-  handed over between steps: its KV is copied into a
-  transformers cache and it continues on the session's executor thread on the module path to its end.
+  handed over between steps: its KV is copied into a transformers cache and it continues on the session's
+  executor thread on the module path to its end.
 - Between steps a run's KV (``BlockKV``) holds every token it has fed; the run's last token is pending. A failed
   step leaves each row's ``length`` unchanged (the step advances it only on success), so the session's context
   stays consistent and the failure ends only the runs of that step.
