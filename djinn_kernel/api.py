@@ -355,7 +355,9 @@ class Session:
     def record(self, targets: int | str | list[int | str], positions: list[int] | None = None) -> list[int]:
         """Keep the outputs of ``targets`` (decoder-layer indices or module paths) at every step of the next runs,
         without pausing: ``run.recorded[target]`` is ``[rows, width]``, the prompt's positions (or the
-        ``positions`` chosen) then one row per generated token but the last. Returns the recordings' ids."""
+        ``positions`` chosen) then one row per generated token but the last. Returns the recordings' ids.
+        On a fast-path engine decoder-layer outputs are recorded there, batched; any other module's output moves
+        the run to the module path, where hooks see it (docs/interpretability.md)."""
         many = targets if isinstance(targets, (list, tuple)) else [targets]
         return [self._backend.add_recording(self.id, t, positions)["id"] for t in many]
 

@@ -196,12 +196,13 @@ class Run:
         if step > 0:
             self.session.memory.on_growth(self.session.id)
 
-    def on_activation(self, path: str, side: str, value: torch.Tensor, steer: bool = True) -> torch.Tensor | None:
-        """A hook's report (or the fast path's, with ``steer=False``: it applied the steering itself)."""
+    def on_activation(self, path: str, side: str, value: torch.Tensor, hooked: bool = True) -> torch.Tensor | None:
+        """A hook's report (or the fast path's, with ``hooked=False``: it applied the steering itself and sends
+        recorded rows through its taps, scheduler.py)."""
         if self._aborting:
             raise Aborted
         changed = False
-        for steering in self.session.steering_at(path, side) if steer else ():
+        for steering in self.session.steering_at(path, side) if hooked else ():
             value = steering.edit.apply(value)
             changed = True
         layer = self.session.model.anatomy.layer_index(path)
@@ -214,7 +215,7 @@ class Run:
                 new = self._pause(path, layer, side, value, reason, [b.id for b in hits])
                 if new is not None:
                     value, changed = new, True
-        if side == "output" and self.recorder is not None and self.recorder.wants(path):
+        if hooked and side == "output" and self.recorder is not None and self.recorder.wants(path):
             self.recorder.take(path, self.token_step, value)
         return value if changed else None
 

@@ -19,7 +19,9 @@ Invariants:
   ``head_dim ** -0.5``): on the CPU in float32 its logits agree with the module path to float rounding. Fused and
   batched GEMMs round differently in bf16, so bitwise claims belong to the module path (``deterministic``).
 - A step reads everything from device buffers of fixed shape (tokens, positions, block-address tables, steering
-  rows), filled before the step: what a captured graph needs to be replayed with new inputs.
+  rows), filled before the step, and writes the layer outputs that rows record (taps.py) to a staging buffer of
+  fixed shape: what a captured graph needs to be replayed with new inputs. The staged rows go to host memory
+  after the step, on a side stream; the step itself never waits for the host.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import nn
 
 from .kv_blocks import BlockKV, KVShape
 from .streaming import WeightRing
+from .taps import Outbox, Tap
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PROMPT_TILE = 64  # prompt tokens of one row that one program of the prefill attention kernel covers
@@ -83,11 +86,13 @@ class _Layer:
 
 @dataclass
 class DecodeRow:
-    """One session's next token in a batched step: its KV, the token to feed, its steering by layer."""
+    """One session's next token in a batched step: its KV, the token to feed, its steering by layer, and the
+    layers whose output it sends to host memory (taps.py)."""
 
     kv: BlockKV
     token: int
     steering: dict[int, torch.Tensor] = field(default_factory=dict)
+    taps: dict[int, Tap] = field(default_factory=dict)
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
@@ -247,6 +252,7 @@ class Runner:
         self.mlp = torch.compile(attention_output_and_mlp, dynamic=True) if fused else attention_output_and_mlp
         self._graphs = _CudaSteps(self, graphs if graphs is not None else True) if self.cuda else None
         self._solo: _CudaSteps | None = None  # segment graphs for steps that may stop (decode_solo)
+        self.outbox = Outbox(self.device)  # tapped layer outputs to host memory (taps.py)
 
     def new_kv(self) -> BlockKV:
         return BlockKV(self.shape)
@@ -325,11 +331,16 @@ class Runner:
     # prefill --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(
-        self, rows: list[tuple[BlockKV, list[int], dict[int, torch.Tensor]]], after_layer: AfterLayer | None = None
+        self,
+        rows: list[tuple[BlockKV, list[int], dict[int, torch.Tensor]]],
+        after_layer: AfterLayer | None = None,
+        taps: list[dict[int, Tap]] | None = None,
     ) -> torch.Tensor:
         """Feed each row's tokens after the ``kv.length`` its session holds, all rows packed into one sequence
         (the GEMMs run once over every new token); the last position's logits of each row, ``[rows, vocab]``.
-        ``after_layer`` (one row only) sees every layer's output and may replace it."""
+        ``after_layer`` (one row only) sees every layer's output and may replace it. ``taps``, one dict per row:
+        the layers whose output (as ``after_layer`` left it) each row sends to host memory, sent as each layer
+        ends (the eager prefill's layer output is a fresh tensor: it is its own staging)."""
         starts = [kv.length for kv, _, _ in rows]
         counts = [len(ids) for _, ids, _ in rows]
         for (kv, _, _), start, count in zip(rows, starts, counts):
@@ -341,6 +352,9 @@ class Runner:
         cos, sin = self.cos[pos], self.sin[pos]
         kvs = [kv for kv, _, _ in rows]
         attend = self._prompt_kernels(kvs, starts, counts, pos) if self.cuda else self._prompt_reference(kvs, starts, counts)
+        # Each distinct set of kept positions goes to the device once, here, not at every tapped layer.
+        keeps = {tuple(t.keep) for row in taps or () for t in row.values() if t.keep is not None}
+        kept = {keep: torch.tensor(keep, device=dev) for keep in keeps}
         for index in range(len(self.layers)):
             steer = None
             if any(index in steering for _, _, steering in rows):
@@ -351,6 +365,12 @@ class Runner:
             h = self._layer(index, h, cos, sin, attend, steer)
             if after_layer is not None:
                 h = _replaced(h, after_layer(index, h))
+            if taps is not None:
+                self.outbox.send([
+                    (_kept_rows(h[0, end - count : end], row[index], kept), row[index])
+                    for row, end, count in zip(taps, ends, counts)
+                    if index in row
+                ])
         for kv, start, count in zip(kvs, starts, counts):
             kv.length = start + count
         return self._logits(h[0, [end - 1 for end in ends]])
@@ -444,6 +464,7 @@ class Runner:
             h = self._layer(index, h, cos, sin, attend, _steer_rows(rows, index, self.hidden, h))
             if after_layer is not None:
                 h = _replaced(h, after_layer(index, h))
+            self.outbox.send([(h[b], row.taps[index]) for b, row in enumerate(rows) if index in row.taps])
         return self._logits(h[:, -1])
 
 
@@ -471,6 +492,12 @@ def _replaced(h: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
     return new
 
 
+def _kept_rows(h: torch.Tensor, tap: Tap, kept: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
+    """The rows of one prompt's layer output ``h`` (``[tokens, hidden]``) that ``tap`` keeps (``kept``: the kept
+    positions as device indices)."""
+    return h if tap.keep is None else h.index_select(0, kept[tuple(tap.keep)])
+
+
 def _steer_rows(rows: list[DecodeRow], layer: int, hidden: int, like: torch.Tensor) -> torch.Tensor | None:
     """``[rows, 1, hidden]`` of each row's vector at ``layer`` (zeros for rows without one); ``None`` if no row
     steers there."""
@@ -489,6 +516,8 @@ class _CudaSteps:
 
     A whole step is one span. A step that may stop (``segments``) is cut into spans at its stops; the hidden
     state crosses a cut in a fixed buffer (the cut costs a replay boundary, ~0.05 ms measured on the H200).
+    A tapped layer (taps.py) writes the whole batch's output to its rows of a fixed staging buffer inside the
+    graph, keyed by the tapped layers like steering; after the span only the rows that tap it go to the host.
     Within a span, the layers a weight ring streams run eagerly between the graphs of the resident ones
     (``pieces``): a graph bakes the addresses of the weights it reads, and a streamed layer's slot changes.
     """
@@ -517,6 +546,8 @@ class _CudaSteps:
         self.hidden_out = torch.zeros((n, 1, r.hidden), dtype=r.dtype, device=dev)
         self.scratch = r.new_kv()
         self.scratch.ensure(1)
+        self.staging: torch.Tensor | None = None  # [layers, rows, hidden], made when a step first taps a layer
+        self.sent: torch.cuda.Event | None = None  # the copies that read the staging buffer last
         self.graphs: dict[tuple[object, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.lock = threading.Lock()  # one user of the buffers at a time (solo steps come from several threads)
@@ -525,19 +556,24 @@ class _CudaSteps:
         """Capture the bucket's unsteered step over padding rows only (they write to the scratch block)."""
         with torch.inference_mode():
             self._fill([], bucket)
-            self._span(bucket, (), 0, len(self.runner.layers) - 1, True)
+            self._span(bucket, (), (), 0, len(self.runner.layers) - 1, True)
         torch.cuda.synchronize(self.runner.device)
 
     def step(self, rows: list[DecodeRow]) -> torch.Tensor:
         bucket = next(b for b in BUCKETS if b >= len(rows))
         steered = self._fill(rows, bucket)
-        return self._span(bucket, steered, 0, len(self.runner.layers) - 1, True)[: len(rows)]
+        tapped = self._stage({layer for row in rows for layer in row.taps})
+        logits = self._span(bucket, steered, tapped, 0, len(self.runner.layers) - 1, True)[: len(rows)]
+        self._send([(self.staging[i, b : b + 1], tap) for b, row in enumerate(rows) for i, tap in row.taps.items()])
+        return logits
 
     def segments(
         self, row: DecodeRow, stops: set[int], after_layer: AfterLayer, stepping: Callable[[], bool]
     ) -> torch.Tensor:
         """One row's step cut after each layer in ``stops`` (after every layer while ``stepping()``), where
-        ``after_layer`` runs outside the lock (it may block for as long as a pause lasts); logits ``[1, vocab]``."""
+        ``after_layer`` runs outside the lock (it may block for as long as a pause lasts); logits ``[1, vocab]``.
+        A tapped layer inside a span is sent from the staging buffer before the lock is let go (another solo step
+        may write it next); one that ends a cut span is sent after ``after_layer``, as it left it."""
         layers = len(self.runner.layers)
         first, h = 0, None
         while True:
@@ -548,12 +584,16 @@ class _CudaSteps:
                 ends = not (stepping() or last in stops)
             with self.lock:
                 steered = self._fill([row], 1)
+                inside = self._stage({i for i in row.taps if first <= i <= last and (ends or i != last)})
                 if first > 0:
                     self.hidden_in[:1].copy_(h)
-                out = self._span(1, steered, first, last, ends).clone()
+                out = self._span(1, steered, inside, first, last, ends).clone()
+                self._send([(self.staging[i, :1], row.taps[i]) for i in inside])
             if ends:
                 return out
             h = _replaced(out, after_layer(last, out))
+            if last in row.taps:
+                self.runner.outbox.send([(h[:, 0], row.taps[last])])
             first = last + 1
 
     def _views(self, buffer, n: int) -> dict[str, object]:
@@ -588,28 +628,51 @@ class _CudaSteps:
                     self.steer[layer, b, 0] = row.steering[layer]
         return steered
 
-    def _span(self, bucket: int, steered: tuple[int, ...], first: int, last: int, ends: bool) -> torch.Tensor:
+    def _stage(self, layers: set[int]) -> tuple[int, ...]:
+        """The tapped ``layers`` in order, once their staging rows may be written: the buffer is made on first
+        use, and the compute stream waits for the copies that read it last (on the device, not the host)."""
+        if not layers:
+            return ()
+        r = self.runner
+        if self.staging is None:
+            self.staging = torch.zeros((len(r.layers), self.rows, r.hidden), dtype=r.dtype, device=r.device)
+        if self.sent is not None:
+            torch.cuda.current_stream(r.device).wait_event(self.sent)
+        return tuple(sorted(layers))
+
+    def _send(self, pairs: list[tuple[torch.Tensor, Tap]]) -> None:
+        done = self.runner.outbox.send(pairs)
+        if done is not None:
+            self.sent = done
+
+    def _span(
+        self, bucket: int, steered: tuple[int, ...], tapped: tuple[int, ...], first: int, last: int, ends: bool
+    ) -> torch.Tensor:
         if not self.use_graphs:
-            return self._layers(bucket, steered, first, last, ends)
+            return self._layers(bucket, steered, tapped, first, last, ends)
         out = None
         for lo, hi, streamed in pieces(first, last, self.runner.streamed):
             if out is not None:
                 self.hidden_in[:bucket].copy_(out)
             done = ends and hi == last
             mine = tuple(layer for layer in steered if lo <= layer <= hi)
+            taps = tuple(layer for layer in tapped if lo <= layer <= hi)
             if streamed:
-                out = self._layers(bucket, mine, lo, hi, done)
+                out = self._layers(bucket, mine, taps, lo, hi, done)
                 continue
-            key = (bucket, mine, lo, hi, done)
+            key = (bucket, mine, taps, lo, hi, done)
             if key not in self.graphs:
-                self.graphs[key] = self._capture(lambda: self._layers(bucket, mine, lo, hi, done))
+                self.graphs[key] = self._capture(lambda: self._layers(bucket, mine, taps, lo, hi, done))
             graph, out = self.graphs[key]
             graph.replay()
         return out
 
-    def _layers(self, bucket: int, steered: tuple[int, ...], first: int, last: int, ends: bool) -> torch.Tensor:
-        """Layers ``first..last`` from the token embeddings (``first == 0``) or the hidden buffer; the logits
-        when ``ends``, else the output buffer holding the last layer's output."""
+    def _layers(
+        self, bucket: int, steered: tuple[int, ...], tapped: tuple[int, ...], first: int, last: int, ends: bool
+    ) -> torch.Tensor:
+        """Layers ``first..last`` from the token embeddings (``first == 0``) or the hidden buffer, the outputs of
+        the ``tapped`` ones staged; the logits when ``ends``, else the output buffer holding the last layer's
+        output."""
         r, k = self.runner, self.kernels
         tokens, pos = self.inputs["tokens"][:bucket], self.inputs["pos"][:bucket]
         lens, ptrs = self.inputs["lens"][:bucket], self.inputs["ptrs"][:bucket]
@@ -624,6 +687,8 @@ class _CudaSteps:
         for index in range(first, last + 1):
             steer = self.steer[index, :bucket] if index in steered else None
             h = r._layer(index, h, cos, sin, attend, steer)
+            if index in tapped:
+                self.staging[index, :bucket].copy_(h[:, 0])
         if ends:
             return r._logits(h[:, -1])
         self.hidden_out[:bucket].copy_(h)

@@ -11,9 +11,13 @@ Invariants:
   (``Runner.decode_solo``: graph spans cut at those layers), pauses there like a hook would
   (``Run.on_activation``), and the run rejoins the batch for its next step. A pause therefore never stalls the
   batch.
+- A run that records decoder-layer outputs stays in the batch: each forward of it gets host rows to fill
+  (``Recorder.taps``), the runner stages and copies them (taps.py), and they count once the forward succeeded
+  (``Recorder.written``, in ``_deliver``).
 - A run that needs what only the module path offers (a breakpoint on a submodule or an input, steering other
-  than an ``AddVector`` at a decoder layer's output) is handed over between steps: its KV is copied into a
-  transformers cache and it continues on the session's executor thread on the module path to its end.
+  than an ``AddVector`` at a decoder layer's output, a recording of anything but a decoder layer's output) is
+  handed over between steps: its KV is copied into a transformers cache and it continues on the session's
+  executor thread on the module path to its end.
 - Between steps a run's KV (``BlockKV``) holds every token it has fed; the run's last token is pending. A failed
   step leaves each row's ``length`` unchanged (the step advances it only on success), so the session's context
   stays consistent and the failure ends only the runs of that step.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,9 +40,11 @@ from .edits import AddVector
 from .executor import Aborted
 from .handoff import Event
 from .runner import DecodeRow, Runner
+from .taps import Tap
 
 if TYPE_CHECKING:
     from .executor import Run
+    from .recording import Recording
     from .sessions import SessionState
 
 
@@ -51,12 +58,17 @@ class FastPlan:
 
 
 def fast_plan(
-    session: SessionState, token_step: int, stepping: bool = False, finishing: bool = False
+    session: SessionState,
+    token_step: int,
+    stepping: bool = False,
+    finishing: bool = False,
+    recordings: Iterable[Recording] | None = None,
 ) -> FastPlan | None:
     """The plan of forward number ``token_step``, or ``None`` when it needs the module path (a breakpoint on a
-    submodule or an input that may hit, an edit the runner does not apply, or a recording)."""
-    if session.recordings:
-        return None  # recordings copy module outputs from the hooks of the module path
+    submodule or an input that may hit, an edit the runner does not apply, or a recording of anything but a
+    decoder layer's output). ``recordings``: the run's (its ``Recorder``'s), else the session's."""
+    if any(r.layer is None for r in (session.recordings.values() if recordings is None else recordings)):
+        return None  # only the module path's hooks see a submodule's output
     layer_paths = session.model.anatomy.layer_paths
     stops = set(range(len(layer_paths))) if stepping else set()
     if not finishing:
@@ -88,6 +100,7 @@ class _Job:
     feed: list[int]  # tokens the next forward consumes: the prompt before prefill, then the last token
     prefilled: bool = False
     steering: dict[int, torch.Tensor] = field(default_factory=dict)
+    taps: dict[int, Tap] = field(default_factory=dict)  # host rows for this forward's recorded layers
 
 
 class Scheduler:
@@ -155,13 +168,21 @@ class Scheduler:
         if run._aborting:
             self._end(job, Event.CANCELLED)
             return False
-        plan = fast_plan(run.session, step, run._stepping, run._finishing)
+        recorder = run.recorder
+        recordings = () if recorder is None else recorder.recordings
+        plan = fast_plan(run.session, step, run._stepping, run._finishing, recordings)
         if plan is None:
             self._jobs.remove(job)
             self._hand_over(job)
             return False
         job.steering = plan.steering
         run.token_step = step
+        if recorder is not None:
+            try:
+                job.taps = recorder.taps(step, len(job.feed), self.runner.dtype, self.runner.hidden)
+            except BaseException as exc:  # noqa: BLE001 - e.g. no host memory for the rows: this run ends, clearly
+                self._end(job, Event.FAILED, exc)
+                return False
         if plan.stops:
             self._jobs.remove(job)
             run.session.worker.submit(lambda: self._solo(job, plan.stops))
@@ -176,14 +197,14 @@ class Scheduler:
         def after_layer(layer: int, h: torch.Tensor) -> torch.Tensor | None:
             if layer not in stops and not run._stepping:
                 return None
-            return run.on_activation(paths[layer], "output", h, steer=False)
+            return run.on_activation(paths[layer], "output", h, hooked=False)
 
         try:
             if job.prefilled:
-                row = DecodeRow(run.cache, job.feed[-1], job.steering)
+                row = DecodeRow(run.cache, job.feed[-1], job.steering, job.taps)
                 logits = self.runner.decode_solo(row, set(stops), after_layer, lambda: run._stepping)
             else:
-                logits = self.runner.prefill([(run.cache, job.feed, job.steering)], after_layer)
+                logits = self.runner.prefill([(run.cache, job.feed, job.steering)], after_layer, [job.taps])
                 job.prefilled = True
         except Aborted:
             run.handoff.post(Event.CANCELLED)
@@ -198,7 +219,9 @@ class Scheduler:
     def _prefill(self, jobs: list[_Job]) -> None:
         start = time.perf_counter()
         try:
-            logits = self.runner.prefill([(job.run.cache, job.feed, job.steering) for job in jobs])
+            logits = self.runner.prefill(
+                [(job.run.cache, job.feed, job.steering) for job in jobs], taps=[job.taps for job in jobs]
+            )
         except BaseException as exc:  # noqa: BLE001 - a failed forward ends the runs in it, nothing else
             for job in jobs:
                 self._end(job, Event.FAILED, exc)
@@ -212,7 +235,7 @@ class Scheduler:
 
     def _decode(self, jobs: list[_Job]) -> None:
         start = time.perf_counter()
-        rows = [DecodeRow(job.run.cache, job.feed[-1], job.steering) for job in jobs]
+        rows = [DecodeRow(job.run.cache, job.feed[-1], job.steering, job.taps) for job in jobs]
         growing = [job for job in jobs if job.run.cache.length + 1 > job.run.cache.capacity]
         try:
             logits = self.runner.decode(rows)
@@ -243,11 +266,13 @@ class Scheduler:
 
     def _deliver(self, jobs: list[_Job], logits: torch.Tensor) -> list[_Job]:
         """Pick each row's token (one host sync for all greedy rows), record it, end runs that are done; the
-        jobs that go on."""
+        jobs that go on. The forward succeeded: its recorded rows count."""
         going_on = []
         greedy = logits.argmax(dim=-1).tolist()
         for b, job in enumerate(jobs):
             run = job.run
+            if job.taps:
+                run.recorder.written(job.taps)
             if run.keep_logits:
                 run.logits.append(logits[b].detach().to("cpu", copy=True))
             token = greedy[b] if run.generator is None else int(run.sampling.pick(logits[b : b + 1], run.generator)[0])

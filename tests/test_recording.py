@@ -8,8 +8,9 @@ import torch
 
 import djinn_kernel as dj
 from conftest import DEVICE, hf_forwards, make_engine, plain_run
+from djinn_kernel.engine import Engine
 from djinn_kernel.errors import InvalidArgumentError, OutOfMemoryError
-from djinn_kernel.memory import MemoryManager, MiB
+from djinn_kernel.memory import MemoryManager
 
 PROMPT = list(range(5, 17))
 NEW = 6
@@ -47,7 +48,7 @@ def test_recorded_rows_are_the_modules_outputs_and_change_nothing(kind, backends
         assert list(again) == ["model.layers.1", 1] and torch.equal(again[1], layer1), "kept for every later run"
 
 
-@pytest.mark.parametrize("kind", ["inprocess", "daemon"])
+@pytest.mark.parametrize("kind", ["inprocess", "daemon", "daemon-fast"])
 def test_chosen_prompt_positions_and_bad_requests(kind, backends, reference):
     _, _, layer1, _ = reference
     model = dj.load("tiny-llama", backend=backends(kind))
@@ -66,9 +67,10 @@ def test_chosen_prompt_positions_and_bad_requests(kind, backends, reference):
             s.generate(PROMPT, 2).recorded  # noqa: B018
 
 
-def test_a_recording_the_host_pool_cannot_hold_fails_the_run_clearly_and_nothing_else():
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_recording_the_host_pool_cannot_hold_fails_the_run_clearly_and_nothing_else(fast):
     memory = MemoryManager(torch.device(DEVICE), 1 << 40, 4096, chunk_bytes=4096)
-    engine = make_engine(memory=memory)
+    engine = Engine(device=DEVICE, memory=memory, fast=True) if fast else make_engine(memory=memory)
     model = dj.load("tiny-llama", backend=engine)
     with model.session() as s:
         expected = s.generate(PROMPT, NEW).tokens
