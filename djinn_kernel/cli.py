@@ -38,18 +38,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.listen:
         require_curve()  # before any work: tcp:// is encrypted or not served at all
         public, secret = server_keypair(folder)
+    if args.spill_memory and not args.spill_dir:
+        print("djinn: --spill-memory needs --spill-dir (the folder to spill to)", file=sys.stderr)
+        return 2
+    spill = SpillStore(args.spill_dir, parse_bytes(args.spill_memory or "64GiB"), args.spill_threads,
+                       parse_bytes(args.spill_block)) if args.spill_dir else None
     device = torch_device(args.device) if args.device else default_device()
     memory = default_memory(
         device,
         budget=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
         host=parse_bytes(args.host_memory) if args.host_memory else None,
+        spill=spill,
     )
-    if args.spill_dir:
-        memory.spill = SpillStore(args.spill_dir, parse_bytes(args.spill_memory or "64GiB"), args.spill_threads,
-                                  parse_bytes(args.spill_block))
-    elif args.spill_memory:
-        print("djinn: --spill-memory needs --spill-dir (the folder to spill to)", file=sys.stderr)
-        return 2
     if args.page_on_pause and args.policy != "lru":
         print(f"djinn: --page-on-pause is a mode of the lru policy, not of {args.policy}", file=sys.stderr)
         return 2
