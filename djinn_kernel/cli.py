@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--spill-threads", type=int, default=4,
                        help="disk tier reads and writes in flight at once (default: 4)")
     serve.add_argument("--spill-block", default="16MiB",
-                       help="the disk tier moves files in blocks of this size, a multiple of 4 KiB (default: 16MiB)")
+                       help="the disk tier moves files in blocks of this size, a multiple of 4 KiB; reads go through "
+                            "2 x --spill-threads such blocks pinned at start (default: 16MiB)")
     serve.add_argument("--policy", choices=("hold", "lru", "signal", "signal-keep-short"), default="lru",
                        help="paging policy: hold (never swap), lru (under pressure, default), signal (page out on "
                             "session.io_wait, prefetch by its hint), signal-keep-short (signal, but keep waits "
