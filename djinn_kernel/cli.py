@@ -38,18 +38,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.listen:
         require_curve()  # before any work: tcp:// is encrypted or not served at all
         public, secret = server_keypair(folder)
+    if args.spill_memory and not args.spill_dir:
+        print("djinn: --spill-memory needs --spill-dir (the folder to spill to)", file=sys.stderr)
+        return 2
+    spill = SpillStore(args.spill_dir, parse_bytes(args.spill_memory or "64GiB"), args.spill_threads,
+                       parse_bytes(args.spill_block)) if args.spill_dir else None
     device = torch_device(args.device) if args.device else default_device()
     memory = default_memory(
         device,
         budget=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
         host=parse_bytes(args.host_memory) if args.host_memory else None,
+        spill=spill,
     )
-    if args.spill_dir:
-        memory.spill = SpillStore(args.spill_dir, parse_bytes(args.spill_memory or "64GiB"), args.spill_threads,
-                                  parse_bytes(args.spill_block))
-    elif args.spill_memory:
-        print("djinn: --spill-memory needs --spill-dir (the folder to spill to)", file=sys.stderr)
-        return 2
     if args.page_on_pause and args.policy != "lru":
         print(f"djinn: --page-on-pause is a mode of the lru policy, not of {args.policy}", file=sys.stderr)
         return 2
@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--spill-threads", type=int, default=4,
                        help="disk tier reads and writes in flight at once (default: 4)")
     serve.add_argument("--spill-block", default="16MiB",
-                       help="the disk tier moves files in blocks of this size, a multiple of 4 KiB (default: 16MiB)")
+                       help="the disk tier moves files in blocks of this size, a multiple of 4 KiB; reads go through "
+                            "2 x --spill-threads such blocks pinned at start (default: 16MiB)")
     serve.add_argument("--policy", choices=("hold", "lru", "signal", "signal-keep-short"), default="lru",
                        help="paging policy: hold (never swap), lru (under pressure, default), signal (page out on "
                             "session.io_wait, prefetch by its hint), signal-keep-short (signal, but keep waits "

@@ -62,6 +62,7 @@ from .run_state import ENDED, RunState
 from .scheduler import fast_plan
 from .sae import SAE
 from .sessions import SessionState
+from .spill import SpillStore
 from .streaming import check_ring_slots
 
 
@@ -69,10 +70,13 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def default_memory(device: torch.device, budget: int | None = None, host: int | None = None) -> MemoryManager:
+def default_memory(
+    device: torch.device, budget: int | None = None, host: int | None = None, spill: SpillStore | None = None
+) -> MemoryManager:
     """A manager whose budget is what the device has free less a margin (models loaded later take their weights
-    out of it), and a host pool of half the RAM. On CUDA 2 GiB of the pool are pinned now (~3 s, once), so the
-    first page-outs do not pin on the swap path (that took 1.0-2.7 s for a 1 GiB session on the H200)."""
+    out of it), and a host pool of half the RAM, with ``spill`` as its disk tier. On CUDA 2 GiB of the pool are
+    pinned now (~3 s, once), so the first page-outs do not pin on the swap path (that took 1.0-2.7 s for a 1 GiB
+    session on the H200)."""
     derived = budget is None and device.type == "cuda"
     if budget is None:
         if device.type == "cuda":
@@ -83,7 +87,8 @@ def default_memory(device: torch.device, budget: int | None = None, host: int | 
     if host is None:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     reserve = min(host, 2 * GiB) if device.type == "cuda" else 0
-    return MemoryManager(device, budget, host, LRUPolicy(), budget_from_free_memory=derived, host_reserve=reserve)
+    return MemoryManager(device, budget, host, LRUPolicy(), budget_from_free_memory=derived, host_reserve=reserve,
+                         spill=spill)
 
 
 class Engine(PauseOps):

@@ -9,8 +9,11 @@ Invariants:
   if anything fails, what was freed is restored from those copies and the session is exactly as before. A
   page-in frees the host extents only after every storage is back; on failure the session stays paged. If an
   undo itself fails the session is marked ``lost`` and every later use raises ``SessionLostError`` instead of
-  touching freed memory. A spilled session is paged in from its file through fresh host extents, each block
-  copied on to the device as soon as it is read (spill.py), and its file is removed only once all of it is back.
+  touching freed memory. A spilled session is paged in from its file through a small ring of staging blocks
+  pinned once with the manager (spill.py), not through the host pool, so a resume from disk never spills another
+  session on its way: each block is copied on to the device as soon as it is read, and its staging block is read
+  into again only once that copy is done. Its file is removed only once all of it is back; a failed read leaves
+  it spilled, its file as it was, and frees the device storages only after the copies queued from it finished.
 - Only a session whose executor is blocked (paused) or has no run may be paged; a running forward is never
   touched. The engine reports a new run (``admit``) and every move of a run (``on_run``), and whether the session
   may be paged follows from the run's state (``RunState.pageable``); it holds the manager's lock (``resident``)
@@ -18,11 +21,17 @@ Invariants:
   to a caller aliases session memory: the engine answers with copies made inside ``resident``.
 - One lock, the innermost of the engine's lock order: the manager never calls code that takes another lock
   (``tensors`` callbacks only list tensors), so it cannot be part of a deadlock.
-- The lock is not held while bytes cross PCIe. A page-out or page-in marks its session ``moving``, queues its
-  copies on a side stream and waits for them through the lock's condition (which releases it), so other
-  sessions' admissions, growth checks and reads go on meanwhile; the scheduler's decode loop never waits for
-  another session's copy. Whatever touches a session's storages first waits until it is no longer moving, and
-  a session being admitted, paged in or held by ``resident`` is never picked as a victim (``holds``).
+- The lock is not held while bytes cross PCIe or go to disk. A page-out or page-in marks its session ``moving``,
+  queues its copies on a side stream and waits for them through the lock's condition (which releases it), so
+  other sessions' admissions, growth checks and reads go on meanwhile; the scheduler's decode loop never waits
+  for another session's copy. A spill is the same: the session spilled is marked ``moving`` while its host
+  extents are written to its file on the spill worker, so nobody pages it in, drops or releases it (or spills it
+  twice) until the file is whole and its extents are freed. A page-out that needs pool room when nobody can be
+  spilled now waits for a move under way that will make some (a spill, a page-in from the host, a page-out
+  already copying); none of those waits for room, so the waits cannot form a cycle. Whatever touches a
+  session's storages or extents first waits until it is no longer moving, and a session being admitted, paged
+  in or held by ``resident`` is never picked as a victim for a page-out (``holds``). Each kind of move has its
+  own worker (and stream): a page-in from the host never queues behind another session's disk read or write.
 - Admission reserves: a run is admitted with the device bytes it will need (``admit``), paging others out
   first; only the new request can get ``OutOfMemoryError``. A running run is never failed for memory.
 - Stream order on CUDA: a copy stream first waits for the compute stream (a page-out's bytes are final; a
@@ -30,7 +39,7 @@ Invariants:
   waits for the copy's event before the operation completes: a page-out frees the storage only then, and a
   page-in returns (so the session's next kernels are queued) only then. The compute stream itself never waits
   for a copy, so other sessions' steps are not held up by it. A page-in that fails waits for the copies it had
-  queued before it frees their device storages and host extents.
+  queued before it frees their device storages (and before a disk page-in's staging blocks are read into again).
 - The host pool is pinned in large chunks, up front or when it grows, never per copy (pinning costs ~0.6 s
   per GiB). When even the pool is full, the request that needs room gets ``OutOfMemoryError`` and every
   session keeps what it had.
@@ -56,7 +65,7 @@ import torch
 
 from .run_state import RunState
 from .errors import InvalidArgumentError, OutOfMemoryError, PagingError, SessionClosedError, SessionLostError
-from .spill import SpillFile, SpillStore
+from .spill import Fence, Piece, SpillFile, SpillStore
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -209,7 +218,7 @@ class SessionMemory:
     lost: str | None = None  # why the session's state could not be restored, once that happened
     io_until: float | None = None  # in an IO wait: when it expects to run again (inf: no hint); None: computing
     io_epoch: int = 0  # bumped by every io_wait and every end of one (see ``mark_io_wait``)
-    moving: str | None = None  # "out" or "in" while its copies run with the manager's lock released
+    moving: str | None = None  # "out", "in" or "spill" while its bytes move with the manager's lock released
     holds: int = 0  # admissions, page-ins and ``resident`` blocks under way: never a victim meanwhile
 
     @property
@@ -323,11 +332,14 @@ class MemoryManager:
         self.page_outs = 0
         self.page_ins = 0
         self.overcommits = 0  # times a running session outgrew its reservation and nothing could be paged
+        self._copying_out = 0  # page-outs that hold all their host extents and are copying into them
         self._cuda = self.device.type == "cuda"
-        self._workers: dict[int, _Worker] = {}  # per copy stream: a page-in never queues behind a page-out
-        if self._cuda:
-            self._out_stream = torch.cuda.Stream(self.device)
-            self._in_stream = torch.cuda.Stream(self.device)
+        # One worker per lane: page-outs ("out"), page-ins from the host ("in") and from disk ("disk", reads and
+        # copies), spill writes ("spill"), so none queues behind another's bytes; each copying lane has its stream.
+        self._workers: dict[str, _Worker] = {}
+        self._streams = {lane: torch.cuda.Stream(self.device) for lane in ("out", "in", "disk")} if self._cuda else {}
+        # Disk page-ins read through this, one at a time (the "disk" worker): pinned now, never on the swap path.
+        self._staging = [] if spill is None else spill.staging(pin=self._cuda)
 
     def weights_loaded(self, nbytes: int) -> None:
         with self._lock:
@@ -432,37 +444,52 @@ class MemoryManager:
 
     # the disk tier --------------------------------------------------------------------------------------
     def _host_extent(self, nbytes: int, for_sid: int) -> Extent:
-        """A host extent, spilling the least recently used sessions paged to the host while the pool is full."""
+        """A host extent, spilling the least recently used sessions paged to the host while the pool is full, or,
+        when nobody can be spilled now, waiting for a move under way that will free room or leave a session to
+        spill (each move releases the lock while its bytes move)."""
         while True:
             try:
                 return self.pool.alloc(nbytes)
             except OutOfMemoryError:
+                if self.spill is None:
+                    raise
                 victims = [s for s in self._sessions.values()
                            if s.paged and s.sid != for_sid and s.lost is None and s.moving is None]
-                if self.spill is None or not victims:
+                if victims:
+                    self._spill_out(min(victims, key=lambda s: s.last_used))
+                elif self._room_coming():
+                    self._cond.wait()
+                else:
                     raise
-                self._spill_out(min(victims, key=lambda s: s.last_used))
+
+    def _room_coming(self) -> bool:
+        """Whether a move under way will free pool room or leave a session paged to the host: a spill, a page-in
+        from the host, or a page-out past taking its extents. None of them waits for pool room, so waiting for
+        them cannot close a cycle."""
+        return self._copying_out > 0 or any(
+            s.moving == "spill" or (s.moving == "in" and s.paged) for s in self._sessions.values()
+        )
 
     def _spill_out(self, session: SessionMemory) -> None:
-        """Move a host-paged session to a file: written whole before any extent is freed."""
-        spilled = self.spill.write(session.sid, [extent.view for _, extent in session.paged])
-        storages = [storage for storage, _ in session.paged]
-        for _, extent in session.paged:
-            self.pool.free(extent)
-        session.paged, session.spilled = [], (storages, spilled)
-        self.spills += 1
-
-    def _host_extents(self, sizes: tuple[int, ...], for_sid: int) -> list[Extent]:
-        """Host extents of ``sizes`` (spilling others while the pool is full): all of them, or none."""
-        extents: list[Extent] = []
+        """Move a host-paged session to a file, written whole (with the lock released) before any extent is freed."""
+        session.moving = "spill"
         try:
-            for size in sizes:
-                extents.append(self._host_extent(size, for_sid))
-        except BaseException:
-            for extent in extents:
+            views = [extent.view for _, extent in session.paged]
+            written: list[SpillFile] = []
+            try:
+                self._unlocked("spill", lambda: written.append(self.spill.write(session.sid, views)))
+            except BaseException:
+                for spilled in written:  # interrupted once the file was whole: the session keeps its extents
+                    self.spill.remove(spilled)
+                raise
+            storages = [storage for storage, _ in session.paged]
+            for _, extent in session.paged:
                 self.pool.free(extent)
-            raise
-        return extents
+            session.paged, session.spilled = [], (storages, written[0])
+            self.spills += 1
+        finally:
+            session.moving = None
+            self._cond.notify_all()
 
     def resident_total(self) -> int:
         with self._lock:
@@ -545,7 +572,11 @@ class MemoryManager:
         try:
             for storage in storages:
                 plan.append((storage, self._host_extent(storage.nbytes(), sid)))
-            seconds = self._copy([(e.view, _bytes_view(s)) for s, e in plan], self._out_stream if self._cuda else None)
+            self._copying_out += 1
+            try:
+                seconds = self._copy([(e.view, _bytes_view(s)) for s, e in plan], "out")
+            finally:
+                self._copying_out -= 1
         except BaseException:
             for _, extent in plan:
                 self.pool.free(extent)
@@ -574,7 +605,7 @@ class MemoryManager:
         try:
             for storage, extent in freed:
                 storage.resize_(extent.nbytes)
-            self._copy([(_bytes_view(s), e.view) for s, e in freed], self._in_stream if self._cuda else None)
+            self._copy([(_bytes_view(s), e.view) for s, e in freed], "in")
         except BaseException as exc:  # noqa: BLE001 - the state cannot be rebuilt: say so on every later use
             session.lost = f"a failed page-out could not be undone: {type(exc).__name__}: {exc}"
             session.paged = plan
@@ -584,8 +615,8 @@ class MemoryManager:
 
     def page_in(self, sid: int) -> Transfer | None:
         """Bring a paged session back (making room first), from the host pool or, for a spilled one, from its file
-        through fresh host extents, each block copied on to the device as soon as it is read: all of it, or (on
-        any error) it stays paged where it was."""
+        through the staging ring, each block copied on to the device as soon as it is read: all of it, or (on any
+        error) it stays paged where it was."""
         with self._lock, self._held(sid) as session:
             session.last_used = time.monotonic()
             if not session.is_paged:
@@ -607,28 +638,25 @@ class MemoryManager:
         start = time.perf_counter()
         spilled = session.spilled
         if spilled is None:
-            storages, extents = [s for s, _ in session.paged], [e for _, e in session.paged]
+            storages, sizes = [s for s, _ in session.paged], [e.nbytes for _, e in session.paged]
         else:
-            storages, extents = spilled[0], self._host_extents(spilled[1].sizes, sid)
-        stream = self._in_stream if self._cuda else None
+            storages, sizes = spilled[0], list(spilled[1].sizes)
+        lane = "in" if spilled is None else "disk"
         grown: list[torch.UntypedStorage] = []
         try:
-            for storage, extent in zip(storages, extents, strict=True):
-                storage.resize_(extent.nbytes)
+            for storage, size in zip(storages, sizes, strict=True):
+                storage.resize_(size)
                 grown.append(storage)
-            pairs = [(_bytes_view(s), e.view) for s, e in zip(storages, extents)]
             if spilled is None:
-                seconds = self._copy(pairs, stream)
+                seconds = self._copy([(_bytes_view(s), e.view) for s, e in session.paged], lane)
             else:
-                seconds = self._timed(stream, lambda copy: self._read_spilled(spilled[1], pairs, copy))
+                dsts = [_bytes_view(s) for s in storages]
+                seconds = self._timed(lane, lambda copy: self._read_spilled(spilled[1], dsts, copy))
         except BaseException as exc:
-            if stream is not None:
-                stream.synchronize()  # no copy queued before the error still touches what is freed below
+            if lane in self._streams:
+                self._streams[lane].synchronize()  # no copy queued before the error still touches what is freed
             for storage in grown:
                 storage.resize_(0)
-            if spilled is not None:
-                for extent in extents:
-                    self.pool.free(extent)
             if isinstance(exc, torch.OutOfMemoryError):
                 raise OutOfMemoryError(
                     f"the device has no room to page session {sid} back in ({total / MiB:.1f} MiB); it stays "
@@ -638,39 +666,47 @@ class MemoryManager:
         if spilled is None:
             self._drop_paged(session)
         else:
-            for extent in extents:
-                self.pool.free(extent)
             self.spill.remove(spilled[1])
             session.spilled = None
             self.unspills += 1
-        transfer = Transfer(sid, "in", total, len(pairs), seconds, time.perf_counter() - start)
+        transfer = Transfer(sid, "in", total, len(storages), seconds, time.perf_counter() - start)
         self.transfers.append(transfer)
         self.page_ins += 1
         return transfer
 
-    def _read_spilled(self, spilled: SpillFile, pairs: list[tuple[torch.Tensor, torch.Tensor]], copy: Copy) -> None:
-        """Read the file into the host halves of ``pairs`` and queue each block's copy to the device as it lands."""
+    def _read_spilled(self, spilled: SpillFile, dsts: list[torch.Tensor], copy: Copy) -> None:
+        """Read the file through the staging ring into the device storages ``dsts`` (in the file's order), queueing
+        each block's copies as it lands; its staging block is reused once an event after them completed (on the
+        CPU the copies are done when they return)."""
+        stream = self._streams.get("disk")
 
-        def landed(pieces: list[tuple[int, int, int]]) -> None:
+        def landed(block: torch.Tensor, pieces: list[Piece]) -> Fence | None:
+            at = 0
             for index, first, end in pieces:
-                dst, src = pairs[index]
-                copy(dst[first:end], src[first:end])
+                copy(dsts[index][first:end], block[at : at + end - first])
+                at += end - first
+            if stream is None:
+                return None
+            event = torch.cuda.Event()
+            event.record(stream)
+            return event.synchronize
 
-        self.spill.read(spilled, [src for _, src in pairs], landed)
+        self.spill.read(spilled, self._staging, landed)
 
-    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stream: torch.cuda.Stream | None) -> float:
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], lane: str) -> float:
         """Copy ``src -> dst`` for each pair (see ``_timed``)."""
 
         def each(copy: Copy) -> None:
             for dst, src in pairs:
                 copy(dst, src)
 
-        return self._timed(stream, each)
+        return self._timed(lane, each)
 
-    def _timed(self, stream: torch.cuda.Stream | None, issue: Callable[[Copy], None]) -> float:
-        """Run ``issue(copy)``, each ``copy(dst, src)`` queueing one copy (on CUDA on ``stream``, after the compute
-        stream's queued work), on the stream's worker thread with the lock released, and wait for the copies.
-        Returns the seconds from the start of ``issue`` to the last copy done (CUDA events on ``stream``)."""
+    def _timed(self, lane: str, issue: Callable[[Copy], None]) -> float:
+        """Run ``issue(copy)``, each ``copy(dst, src)`` queueing one copy (on CUDA on the lane's stream, after the
+        compute stream's queued work), on the lane's worker thread with the lock released, and wait for the copies.
+        Returns the seconds from the start of ``issue`` to the last copy done (CUDA events on the stream)."""
+        stream = self._streams.get(lane)
         if stream is None:
             seconds: list[float] = []
 
@@ -679,7 +715,7 @@ class MemoryManager:
                 issue(lambda dst, src: dst.copy_(src))
                 seconds.append(time.perf_counter() - start)
 
-            self._unlocked(None, run)
+            self._unlocked(lane, run)
             return seconds[0]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -691,16 +727,16 @@ class MemoryManager:
                 done.record(stream)
             done.synchronize()
 
-        self._unlocked(stream, queue_and_wait)
+        self._unlocked(lane, queue_and_wait)
         return begin.elapsed_time(done) / 1000
 
-    def _unlocked(self, stream: torch.cuda.Stream | None, work: Callable[[], None]) -> None:
+    def _unlocked(self, lane: str, work: Callable[[], None]) -> None:
         """Run blocking ``work`` (a copy's event wait on CUDA, the copies themselves on the CPU, so that the CPU
-        tests exercise this same path) on the stream's worker thread while this thread waits on the lock's
-        condition, which releases the lock at every level the caller holds."""
-        worker = self._workers.get(id(stream))
+        tests exercise this same path; a spill's file write) on the lane's worker thread while this thread waits
+        on the lock's condition, which releases the lock at every level the caller holds."""
+        worker = self._workers.get(lane)
         if worker is None:
-            worker = self._workers[id(stream)] = _Worker(self._cond, f"djinn-copies-{len(self._workers)}")
+            worker = self._workers[lane] = _Worker(self._cond, f"djinn-{lane}")
         job = worker.submit(work)
         try:
             self._cond.wait_for(job.done.is_set)

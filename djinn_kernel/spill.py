@@ -2,17 +2,22 @@
 to files, least recently used first, and read back when they are paged in.
 
 Invariants:
-- One file per spilled session in the spill folder: the session's host extents back to back (the pinned pool is
-  the only staging buffer). The file is moved in blocks of ``block_bytes``, ``threads`` blocks at a time
-  (``pwritev``/``preadv`` release the GIL, and a disk serves several requests in flight faster than one), each
-  block straight from or into the extents it covers.
-- A read hands every block to the caller as it lands (``landed``, on the calling thread), so the caller can copy
-  it on to the device while later blocks are still being read: a page-in from disk costs about the longer of
-  the read and the copy, not their sum. When ``read`` returns, for good or with an error, no reader thread is
-  still writing into the extents, so the caller may free them.
+- One file per spilled session in the spill folder: the session's host extents back to back. The file is moved in
+  blocks of ``block_bytes``, ``threads`` blocks at a time (``pwritev``/``preadv`` release the GIL, and a disk serves
+  several requests in flight faster than one). A write goes straight from the extents each block covers.
+- A read goes through the caller's staging ring (``staging``: ``2 * threads`` blocks, pinned by the memory manager
+  once), not through host extents, so bringing a session back from disk needs no room in the host pool and never
+  spills another session on its way. Each block is handed to the caller as it lands (``landed``, on the calling
+  thread), who queues its copy on to the device and answers with a fence; the block's buffer is read into again
+  only after that fence returned (the copy out of it is done), oldest first. So a page-in from disk costs about
+  the longer of the read and the copy, not their sum. When ``read`` returns, for good or with an error, no reader
+  thread is still writing into the ring; copies handed on may still run, and the caller waits for them before
+  it reads into the ring again (the manager reads one file at a time, on its disk worker).
 - A file is readable by the daemon's user only (0600): it holds a session's state.
 - All or nothing. A failed write (a full disk, the folder's ``capacity``) removes the partial file, and the
   session keeps its host extents; a failed read leaves the session on disk as it was. Nothing is lost.
+- A write runs without the memory manager's lock, while other threads remove files: ``used`` and ``files`` are
+  kept under the store's own lock, and a write reserves its bytes against ``capacity`` before it starts.
 - A file lives exactly as long as its session stays spilled: it is removed once read back, when the session is
   closed (or reclaimed when its client dies), and when the store is closed. Files that a killed daemon left
   behind (their name carries its pid) are removed when the next store opens the folder.
@@ -23,8 +28,10 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +46,8 @@ PAGE = 4096
 IOV_MAX = 1024  # the most buffers one preadv/pwritev takes on Linux
 
 Piece = tuple[int, int, int]  # (extent index, first byte, end byte) of one block's part inside one extent
+Fence = Callable[[], None]  # returns once the copies out of a landed block are done
+Landed = Callable[[torch.Tensor, list[Piece]], Fence | None]  # (the block's bytes, what they hold) -> its fence
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ class SpillStore:
         self.block_bytes = block_bytes
         self.used = 0
         self.files: set[Path] = set()
+        self._lock = threading.Lock()  # ``used`` and ``files``: a write runs off the memory manager's lock
         self._names = itertools.count(1)
         self._prefix = f"djinn-{os.getpid()}-"
         for stale in self.folder.glob("djinn-*-*.spill"):
@@ -115,22 +125,26 @@ class SpillStore:
         """One file holding ``views`` (host uint8 tensors) back to back; ``OutOfMemoryError`` if it cannot."""
         sizes = tuple(int(v.numel()) for v in views)
         total = sum(sizes)
-        if self.used + total > self.capacity:
-            raise OutOfMemoryError(
-                f"the spill folder {self.folder} is full ({self.used / GiB:.2f} of {self.capacity / GiB:.2f} GiB "
-                f"used) and cannot take {total / GiB:.2f} GiB more; close sessions, or start the daemon with a larger "
-                f"--spill-memory"
-            )
+        with self._lock:
+            if self.used + total > self.capacity:
+                raise OutOfMemoryError(
+                    f"the spill folder {self.folder} is full ({self.used / GiB:.2f} of {self.capacity / GiB:.2f} GiB "
+                    f"used) and cannot take {total / GiB:.2f} GiB more; close sessions, or start the daemon with a "
+                    f"larger --spill-memory"
+                )
+            self.used += total
         path = self.folder / f"{self._prefix}s{sid}-{next(self._names)}.spill"
         buffers = [memoryview(v.numpy()) for v in views]
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                self._each_block(path, fd, os.pwritev, sizes, buffers, None)
+                self._write_blocks(path, fd, sizes, buffers)
             finally:
                 os.close(fd)
         except BaseException as exc:
             path.unlink(missing_ok=True)
+            with self._lock:
+                self.used -= total
             if not isinstance(exc, OSError):
                 raise
             why = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
@@ -138,69 +152,109 @@ class SpillStore:
                 f"spilling session {sid} to {self.folder} failed ({why}); it stays in host memory: free disk "
                 f"space or close sessions"
             ) from exc
-        self.used += total
-        self.files.add(path)
+        with self._lock:
+            self.files.add(path)
         return SpillFile(path, sizes)
 
-    def read(
-        self, spilled: SpillFile, views: list[torch.Tensor], landed: Callable[[list[Piece]], None] | None = None
-    ) -> None:
-        """Fill ``views`` (one per size, in order) from the file, calling ``landed(pieces)`` on this thread as each
-        block is in, in the order blocks land; ``PagingError`` if the file cannot be read whole (an error of
-        ``landed`` is raised as it is). Either way no reader is left running when it returns."""
-        buffers = [memoryview(v.numpy()) for v in views]
+    def staging(self, pin: bool) -> list[torch.Tensor]:
+        """A ring of ``2 * threads`` buffers of ``block_bytes`` in one allocation (pinned if ``pin``, once, when the
+        memory manager is made) for ``read``: ``threads`` blocks being read while as many wait for their copies."""
+        count = 2 * self.threads
+        ring = torch.empty(count * self.block_bytes, dtype=torch.uint8, pin_memory=pin)
+        return list(ring.view(count, self.block_bytes).unbind(0))
+
+    def read(self, spilled: SpillFile, staging: list[torch.Tensor], landed: Landed) -> None:
+        """Read the file through ``staging`` (buffers of at least ``block_bytes``), calling ``landed(block, pieces)``
+        on this thread for each block as it lands, in the order blocks land: ``block`` is its bytes in a staging
+        buffer, ``pieces`` where they belong; the buffer is reused only after the fence ``landed`` returned did.
+        ``PagingError`` if the file cannot be read whole (an error of ``landed`` or a fence is raised as it is);
+        either way no reader is left running when it returns."""
+        if not staging or any(buffer.numel() < self.block_bytes for buffer in staging):
+            raise InvalidArgumentError(f"reading a spill file needs staging buffers of {self.block_bytes} bytes")
         try:
             fd = os.open(spilled.path, os.O_RDONLY)
             try:
-                self._each_block(spilled.path, fd, os.preadv, spilled.sizes, buffers, landed)
+                self._read_blocks(spilled.path, fd, spilled.sizes, staging, landed)
             finally:
                 os.close(fd)
         except OSError as exc:
             raise PagingError(f"reading the spill file {spilled.path} failed ({exc.strerror or exc})") from exc
 
-    def _each_block(
-        self,
-        path: Path,
-        fd: int,
-        op: Callable[[int, list[memoryview], int], int],
-        sizes: tuple[int, ...],
-        buffers: list[memoryview],
-        landed: Callable[[list[Piece]], None] | None,
+    def _read_blocks(
+        self, path: Path, fd: int, sizes: tuple[int, ...], staging: list[torch.Tensor], landed: Landed
     ) -> None:
-        """``op`` every block of the file, ``threads`` at a time; ``landed`` for each as it completes. On an error
-        the blocks not started are cancelled and the running ones waited for before it is raised."""
+        """Every block of the file into a free staging buffer, ``threads`` at a time. A buffer is free until a read
+        into it is started, and again once the fence of the block last read into it returned: when none is free,
+        the oldest handed-on buffer's fence is waited for. On an error the running reads are waited for."""
+        todo = deque(blocks(sizes, self.block_bytes))
+        free = deque(range(len(staging)))
+        handed_on: deque[tuple[int, Fence | None]] = deque()  # buffers whose block went to ``landed``, oldest first
+        running: dict[Future[None], tuple[int, int, list[Piece]]] = {}
+        at_once = min(self.threads, len(staging))
+
+        def one(buffer: torch.Tensor, offset: int) -> None:
+            got = _move(os.preadv, fd, [memoryview(buffer.numpy())], offset)
+            if got != buffer.numel():
+                raise PagingError(
+                    f"the spill file {path} ends early ({buffer.numel() - got} bytes short at byte {offset + got})"
+                )
+
+        with ThreadPoolExecutor(at_once, thread_name_prefix="djinn-spill") as pool:
+            try:
+                while todo or running:
+                    while todo and len(running) < at_once:
+                        if not free:
+                            index, fence = handed_on.popleft()
+                            if fence is not None:
+                                fence()
+                            free.append(index)
+                        offset, pieces = todo.popleft()
+                        index, nbytes = free.popleft(), sum(end - first for _, first, end in pieces)
+                        running[pool.submit(one, staging[index][:nbytes], offset)] = (index, nbytes, pieces)
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        index, nbytes, pieces = running.pop(future)
+                        future.result()
+                        handed_on.append((index, landed(staging[index][:nbytes], pieces)))
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+    def _write_blocks(self, path: Path, fd: int, sizes: tuple[int, ...], buffers: list[memoryview]) -> None:
+        """Write every block of the file, ``threads`` at a time, each from the extents it covers. On an error the
+        blocks not started are cancelled and the running ones waited for before it is raised."""
 
         def one(offset: int, pieces: list[Piece]) -> None:
             want = sum(end - first for _, first, end in pieces)
-            got = _move(op, fd, [buffers[i][first:end] for i, first, end in pieces], offset)
+            got = _move(os.pwritev, fd, [buffers[i][first:end] for i, first, end in pieces], offset)
             if got != want:
-                raise PagingError(f"the spill file {path} ends early ({want - got} bytes short at byte {offset + got})")
+                raise PagingError(f"the spill file {path} took {got} of {want} bytes at byte {offset}")
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="djinn-spill") as pool:
-            futures: dict[Future[None], list[Piece]] = {
-                pool.submit(one, offset, pieces): pieces for offset, pieces in blocks(sizes, self.block_bytes)
-            }
+            futures = [pool.submit(one, offset, pieces) for offset, pieces in blocks(sizes, self.block_bytes)]
             try:
                 for future in as_completed(futures):
                     future.result()
-                    if landed is not None:
-                        landed(futures[future])
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
 
     def remove(self, spilled: SpillFile) -> None:
         spilled.path.unlink(missing_ok=True)
-        if spilled.path in self.files:
-            self.files.discard(spilled.path)
-            self.used -= spilled.nbytes
+        with self._lock:
+            if spilled.path in self.files:
+                self.files.discard(spilled.path)
+                self.used -= spilled.nbytes
 
     def close(self) -> None:
-        for path in list(self.files):
-            path.unlink(missing_ok=True)
-        self.files.clear()
-        self.used = 0
+        with self._lock:
+            for path in self.files:
+                path.unlink(missing_ok=True)
+            self.files.clear()
+            self.used = 0
 
     def stats(self) -> dict[str, object]:
-        return {"folder": str(self.folder), "capacity": self.capacity, "used": self.used, "files": len(self.files),
-                "threads": self.threads, "block_bytes": self.block_bytes}
+        with self._lock:
+            return {"folder": str(self.folder), "capacity": self.capacity, "used": self.used,
+                    "files": len(self.files), "threads": self.threads, "block_bytes": self.block_bytes,
+                    "staging_bytes": 2 * self.threads * self.block_bytes}

@@ -9,6 +9,7 @@ import json
 import os
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -44,9 +45,10 @@ def test_a_full_host_pool_spills_the_least_recently_used_and_brings_it_back_exac
     assert memory.session(1).disk_bytes() == MiB and memory.session(1).host_bytes() == 0
     assert [p.name for p in tmp_path.iterdir()] and memory.stats()["spill"]["used"] == MiB
     assert memory.session_stats(1)["disk_bytes"] == MiB and memory.session_stats(1)["paged"]
-    memory.page_in(1)  # back through the host: 2 (now the least recently used) spills to make room
+    memory.page_in(1)  # straight from the file through the staging ring: the full pool spills nobody for it
     assert torch.equal(kv[1], expected[1])
-    assert memory.session(2).disk_bytes() == MiB and memory.spills == 2 and memory.unspills == 1
+    assert memory.spills == 1 and memory.unspills == 1 and memory.pool.used == 2 * MiB
+    assert memory.session(2).host_bytes() == MiB and list(tmp_path.iterdir()) == []
     memory.page_in(2)
     memory.page_in(3)
     assert all(torch.equal(kv[sid], expected[sid]) for sid in kv)
@@ -127,13 +129,21 @@ def test_blocks_cover_every_extent_once_in_file_order(sizes):
     assert [offset for offset, _ in blocks(ODD, 4096)] == list(range(0, sum(ODD), 4096))
 
 
+def put(views: list[torch.Tensor], block: torch.Tensor, pieces) -> None:
+    """Copy a landed block's bytes to where its pieces belong in ``views``."""
+    at = 0
+    for index, first, end in pieces:
+        views[index][first:end] = block[at : at + end - first]
+        at += end - first
+
+
 def test_a_file_of_thousands_of_small_extents_goes_and_comes_back_exact(tmp_path):
     store = SpillStore(tmp_path, 64 * MiB, threads=3, block_bytes=1 << 20)
     gen = torch.Generator().manual_seed(0)
     views = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in (7,) * 3000 + ODD]
     spilled = store.write(1, views)
     back = [torch.zeros_like(v) for v in views]
-    store.read(spilled, back)
+    store.read(spilled, store.staging(pin=False), lambda block, pieces: put(back, block, pieces))
     assert all(torch.equal(a, b) for a, b in zip(back, views))
     store.close()
     assert list(tmp_path.iterdir()) == []
@@ -163,18 +173,71 @@ def test_each_block_goes_on_to_the_device_while_later_blocks_are_still_being_rea
         reads.append(offset)
         return real_preadv(fd, buffers, offset)
 
-    def read(spilled, views, landed):
-        def landed_then_release(pieces):
-            landed(pieces)
+    def read(spilled, staging, landed):
+        def landed_then_release(block, pieces):
+            fence = landed(block, pieces)
             handed_on.release()
+            return fence
 
-        return real_read(spilled, views, landed_then_release)
+        return real_read(spilled, staging, landed_then_release)
 
     monkeypatch.setattr(os, "preadv", paced)
     monkeypatch.setattr(memory.spill, "read", read)
     memory.page_in(1)
     assert len(reads) == len(blocks(ODD, 4096)) > 10
     assert all(torch.equal(a, b) for a, b in zip(kv, expected))
+
+
+def test_a_page_in_from_disk_with_the_host_pool_full_spills_nobody_and_is_exact(tmp_path):
+    memory, kv, expected = spilled_odd_session(tmp_path)
+    assert memory.pool.used == memory.pool.capacity and memory.spills == 1
+    memory.page_in(1)
+    assert all(torch.equal(a, b) for a, b in zip(kv, expected))
+    assert memory.spills == 1 and memory.unspills == 1, "no other session went to disk to make room"
+    assert memory.session(2).host_bytes() == sum(ODD) and memory.pool.used == sum(ODD)
+    assert list(tmp_path.iterdir()) == [] and memory.spill.used == 0
+
+
+@pytest.mark.parametrize("ring", [1, 2, 6])
+def test_a_staging_block_is_read_into_again_only_after_its_copy_is_done(tmp_path, monkeypatch, ring):
+    """Copies that finish only when their fence is waited for (as a queued H2D copy would): a block read into a
+    buffer whose copy is still pending would copy the wrong bytes. Reads land out of order (random delays)."""
+    store = SpillStore(tmp_path, 64 * MiB, threads=3, block_bytes=4096)
+    views = odd_tensors(7)
+    spilled = store.write(7, views)
+    back = [torch.zeros_like(v) for v in views]
+    pending: dict[int, tuple[torch.Tensor, list]] = {}  # buffer address -> (block, pieces) not yet copied
+    landed_order, fenced_order = [], []
+    real_preadv, delays = os.preadv, iter(torch.rand(1000, generator=torch.Generator().manual_seed(ring)).tolist())
+
+    def slow(fd, buffers, offset):
+        time.sleep(next(delays) / 500)
+        return real_preadv(fd, buffers, offset)
+
+    def landed(block, pieces):
+        address = block.data_ptr()
+        assert address not in pending, "read into a buffer whose copy was still pending"
+        pending[address] = (block.clone(), pieces)  # what the block held when it landed
+        landed_order.append(address)
+
+        def fence():
+            held, pieces = pending.pop(address)
+            assert torch.equal(held, block), "the buffer changed before its copy was done"
+            put(back, block, pieces)
+            fenced_order.append(address)
+
+        return fence
+
+    monkeypatch.setattr(os, "preadv", slow)
+    staging = store.staging(pin=False)[:ring]
+    store.read(spilled, staging, landed)
+    for address in list(pending):  # the copies still queued when the read returns: the caller waits for them
+        held, pieces = pending.pop(address)
+        put(back, held, pieces)
+    assert all(torch.equal(a, b) for a, b in zip(back, views))
+    assert len(landed_order) == len(blocks(ODD, 4096)) > 4 * ring, "every buffer was reused several times"
+    assert fenced_order == landed_order[: len(fenced_order)], "buffers are reused oldest first"
+    assert len(landed_order) - len(fenced_order) <= ring
 
 
 @pytest.mark.parametrize("how", ["read error", "file cut short"])
@@ -195,10 +258,12 @@ def test_a_read_failing_half_way_leaves_the_session_on_disk_as_it_was(tmp_path, 
     else:
         os.truncate(path, sum(ODD) // 2)
     with pytest.raises(PagingError, match="Input/output error" if how == "read error" else "ends early"):
-        memory.page_in(1)  # room for it on the host was made first: session 2 went to disk, whole
+        memory.page_in(1)
     session = memory.session(1)
     assert session.disk_bytes() == sum(ODD) and session.resident_bytes() == 0 and session.is_paged
-    assert path.exists() and memory.pool.used == 0 and memory.spill.used == 2 * sum(ODD)
+    assert all(t.untyped_storage().nbytes() == 0 for t in kv), "the device storages grown for it are freed"
+    assert path.exists() and memory.spill.used == sum(ODD) and memory.spills == 1, "nobody else was spilled"
+    assert memory.pool.used == sum(ODD) and memory.session(2).host_bytes() == sum(ODD)
     monkeypatch.undo()
     memory.page_in(2)
     assert all(torch.equal(a, b) for a, b in zip(memory.session(2).tensors(), odd_tensors(2)))
@@ -207,6 +272,109 @@ def test_a_read_failing_half_way_leaves_the_session_on_disk_as_it_was(tmp_path, 
         memory.page_in(1)
         assert all(torch.equal(a, b) for a, b in zip(kv, expected))
         assert list(tmp_path.iterdir()) == [] and memory.spill.used == 0
+
+
+def in_thread(work, *args) -> tuple[threading.Thread, list]:
+    """Run ``work(*args)`` on a thread; the list gets its result or the exception it raised."""
+    out: list = []
+
+    def run():
+        try:
+            out.append(work(*args))
+        except BaseException as exc:  # noqa: BLE001 - the test asserts on it
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def held_until(monkeypatch, name: str) -> tuple[threading.Event, threading.Event]:
+    """Make ``os.<name>`` wait for ``go`` (setting ``started`` first): a disk write or read held in flight."""
+    started, go, real = threading.Event(), threading.Event(), getattr(os, name)
+
+    def held(fd, buffers, offset):
+        started.set()
+        if not go.wait(30):
+            raise OSError(errno.ETIMEDOUT, "never let go")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, name, held)
+    return started, go
+
+
+def test_while_a_spill_is_written_other_sessions_page_and_the_spilled_one_waits(tmp_path, monkeypatch):
+    memory = manager(tmp_path)  # the pool holds two sessions
+    kv = {sid: session_of(memory, sid, float(sid)) for sid in (1, 2, 3, 4)}
+    expected = {sid: t.clone() for sid, t in kv.items()}
+    memory.page_out(1)
+    memory.page_out(2)
+    writing, go = held_until(monkeypatch, "pwritev")
+    out3, out3_result = in_thread(memory.page_out, 3)  # no room: 1 spills, its file write held
+    assert writing.wait(10) and memory.session(1).moving == "spill"
+    in1, in1_result = in_thread(memory.page_in, 1)  # waits until 1's file is whole
+    memory.page_in(2)  # the lock is free meanwhile: others page in, are read, and page out
+    with memory.resident(4):
+        assert torch.equal(kv[4], expected[4])
+    memory.page_out(4)
+    time.sleep(0.2)
+    assert out3.is_alive() and in1.is_alive() and memory.session(1).is_paged
+    go.set()
+    out3.join(30)
+    in1.join(30)
+    assert not out3.is_alive() and not in1.is_alive()
+    assert out3_result[0].direction == "out" and in1_result[0].direction == "in"
+    assert memory.spills == 1 and memory.unspills == 1 and memory.session(3).host_bytes() == MiB
+    for sid in kv:
+        memory.page_in(sid)
+    assert all(torch.equal(kv[sid], expected[sid]) for sid in kv)
+    assert list(tmp_path.iterdir()) == [] and memory.pool.used == 0 and memory.spill.used == 0
+
+
+def test_a_page_out_that_needs_the_room_a_spill_under_way_makes_waits_for_it(tmp_path, monkeypatch):
+    memory = manager(tmp_path, host=MiB)  # the pool holds one session
+    kv = {sid: session_of(memory, sid, float(sid)) for sid in (1, 2, 3)}
+    expected = {sid: t.clone() for sid, t in kv.items()}
+    memory.page_out(1)
+    writing, go = held_until(monkeypatch, "pwritev")
+    out2, out2_result = in_thread(memory.page_out, 2)  # spills 1, its write held
+    assert writing.wait(10)
+    out3, out3_result = in_thread(memory.page_out, 3)  # nobody else to spill: waits for 1's spill, not an error
+    time.sleep(0.2)
+    assert out3.is_alive() and not out3_result
+    go.set()
+    out2.join(30)
+    out3.join(30)
+    assert [r.direction for r in out2_result + out3_result] == ["out", "out"]
+    assert memory.spills == 2 and memory.pool.used == MiB and memory.spill.used == 2 * MiB
+    for sid in kv:
+        memory.page_in(sid)
+    assert all(torch.equal(kv[sid], expected[sid]) for sid in kv)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_while_a_page_in_reads_from_disk_others_page_and_spill(tmp_path, monkeypatch):
+    memory = manager(tmp_path)  # the pool holds two sessions
+    kv = {sid: session_of(memory, sid, float(sid)) for sid in (1, 2, 3, 4, 5)}
+    expected = {sid: t.clone() for sid, t in kv.items()}
+    for sid in (1, 2, 3):
+        memory.page_out(sid)  # 1 to disk
+    reading, go = held_until(monkeypatch, "preadv")
+    in1, in1_result = in_thread(memory.page_in, 1)
+    assert reading.wait(10) and memory.session(1).moving == "in"
+    memory.page_in(2)
+    memory.page_out(4)  # to the room 2 left
+    memory.page_out(5)  # the pool is full: 3 spills (1, being read, is never a victim) while 1's read is held
+    time.sleep(0.2)
+    assert in1.is_alive() and memory.session(3).disk_bytes() == MiB and memory.spills == 2
+    go.set()
+    in1.join(30)
+    assert not in1.is_alive() and in1_result[0].direction == "in"
+    assert torch.equal(kv[1], expected[1]) and memory.unspills == 1
+    for sid in kv:
+        memory.page_in(sid)
+    assert all(torch.equal(kv[sid], expected[sid]) for sid in kv)
+    assert list(tmp_path.iterdir()) == [] and memory.pool.used == 0 and memory.spill.used == 0
 
 
 @pytest.mark.parametrize("options", [{"threads": 0}, {"threads": 1.5}, {"threads": True}, {"block_bytes": 0},
