@@ -142,7 +142,7 @@ class Engine(PauseOps):
         """Load ``name`` once; later calls (from any client) return the same model at once."""
         wanted = models.parse_dtype(dtype)
         with self._load_lock:
-            if name in self._models:
+            if isinstance(name, str) and name in self._models:  # resolve() says what else a name may not be
                 loaded = self._models[name]
                 have = next(loaded.model.parameters()).dtype
                 if wanted != "auto" and wanted != have:
