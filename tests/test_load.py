@@ -126,7 +126,8 @@ def test_many_client_processes_under_paging_get_their_reference_tokens():
         start = time.monotonic()
         clients = [daemon.script(LOAD_CLIENT) for _ in range(processes)]
         for index, p in enumerate(clients):
-            cfg = {"index": index, "ids": IDS, "new": NEW, "vector": VECTOR, "reference": reference, "requests": requests}
+            cfg = {"index": index, "ids": IDS, "new": NEW, "vector": VECTOR, "reference": reference,
+                   "requests": requests}
             p.stdin.write(json.dumps(cfg) + "\n")
             p.stdin.flush()
         results = []

@@ -282,8 +282,11 @@ def test_a_forged_request_is_refused_and_changes_nothing(case, backends, bystand
     """From a client id of its own, as another kernel would send it; the bystander session is another client's."""
     forged = FORGED[case]
     other = bystander("daemon")
-    args = {k: other.id if v == OTHER else v for k, v in forged.args.items()} if isinstance(forged.args, dict) else forged.args
-    header = {**request(backends("daemon").daemon["instance"], 1, client=uuid.uuid4().hex), "op": forged.op, "args": args}
+    args = forged.args
+    if isinstance(args, dict):
+        args = {k: other.id if v == OTHER else v for k, v in args.items()}
+    addressed = request(backends("daemon").daemon["instance"], 1, client=uuid.uuid4().hex)
+    header = {**addressed, "op": forged.op, "args": args}
     kind, reply = peer.ask(forge(peer.key, header, *forged.buffers))
     assert kind is MsgType.ERROR and ERRORS_BY_NAME[reply["error"]["type"]] is forged.error, reply
     assert "internal error" not in reply["error"]["message"]
