@@ -101,7 +101,7 @@ def check_decoded(frames: list[bytes]) -> None:
     assert isinstance(kind, MsgType) and isinstance(header, dict)
 
 
-@fuzz(scaled(1500, 20_000))
+@fuzz(scaled(1000, 20_000))
 @given(st.lists(st.binary(max_size=64), max_size=6))
 def test_random_frames(frames):
     check_decoded(frames)
@@ -118,7 +118,7 @@ JSONISH = st.recursive(
 )
 
 
-@fuzz(scaled(1500, 20_000))
+@fuzz(scaled(1000, 20_000))
 @given(JSONISH, st.lists(st.binary(max_size=24), max_size=3), st.sampled_from([b"\x01", b"\x02", b"\x03", b"\x07"]))
 def test_signed_headers_of_tagged_json(body, buffers, kind):
     """Signed, so every one gets past the signature to the parser; tagged objects of every kind, mostly wrong."""
@@ -126,7 +126,7 @@ def test_signed_headers_of_tagged_json(body, buffers, kind):
     check_decoded(forge(KEY, json.dumps(header).encode(), *buffers, kind=kind))
 
 
-@fuzz(scaled(500, 5_000))
+@fuzz(scaled(300, 5_000))
 @given(VALUES)
 def test_every_value_the_encoder_takes_round_trips(value):
     frames = encode(MsgType.REQUEST, {"x": value}, KEY)
@@ -173,7 +173,7 @@ def dispatcher():
     engine.shutdown()
 
 
-@fuzz(scaled(1000, 10_000))
+@fuzz(scaled(600, 10_000))
 @given(st.data())
 def test_the_dispatcher_answers_or_refuses(dispatcher, data):
     daemon, client, sids = dispatcher
@@ -204,7 +204,7 @@ def daemon():
     d.stop()
 
 
-@fuzz(scaled(400, 3_000))
+@fuzz(scaled(300, 3_000))
 @given(st.data())
 def test_the_daemon_answers_every_request_and_goes_on(daemon, data):
     d, peer, client = daemon
@@ -220,7 +220,7 @@ def test_the_daemon_answers_every_request_and_goes_on(daemon, data):
     peer.ask(encode(MsgType.REQUEST, {**header, "seq": 3, "id": 3, "op": "goodbye", "args": {}}, peer.key))
 
 
-@fuzz(scaled(400, 3_000))
+@fuzz(scaled(300, 3_000))
 @given(JSONISH, st.lists(st.binary(max_size=24), max_size=3))
 def test_the_daemon_refuses_malformed_messages_and_goes_on(daemon, body, buffers):
     d, peer, client = daemon
