@@ -642,7 +642,7 @@ class Engine(PauseOps):
     def resume(self, sid: int, mode: str = "continue") -> dict[str, object]:
         """Resume a paused run: ``continue`` to the next hit, ``step`` to the next layer, ``finish`` to the end."""
         commands = {"continue": Command.CONTINUE, "step": Command.STEP, "finish": Command.FINISH}
-        if mode not in commands:
+        if not isinstance(mode, str) or mode not in commands:  # a list off the wire cannot even be looked up
             raise InvalidArgumentError(f"resume mode must be one of {sorted(commands)}, not {mode!r}")
         session = self._session(sid)
         with session.lock:

@@ -156,6 +156,7 @@ CASES: dict[str, Bad] = {
     # at a pause: every refused edit leaves the activation and the run as they were
     "a second run while one is paused": at_pause(dj.SessionBusyError, lambda m, s, r: s.generate(PROMPT, 2)),
     "a resume mode that does not exist": at_pause(IAE, lambda m, s, r: m._backend.resume(s.id, "sideways")),
+    "a resume mode that is a list": at_pause(IAE, lambda m, s, r: m._backend.resume(s.id, [])),
     "a NaN scale": at_pause(IAE, lambda m, s, r: r.pause.scale(float("nan"))),
     "a text scale": at_pause(IAE, lambda m, s, r: r.pause.scale("2")),
     "adding a vector too short": at_pause(ITE, lambda m, s, r: r.pause.add(torch.ones(3))),
