@@ -56,8 +56,8 @@ def remove_by_id(items: dict[int, object], item_id: int | None, what: str) -> li
         removed = list(items)
         items.clear()
         return removed
-    if item_id not in items:
-        raise InvalidArgumentError(f"no {what} {item_id}; existing: {sorted(items) or 'none'}")
+    if type(item_id) is not int or item_id not in items:  # an id off the wire may be any JSON value, even a dict
+        raise InvalidArgumentError(f"no {what} {item_id!r:.40}; existing: {sorted(items) or 'none'}")
     del items[item_id]
     return [item_id]
 

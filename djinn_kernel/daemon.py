@@ -261,10 +261,17 @@ class Daemon:
                 f"only the daemon's owner may {op} it; you are signed in as {client.user!r}. Ask the user who "
                 f"started it (`djinn stop` on that machine)"
             )
+        method = getattr(self.engine, op, None)
+        if method is not None:  # before the cases below read their arguments: a missing one is the caller's error
+            try:
+                inspect.signature(method).bind(**args)
+            except TypeError as exc:
+                raise InvalidArgumentError(f"{op}: {exc}") from None
         if "sid" in args:
             self._check_owner(client, args["sid"])
         if op == "hello":
-            client.name, client.pid = str(args.get("name", "?")), args.get("pid")
+            pid = args.get("pid")
+            client.name, client.pid = str(args.get("name", "?")), pid if type(pid) is int else None
             return {**self.describe(), "lease": self.lease, "user": client.user}
         if op == "shutdown":
             return {"stopping": True}
@@ -280,11 +287,6 @@ class Daemon:
             return [s for s in self.engine.sessions() if self._owns(client, s["id"])]
         if op == "status":
             return self._status(client)
-        method = getattr(self.engine, op)
-        try:
-            inspect.signature(method).bind(**args)
-        except TypeError as exc:
-            raise InvalidArgumentError(f"{op}: {exc}") from None
         return method(**args)
 
     def _adopt(self, client: Client, sid: int) -> int:

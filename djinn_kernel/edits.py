@@ -45,7 +45,7 @@ def check_tensor(value: object, *, like: torch.Tensor, what: str, shape: tuple[i
     return cast
 
 
-def _check_coefficient(value: object, what: str) -> float:
+def check_coefficient(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgumentError(f"{what} must be a number, got {value!r}")
     if value != value or value in (float("inf"), float("-inf")):
@@ -100,7 +100,7 @@ class Scale(Edit):
     positions: tuple[int, ...] | None = None
 
     def apply(self, activation: torch.Tensor) -> torch.Tensor:
-        factor = _check_coefficient(self.factor, "scale factor")
+        factor = check_coefficient(self.factor, "scale factor")
         out = activation.clone()
         index = _positions(activation, self.positions)
         out[..., index, :] = activation[..., index, :] * factor
@@ -117,7 +117,7 @@ class AddVector(Edit):
     positions: tuple[int, ...] | None = None
 
     def apply(self, activation: torch.Tensor) -> torch.Tensor:
-        alpha = _check_coefficient(self.alpha, "alpha")
+        alpha = check_coefficient(self.alpha, "alpha")
         vector = check_tensor(self.vector, like=activation, what="steering vector", shape=(activation.shape[-1],))
         out = activation.clone()
         index = _positions(activation, self.positions)
@@ -178,8 +178,8 @@ class ClampFeature(Edit):
     positions: tuple[int, ...] | None = None
 
     def apply(self, activation: torch.Tensor) -> torch.Tensor:
-        value = _check_coefficient(self.value, "feature value")
-        bias = _check_coefficient(self.bias, "feature bias")
+        value = check_coefficient(self.value, "feature value")
+        bias = check_coefficient(self.bias, "feature bias")
         hidden = (activation.shape[-1],)
         like = activation.float()
         encoder, decoder, b_dec = (

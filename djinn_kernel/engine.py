@@ -38,7 +38,7 @@ from . import conditions, context, models
 from .anatomy import resolve_target
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
-from .edits import AddVector, Edit, check_tensor
+from .edits import AddVector, Edit, check_coefficient, check_tensor
 from .errors import (
     DjinnError,
     ExecutionError,
@@ -57,7 +57,7 @@ from .memory import GiB, LRUPolicy, MemoryManager, PagingPolicy, Transfer, parse
 from .phases import PhaseSignals, check_expected
 from .policies import make_policy
 from .recording import Recorder, Recording
-from .registry import LoadedModel, prepare
+from .registry import LoadedModel, check_text, prepare
 from .run_state import ENDED, RunState
 from .scheduler import fast_plan
 from .sae import SAE
@@ -147,7 +147,7 @@ class Engine(PauseOps):
         """Load ``name`` once; later calls (from any client) return the same model at once."""
         wanted = models.parse_dtype(dtype)
         with self._load_lock:
-            if name in self._models:
+            if isinstance(name, str) and name in self._models:  # resolve() says what else a name may not be
                 loaded = self._models[name]
                 have = next(loaded.model.parameters()).dtype
                 if wanted != "auto" and wanted != have:
@@ -219,9 +219,7 @@ class Engine(PauseOps):
         loaded = self._model(model_id)
         if not isinstance(text, str):
             raise InvalidArgumentError(f"text must be a string, not {type(text).__name__}")
-        if loaded.tokenizer is None:
-            raise InvalidArgumentError("this model has no tokenizer; pass token ids instead")
-        return list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return loaded.words(text)
 
     def models(self) -> list[dict[str, object]]:
         with self._lock:
@@ -315,8 +313,7 @@ class Engine(PauseOps):
 
     @staticmethod
     def _condition(loaded: LoadedModel, when: object) -> conditions.Condition:
-        tokenizer = loaded.tokenizer
-        encode = None if tokenizer is None else lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        encode = None if loaded.tokenizer is None else loaded.words
         vocab = loaded.model.get_input_embeddings().num_embeddings
         condition = conditions.parse(when, encode, vocab, getattr(loaded.model.config, "hidden_size", None))
         if condition.needs_lens and loaded.anatomy.unembed_path is None:
@@ -334,8 +331,9 @@ class Engine(PauseOps):
         session = self._session(sid)
         with session.lock:
             path, layer = self._target(session, target, side)
-            if isinstance(edit, AddVector):
-                edit = replace(edit, vector=self._check_vector(session, edit.vector, layer))
+            if isinstance(edit, AddVector):  # checked now, not at the first forward of some later run
+                alpha = check_coefficient(edit.alpha, "alpha")
+                edit = replace(edit, vector=self._check_vector(session, edit.vector, layer), alpha=alpha)
             steer = Steering(next(session._steer_ids), path, layer, side, edit.owned())
             session.steering[steer.id] = steer
             return steer.describe()
@@ -506,10 +504,11 @@ class Engine(PauseOps):
     def _turn_ids(self, session: SessionState, prompt: str | list[int], chat: bool | None) -> list[int]:
         """The tokens a continued conversation adds: ids as given, text as is, or as a chat turn."""
         loaded = session.model
-        if isinstance(prompt, str) and loaded.tokenizer is not None and (chat if chat is not None else loaded.chat):
-            return context.chat_turn_ids(loaded.tokenizer, session.history, loaded.eos_ids, prompt)
         if isinstance(prompt, str) and loaded.tokenizer is not None:
-            return list(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if chat if chat is not None else loaded.chat:
+                check_text(prompt, "the prompt")
+                return context.chat_turn_ids(loaded.tokenizer, session.history, loaded.eos_ids, prompt)
+            return loaded.words(prompt)
         return loaded.encode(prompt, chat)
 
     def fork(self, sid: int) -> int:
@@ -648,7 +647,7 @@ class Engine(PauseOps):
     def resume(self, sid: int, mode: str = "continue") -> dict[str, object]:
         """Resume a paused run: ``continue`` to the next hit, ``step`` to the next layer, ``finish`` to the end."""
         commands = {"continue": Command.CONTINUE, "step": Command.STEP, "finish": Command.FINISH}
-        if mode not in commands:
+        if not isinstance(mode, str) or mode not in commands:  # a list off the wire cannot even be looked up
             raise InvalidArgumentError(f"resume mode must be one of {sorted(commands)}, not {mode!r}")
         session = self._session(sid)
         with session.lock:

@@ -19,6 +19,15 @@ from .scheduler import Scheduler
 from .streaming import WeightRing, plan_for, stream_model
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse text the tokenizer cannot take (a lone surrogate is a valid ``str`` but not valid UTF-8), before it
+    reaches the tokenizer, which raises a bare TypeError for it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(f"{what} is not valid text ({exc.reason} at {exc.start})") from None
+
+
 @dataclass
 class LoadedModel:
     id: str
@@ -39,16 +48,20 @@ class LoadedModel:
     fast_path: str = "off"  # "on", "off", or why the model cannot have it
     ring: WeightRing | None = None  # the streamed layers' ring when the weights exceed the weight budget
 
+    def words(self, text: str) -> list[int]:
+        """The token ids of ``text`` as the tokenizer writes it, no special tokens and no chat template."""
+        if self.tokenizer is None:
+            raise InvalidArgumentError(f"model {self.name!r} has no tokenizer; pass token ids instead")
+        check_text(text, "the text")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def encode(self, prompt: str | list[int], chat: bool | None) -> list[int]:
         """A new conversation's tokens: text through the tokenizer (and the chat template when ``chat``, or by
         default for chat models), or token ids checked against the vocabulary."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidArgumentError(f"model {self.name!r} has no tokenizer: pass the prompt as token ids")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise InvalidArgumentError(f"the prompt is not valid text ({exc.reason} at {exc.start})") from None
+            check_text(prompt, "the prompt")
             if chat if chat is not None else self.chat:
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise InvalidArgumentError(

@@ -23,9 +23,19 @@ BACKEND = os.environ.get("DJINN_TEST_BACKEND", "inprocess")
 DEVICE = os.environ.get("DJINN_TEST_DEVICE", "cpu")
 
 
+# DJINN_LONG=1 gives the load, soak, fault and fuzz tests the issue's full counts instead of their fast CI ones (the
+# same tests, nothing skipped; figures of both in docs/reliability.md).
+LONG = os.environ.get("DJINN_LONG") == "1"
+
+
+def scaled(fast: int, full: int) -> int:
+    """A count for CI, or with DJINN_LONG=1 the long variant's."""
+    return full if LONG else fast
+
+
 # A test still running after this long is taken for a deadlock: every thread's stack is dumped and the process
 # exits with an error, so CI fails with the evidence instead of hanging until its time limit.
-WATCHDOG_SECONDS = 300
+WATCHDOG_SECONDS = 3600 if LONG else 300
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,11 +11,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import zmq
+
 from djinn_kernel.client import DaemonClient, start_local_daemon
+from djinn_kernel.protocol import MsgType, decode, sign
 from djinn_kernel.runtime import DaemonInfo, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = os.environ.get("DJINN_TEST_DEVICE", "cpu")
+WAIT_MS = 30_000  # a bound on waiting for the daemon's answer, never a synchronisation by sleeping
 
 
 class DaemonProcess:
@@ -72,3 +77,37 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
+
+
+class RawPeer:
+    """A DEALER on a daemon's local socket that sends exactly the frames a test forges or replays."""
+
+    def __init__(self, endpoint: str, key: bytes) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.key = key
+
+    def ask(self, frames: list[bytes]) -> tuple[MsgType, dict]:
+        self.sock.send_multipart(frames)
+        assert self.sock.poll(WAIT_MS), "the daemon did not answer"
+        return decode(self.sock.recv_multipart(), self.key)
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def request(instance: str, seq: int, client: str = "c" * 32, op: str = "status") -> dict:
+    """A request header that passes the replay check of the daemon ``instance`` (a new ``client`` each time)."""
+    return {"op": op, "args": {}, "id": seq, "client": client, "seq": seq, "daemon": instance}
+
+
+def forge(key: bytes, header: dict | bytes, *buffers: bytes, kind: bytes = b"\x01", user: bytes = b"") -> list[bytes]:
+    """Frames signed exactly as ``protocol.encode`` does, around a header and buffers a test chose."""
+    head = header if isinstance(header, bytes) else json.dumps({"v": 2, **header}).encode()
+    return [kind, head, user + b":" + sign(key, [user, kind, head, *buffers]), *buffers]
+
+
+def tensor(index: object = 0, dtype: object = "float32", shape: object = (2,)) -> dict:
+    """The header entry of a tensor held in raw buffer ``index``."""
+    return {"__tensor__": index, "dtype": dtype, "shape": list(shape)}

@@ -21,7 +21,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 import djinn_kernel as dj
 from conftest import PROMPT
-from daemon_util import DaemonProcess
+from daemon_util import WAIT_MS, DaemonProcess, RawPeer, forge, request, tensor
 from djinn_kernel import cli
 from djinn_kernel.auth import ReplayGuard, TokenStore, parse_token, server_keypair
 from djinn_kernel.client import DaemonClient, connect
@@ -30,7 +30,6 @@ from djinn_kernel.errors import ERRORS_BY_NAME
 from djinn_kernel.protocol import MsgType, decode, encode, sign
 
 KEY = b"k" * 64
-WAIT_MS = 30_000  # a bound on waiting for the daemon's answer, never a synchronisation by sleeping
 
 
 def free_port() -> int:
@@ -61,33 +60,11 @@ def add_token(name: str, capsys) -> str:
     return capsys.readouterr().out.strip()
 
 
-class RawPeer:
-    """A DEALER on the daemon's local socket that sends exactly the frames a test forges or replays."""
-
-    def __init__(self, daemon: DaemonProcess) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(daemon.info.ipc)
-        self.key = daemon.info.key()
-
-    def ask(self, frames: list[bytes]) -> tuple[MsgType, dict]:
-        self.sock.send_multipart(frames)
-        assert self.sock.poll(WAIT_MS), "the daemon did not answer"
-        return decode(self.sock.recv_multipart(), self.key)
-
-    def close(self) -> None:
-        self.sock.close(0)
-
-
 @pytest.fixture
 def peer(daemon):
-    p = RawPeer(daemon)
+    p = RawPeer(daemon.info.ipc, daemon.info.key())
     yield p
     p.close()
-
-
-def request(instance: str, seq: int, client: str = "c" * 32, op: str = "status") -> dict:
-    return {"op": op, "args": {}, "id": seq, "client": client, "seq": seq, "daemon": instance}
 
 
 # tokens and keys ---------------------------------------------------------------------------------------------
@@ -364,16 +341,6 @@ def test_an_oversized_frame_is_dropped_before_it_is_buffered(daemon):
 
 
 # the malformed-message table ---------------------------------------------------------------------------------
-
-
-def forge(key: bytes, header: dict | bytes, *buffers: bytes, kind: bytes = b"\x01", user: bytes = b"") -> list[bytes]:
-    """Frames signed exactly as ``protocol.encode`` does, around a header and buffers a test chose."""
-    head = header if isinstance(header, bytes) else json.dumps({"v": 2, **header}).encode()
-    return [kind, head, user + b":" + sign(key, [user, kind, head, *buffers]), *buffers]
-
-
-def tensor(index=0, dtype="float32", shape=(2,)) -> dict:
-    return {"__tensor__": index, "dtype": dtype, "shape": list(shape)}
 
 
 @dataclass(frozen=True)
