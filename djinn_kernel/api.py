@@ -77,8 +77,9 @@ def client_name() -> str:
 
 
 def default_backend() -> Any:
-    """The daemon after ``connect()`` (or with ``DJINN_MODE=daemon``), else the in-process engine."""
-    if _backend is not None:
+    """The daemon after ``connect()`` (or with ``DJINN_MODE=daemon``), else the in-process engine. A client closed
+    since is forgotten here, so ``load`` after ``client.close()`` does not fail on it."""
+    if _backend is not None and not getattr(_backend, "closed", False):
         return _backend
     if os.environ.get("DJINN_MODE", "inprocess") == "daemon":
         return connect()

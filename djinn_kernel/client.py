@@ -178,6 +178,10 @@ class DaemonClient:
         if deadline is not None and time.monotonic() > deadline:
             raise DaemonConnectionError(f"no answer from the daemon at {self.endpoint} ({op}); is it running?")
 
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     def close(self) -> None:
         """Stop the heartbeats and disconnect; the daemon then closes every session this client opened."""
         if self._closed.is_set():

@@ -245,3 +245,16 @@ def test_one_client_many_threads(daemon):
     client.close()
     with pytest.raises(dj.DaemonConnectionError, match="closed"):
         client.status()
+
+
+def test_a_closed_default_client_is_forgotten(monkeypatch):
+    """``connect()`` makes its client the default backend; once that client is closed, ``load`` goes back to the
+    in-process engine instead of failing on it (the fault test closes the client its ``connect()`` made)."""
+    from djinn_kernel import api
+
+    class Closed:
+        closed = True
+
+    monkeypatch.setattr(api, "_backend", Closed())
+    monkeypatch.delenv("DJINN_MODE", raising=False)
+    assert api.default_backend() is api.local_engine()
