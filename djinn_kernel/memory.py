@@ -384,6 +384,16 @@ class MemoryManager:
             session.holds -= 1
             self._cond.notify_all()
 
+    @contextlib.contextmanager
+    def _moving(self, session: SessionMemory, kind: str) -> Iterator[None]:
+        """Mark the session's bytes as moving (``kind``) for the block; whoever waits for it is woken after."""
+        session.moving = kind
+        try:
+            yield
+        finally:
+            session.moving = None
+            self._cond.notify_all()
+
     def _live(self, sid: int) -> SessionMemory:
         session = self._settled(sid)
         if session.lost is not None:
@@ -472,8 +482,7 @@ class MemoryManager:
 
     def _spill_out(self, session: SessionMemory) -> None:
         """Move a host-paged session to a file, written whole (with the lock released) before any extent is freed."""
-        session.moving = "spill"
-        try:
+        with self._moving(session, "spill"):
             views = [extent.view for _, extent in session.paged]
             written: list[SpillFile] = []
             try:
@@ -487,9 +496,6 @@ class MemoryManager:
                 self.pool.free(extent)
             session.paged, session.spilled = [], (storages, written[0])
             self.spills += 1
-        finally:
-            session.moving = None
-            self._cond.notify_all()
 
     def resident_total(self) -> int:
         with self._lock:
@@ -548,12 +554,8 @@ class MemoryManager:
             session = self._live(sid)
             if session.is_paged or not session.pageable or session.holds:
                 return None
-            session.moving = "out"
-            try:
+            with self._moving(session, "out"):
                 return self._page_out(session)
-            finally:
-                session.moving = None
-                self._cond.notify_all()
 
     def _page_out(self, session: SessionMemory) -> Transfer | None:
         sid = session.sid
@@ -626,12 +628,8 @@ class MemoryManager:
             self._cond.wait_for(lambda: session.moving is None)  # making room released the lock: another
             if not session.is_paged:  # caller may have paged this session in meanwhile
                 return None
-            session.moving = "in"
-            try:
+            with self._moving(session, "in"):
                 return self._page_in(session, total)
-            finally:
-                session.moving = None
-                self._cond.notify_all()
 
     def _page_in(self, session: SessionMemory, total: int) -> Transfer:
         sid = session.sid
