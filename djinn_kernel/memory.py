@@ -245,7 +245,8 @@ class SessionMemory:
 @dataclass(frozen=True)
 class Transfer:
     """What one page-out or page-in moved: ``seconds`` is the copies alone (CUDA events on the copy stream,
-    after it waited for compute); ``wall_seconds`` adds bookkeeping, allocation and the wait for compute."""
+    after it waited for compute); ``wall_seconds`` adds bookkeeping, allocation and the wait for compute;
+    ``call_seconds`` the whole call (waiting for the lock and making room included)."""
 
     sid: int
     direction: str
@@ -253,6 +254,7 @@ class Transfer:
     copies: int
     seconds: float
     wall_seconds: float
+    call_seconds: float
 
 
 class PagingPolicy(Protocol):
@@ -550,14 +552,15 @@ class MemoryManager:
     # moving ---------------------------------------------------------------------------------------------
     def page_out(self, sid: int) -> Transfer | None:
         """Copy every storage of the session to the host, then free them: all of it, or (on any error) none."""
+        called = time.perf_counter()
         with self._lock:
             session = self._live(sid)
             if session.is_paged or not session.pageable or session.holds:
                 return None
             with self._moving(session, "out"):
-                return self._page_out(session)
+                return self._page_out(session, called)
 
-    def _page_out(self, session: SessionMemory) -> Transfer | None:
+    def _page_out(self, session: SessionMemory, called: float) -> Transfer | None:
         sid = session.sid
         storages = unique_storages(session.tensors())
         total = sum(s.nbytes() for s in storages)
@@ -592,7 +595,8 @@ class MemoryManager:
             self._undo_page_out(session, freed, plan)
             raise PagingError(f"paging session {sid} out failed ({exc}); nothing was paged") from exc
         session.paged = plan
-        transfer = Transfer(sid, "out", total, len(plan), seconds, time.perf_counter() - start)
+        end = time.perf_counter()
+        transfer = Transfer(sid, "out", total, len(plan), seconds, end - start, end - called)
         self.transfers.append(transfer)
         self.page_outs += 1
         return transfer
@@ -619,6 +623,7 @@ class MemoryManager:
         """Bring a paged session back (making room first), from the host pool or, for a spilled one, from its file
         through the staging ring, each block copied on to the device as soon as it is read: all of it, or (on any
         error) it stays paged where it was."""
+        called = time.perf_counter()
         with self._lock, self._held(sid) as session:
             session.last_used = time.monotonic()
             if not session.is_paged:
@@ -629,9 +634,9 @@ class MemoryManager:
             if not session.is_paged:  # caller may have paged this session in meanwhile
                 return None
             with self._moving(session, "in"):
-                return self._page_in(session, total)
+                return self._page_in(session, total, called)
 
-    def _page_in(self, session: SessionMemory, total: int) -> Transfer:
+    def _page_in(self, session: SessionMemory, total: int, called: float) -> Transfer:
         sid = session.sid
         start = time.perf_counter()
         spilled = session.spilled
@@ -667,7 +672,8 @@ class MemoryManager:
             self.spill.remove(spilled[1])
             session.spilled = None
             self.unspills += 1
-        transfer = Transfer(sid, "in", total, len(storages), seconds, time.perf_counter() - start)
+        end = time.perf_counter()
+        transfer = Transfer(sid, "in", total, len(storages), seconds, end - start, end - called)
         self.transfers.append(transfer)
         self.page_ins += 1
         return transfer

@@ -19,8 +19,10 @@ Invariants:
 - A write runs without the memory manager's lock, while other threads remove files: ``used`` and ``files`` are
   kept under the store's own lock, and a write reserves its bytes against ``capacity`` before it starts.
 - A file lives exactly as long as its session stays spilled: it is removed once read back, when the session is
-  closed (or reclaimed when its client dies), and when the store is closed. Files that a killed daemon left
-  behind (their name carries its pid) are removed when the next store opens the folder.
+  closed (or reclaimed when its client dies), and when the store is closed. Its bytes leave ``used`` at once, but
+  the unlink itself runs on the store's reaper thread: unlinking a 1.7 GB file took 0.39 s on a VM disk, time a
+  resume from disk must not wait for. ``settle`` waits for pending unlinks (``close`` does). Files that a killed
+  daemon left behind (their name carries its pid) are removed when the next store opens the folder.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -114,6 +117,9 @@ class SpillStore:
         self.used = 0
         self.files: set[Path] = set()
         self._lock = threading.Lock()  # ``used`` and ``files``: a write runs off the memory manager's lock
+        self._unlinked = threading.Condition(self._lock)  # ``_doomed`` went down
+        self._doomed = 0  # files removed from ``files`` whose unlink has not yet run
+        self._reaper: queue.SimpleQueue[Path] | None = None
         self._names = itertools.count(1)
         self._prefix = f"djinn-{os.getpid()}-"
         for stale in self.folder.glob("djinn-*-*.spill"):
@@ -240,11 +246,33 @@ class SpillStore:
                 raise
 
     def remove(self, spilled: SpillFile) -> None:
-        spilled.path.unlink(missing_ok=True)
+        """Forget the file now and unlink it on the reaper thread (see the module docstring)."""
         with self._lock:
-            if spilled.path in self.files:
-                self.files.discard(spilled.path)
-                self.used -= spilled.nbytes
+            if spilled.path not in self.files:
+                return
+            self.files.discard(spilled.path)
+            self.used -= spilled.nbytes
+            self._doomed += 1
+            if self._reaper is None:
+                self._reaper = queue.SimpleQueue()
+                threading.Thread(target=self._reap, args=(self._reaper,), name="djinn-unlink", daemon=True).start()
+            self._reaper.put(spilled.path)
+
+    def _reap(self, doomed: queue.SimpleQueue[Path]) -> None:
+        while True:
+            path = doomed.get()
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a file that cannot be unlinked holds nobody's state; the next store clears its folder
+            with self._unlinked:
+                self._doomed -= 1
+                self._unlinked.notify_all()
+
+    def settle(self) -> None:
+        """Return once every removed file is unlinked."""
+        with self._unlinked:
+            self._unlinked.wait_for(lambda: self._doomed == 0)
 
     def close(self) -> None:
         with self._lock:
@@ -252,6 +280,7 @@ class SpillStore:
                 path.unlink(missing_ok=True)
             self.files.clear()
             self.used = 0
+        self.settle()
 
     def stats(self) -> dict[str, object]:
         with self._lock:

@@ -265,12 +265,14 @@ def main() -> int:
     # disk's (in this order no page-in has to evict a session that is about to be resumed); a finished session
     # is closed, as its user would once done, so later page-ins find room without evicting anyone ------------------
     result["spill_files_dropped_from_page_cache"] = 0
+    if spill is not None:
+        spill.settle()  # the steering read some sessions back from disk: their files are being unlinked
     for path in spill_dir.glob("*.spill"):
         drop_from_page_cache(path)
         result["spill_files_dropped_from_page_cache"] += 1
     latencies: dict[str, list[float]] = {"gpu": [], "host": [], "disk": []}
     floors: dict[str, list[float]] = {"host": [], "disk": []}
-    inside: dict[str, dict[str, list[float]]] = {tier: {"copies": [], "manager": []} for tier in floors}
+    inside: dict[str, dict[str, list[float]]] = {tier: {"copies": [], "manager": [], "call": [], "api": []} for tier in floors}
     finished: dict[int, tuple[list[int], torch.Tensor]] = {}
     h2d, disk_read = result["bandwidth"]["h2d_gb_s"] * GB, result["bandwidth"]["read_gb_s"] * GB
     order = sorted(range(sessions_n), key=lambda i: ("gpu", "host", "disk").index(tiers[opened[i].id]))
@@ -281,6 +283,7 @@ def main() -> int:
         sync(device)
         t0 = time.perf_counter()
         moved = s.page_in()
+        returned = time.perf_counter()
         sync(device)
         latencies[tier].append(time.perf_counter() - t0)
         if tier == "host":
@@ -291,6 +294,8 @@ def main() -> int:
         if tier != "gpu":
             inside[tier]["copies"].append(moved["seconds"])
             inside[tier]["manager"].append(moved["wall_seconds"])
+            inside[tier]["call"].append(moved["call_seconds"])
+            inside[tier]["api"].append(returned - t0)
         run.finish()
         finished[i] = (run.tokens, run.logits)
         s.close()
@@ -309,8 +314,9 @@ def main() -> int:
         "follows its read; it takes no host pool room, so it spills nobody); the read bandwidth is the tier's own "
         "read through such a ring of a file dropped from the page cache, as the spill files are before the resumes. "
         "page_in_inside_ms: copies = the memory manager's copy-stream time (CUDA events; for the disk tier from "
-        "the first read to the last copy), manager = its wall time (allocation and bookkeeping included); the rest "
-        "of resume_latency_ms is the API and the synchronize around it")
+        "the first read to the last copy), manager = its wall time (allocation and bookkeeping included), call = the "
+        "manager's whole page_in (its lock and making room included), api = Session.page_in() until it returned; "
+        "the rest of resume_latency_ms is the device synchronize after it")
     result["resume_p50_over_floor"] = {
         tier: statistics.median(latencies[tier]) / statistics.median(floors[tier]) for tier in floors if floors[tier]
     }
@@ -358,6 +364,8 @@ def main() -> int:
     }
     a.close()
     b.close()
+    if spill is not None:
+        spill.settle()  # files read back or closed are unlinked off the resume path
     result["spill_files_left"] = len(list(spill_dir.glob("*.spill")))
     engine.shutdown()
     result["targets"] = {
