@@ -21,7 +21,8 @@ Invariants:
 - A file lives exactly as long as its session stays spilled: it is removed once read back, when the session is
   closed (or reclaimed when its client dies), and when the store is closed. Its bytes leave ``used`` at once, but
   the unlink itself runs on the store's reaper thread: unlinking a 1.7 GB file took 0.39 s on a VM disk, time a
-  resume from disk must not wait for. ``settle`` waits for pending unlinks (``close`` does). Files that a killed
+  resume from disk must not wait for, and it waits while a read is under way, so as not to slow that read down.
+  ``settle`` waits for pending unlinks (``close`` does). Files that a killed
   daemon left behind (their name carries its pid) are removed when the next store opens the folder.
 """
 
@@ -119,6 +120,7 @@ class SpillStore:
         self._lock = threading.Lock()  # ``used`` and ``files``: a write runs off the memory manager's lock
         self._unlinked = threading.Condition(self._lock)  # ``_doomed`` went down
         self._doomed = 0  # files removed from ``files`` whose unlink has not yet run
+        self._reading = 0  # reads under way: the reaper waits for none, so an unlink never slows a resume's read
         self._reaper: queue.SimpleQueue[Path] | None = None
         self._names = itertools.count(1)
         self._prefix = f"djinn-{os.getpid()}-"
@@ -177,6 +179,8 @@ class SpillStore:
         either way no reader is left running when it returns."""
         if not staging or any(buffer.numel() < self.block_bytes for buffer in staging):
             raise InvalidArgumentError(f"reading a spill file needs staging buffers of {self.block_bytes} bytes")
+        with self._unlinked:
+            self._reading += 1
         try:
             fd = os.open(spilled.path, os.O_RDONLY)
             try:
@@ -185,6 +189,10 @@ class SpillStore:
                 os.close(fd)
         except OSError as exc:
             raise PagingError(f"reading the spill file {spilled.path} failed ({exc.strerror or exc})") from exc
+        finally:
+            with self._unlinked:
+                self._reading -= 1
+                self._unlinked.notify_all()
 
     def _read_blocks(
         self, path: Path, fd: int, sizes: tuple[int, ...], staging: list[torch.Tensor], landed: Landed
@@ -261,6 +269,8 @@ class SpillStore:
     def _reap(self, doomed: queue.SimpleQueue[Path]) -> None:
         while True:
             path = doomed.get()
+            with self._unlinked:
+                self._unlinked.wait_for(lambda: self._reading == 0)
             try:
                 path.unlink(missing_ok=True)
             except OSError:

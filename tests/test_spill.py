@@ -156,6 +156,29 @@ def test_a_file_of_thousands_of_small_extents_goes_and_comes_back_exact(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_removed_file_is_unlinked_off_the_callers_path_and_never_during_a_read(tmp_path):
+    store = SpillStore(tmp_path, 64 * MiB, threads=2, block_bytes=1 << 20)
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, generator=gen)]
+    gone, read = store.write(1, views), store.write(2, views)
+    back = [torch.zeros_like(v) for v in views]
+    during: list[tuple[bool, int]] = []
+
+    def landed(block, pieces):
+        if not during:
+            store.remove(gone)  # its bytes leave the accounting at once; the file waits for the read to end
+        during.append((gone.path.exists(), store.used))
+        put(back, block, pieces)
+
+    store.read(read, store.staging(pin=False), landed)
+    assert torch.equal(back[0], views[0]) and len(during) == 3
+    assert during == [(True, read.nbytes)] * 3, "no unlink while the read ran; the bytes left at once"
+    store.settle()
+    assert not gone.path.exists() and read.path.exists() and store.files == {read.path}
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_a_spilled_session_read_in_many_blocks_by_several_threads_comes_back_exact(tmp_path, threads):
     memory, kv, expected = spilled_odd_session(tmp_path, threads=threads)
