@@ -583,7 +583,8 @@ class Engine(PauseOps):
             return self._transfer_report(sid, self.phases.compute(sid))
 
     def _transfer_report(self, sid: int, transfer: Transfer | None) -> dict[str, object]:
-        moved = {"bytes": 0, "copies": 0, "seconds": 0.0, "wall_seconds": 0.0, "call_seconds": 0.0}
+        moved = {"bytes": 0, "copies": 0, "seconds": 0.0, "wall_seconds": 0.0, "call_seconds": 0.0,
+                 "room_seconds": 0.0}
         if transfer is not None:
             moved = {
                 "bytes": transfer.nbytes,
@@ -591,6 +592,7 @@ class Engine(PauseOps):
                 "seconds": transfer.seconds,
                 "wall_seconds": transfer.wall_seconds,
                 "call_seconds": transfer.call_seconds,
+                "room_seconds": transfer.room_seconds,
             }
         return {**moved, **self.memory.session_stats(sid)}
 

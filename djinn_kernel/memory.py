@@ -246,7 +246,8 @@ class SessionMemory:
 class Transfer:
     """What one page-out or page-in moved: ``seconds`` is the copies alone (CUDA events on the copy stream,
     after it waited for compute); ``wall_seconds`` adds bookkeeping, allocation and the wait for compute;
-    ``call_seconds`` the whole call (waiting for the lock and making room included)."""
+    ``call_seconds`` the whole call, of which ``room_seconds`` making room on the device (a page-in) and the rest
+    beyond ``wall_seconds`` waiting for the manager's lock and for the session to settle."""
 
     sid: int
     direction: str
@@ -255,6 +256,7 @@ class Transfer:
     seconds: float
     wall_seconds: float
     call_seconds: float
+    room_seconds: float = 0.0
 
 
 class PagingPolicy(Protocol):
@@ -629,14 +631,16 @@ class MemoryManager:
             if not session.is_paged:
                 return None
             total = session.paged_bytes()
+            room = time.perf_counter()
             self._make_room(max(total, session.reserved), for_sid=sid)
+            room = time.perf_counter() - room
             self._cond.wait_for(lambda: session.moving is None)  # making room released the lock: another
             if not session.is_paged:  # caller may have paged this session in meanwhile
                 return None
             with self._moving(session, "in"):
-                return self._page_in(session, total, called)
+                return self._page_in(session, total, called, room)
 
-    def _page_in(self, session: SessionMemory, total: int, called: float) -> Transfer:
+    def _page_in(self, session: SessionMemory, total: int, called: float, room: float) -> Transfer:
         sid = session.sid
         start = time.perf_counter()
         spilled = session.spilled
@@ -673,7 +677,7 @@ class MemoryManager:
             session.spilled = None
             self.unspills += 1
         end = time.perf_counter()
-        transfer = Transfer(sid, "in", total, len(storages), seconds, end - start, end - called)
+        transfer = Transfer(sid, "in", total, len(storages), seconds, end - start, end - called, room)
         self.transfers.append(transfer)
         self.page_ins += 1
         return transfer

@@ -272,7 +272,8 @@ def main() -> int:
         result["spill_files_dropped_from_page_cache"] += 1
     latencies: dict[str, list[float]] = {"gpu": [], "host": [], "disk": []}
     floors: dict[str, list[float]] = {"host": [], "disk": []}
-    inside: dict[str, dict[str, list[float]]] = {tier: {"copies": [], "manager": [], "call": [], "api": []} for tier in floors}
+    inside: dict[str, dict[str, list[float]]] = {tier: {"copies": [], "manager": [], "room": [], "call": [], "api": []}
+                                                  for tier in floors}
     finished: dict[int, tuple[list[int], torch.Tensor]] = {}
     h2d, disk_read = result["bandwidth"]["h2d_gb_s"] * GB, result["bandwidth"]["read_gb_s"] * GB
     order = sorted(range(sessions_n), key=lambda i: ("gpu", "host", "disk").index(tiers[opened[i].id]))
@@ -295,6 +296,7 @@ def main() -> int:
             inside[tier]["copies"].append(moved["seconds"])
             inside[tier]["manager"].append(moved["wall_seconds"])
             inside[tier]["call"].append(moved["call_seconds"])
+            inside[tier]["room"].append(moved["room_seconds"])
             inside[tier]["api"].append(returned - t0)
         run.finish()
         finished[i] = (run.tokens, run.logits)
@@ -315,7 +317,7 @@ def main() -> int:
         "read through such a ring of a file dropped from the page cache, as the spill files are before the resumes. "
         "page_in_inside_ms: copies = the memory manager's copy-stream time (CUDA events; for the disk tier from "
         "the first read to the last copy), manager = its wall time (allocation and bookkeeping included), call = the "
-        "manager's whole page_in (its lock and making room included), api = Session.page_in() until it returned; "
+        "manager's whole page_in (its lock and making room included; room = making room alone), api = Session.page_in() until it returned; "
         "the rest of resume_latency_ms is the device synchronize after it")
     result["resume_p50_over_floor"] = {
         tier: statistics.median(latencies[tier]) / statistics.median(floors[tier]) for tier in floors if floors[tier]
