@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -45,8 +47,28 @@ KiB = 1 << 10
 MODEL = "llama2-7b-shape-random"
 
 
+START = time.monotonic()
+
+
 def log(msg: str) -> None:
-    print(f"[bench_paging {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    """Progress with the clock and the seconds since the script started, named for the script that runs."""
+    script = Path(sys.argv[0])
+    name = script.parent.name if script.stem == "run" else script.stem
+    print(f"[{name} {time.strftime('%H:%M:%S')} +{time.monotonic() - START:6.1f}s] {msg}", flush=True)
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """Nearest-rank quantile (p99 of 50 values is the largest but none): no interpolation between samples."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+
+
+def percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"p50": quantile(values, 0.5), "p99": quantile(values, 0.99), "max": max(values), "n": len(values)}
 
 
 def sync(device: torch.device) -> None:

@@ -36,7 +36,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import random
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from bench_paging import build_model, nvidia_smi
+from bench_paging import START, build_model, log, nvidia_smi, quantile
 from djinn_kernel.agents import AgentRun, AgentScript, RoundRecord, random_script
 from djinn_kernel.api import Model
 from djinn_kernel.engine import Engine
@@ -58,11 +57,6 @@ from djinn_kernel.policies import POLICIES, make_policy
 MODEL = "llama2-7b-shape-random"
 SIGNAL_DRIVEN = ("signal", "signal-keep-short")
 STOPPED = "stopped: "  # an agent error with this prefix: its remaining rounds were not run, none failed
-START = time.monotonic()
-
-
-def log(msg: str) -> None:
-    print(f"[exp1 {time.strftime('%H:%M:%S')} +{time.monotonic() - START:6.1f}s] {msg}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -107,14 +101,6 @@ def scripts(seed: int, n: int, vocab: int, prompt: tuple[int, int], **kw) -> lis
 
 def script_tokens(script: AgentScript) -> int:
     return sum(len(s.input) + s.max_new_tokens for s in script.steps)
-
-
-def quantile(values: list[float], q: float) -> float | None:
-    """Nearest-rank quantile (p99 of 50 values is the largest but none): no interpolation between rounds."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
 
 
 class CellStopped(Exception):

@@ -43,7 +43,7 @@ import torch
 
 import djinn_kernel as dj
 from bench_decode import aggregate
-from bench_paging import LLAMA_SHAPES, copy_bandwidth, nvidia_smi
+from bench_paging import LLAMA_SHAPES, START, copy_bandwidth, log, nvidia_smi, sync
 from djinn_kernel.decode import ForwardCall
 from djinn_kernel.engine import Engine
 from djinn_kernel.memory import GiB, MiB, LRUPolicy, MemoryManager
@@ -59,11 +59,6 @@ SHAPES = {
     "small-exact": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=256),
 }
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[exp2 {time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
 def llama(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
@@ -80,11 +75,6 @@ def llama(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
             return LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(previous)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free(device: torch.device) -> None:
@@ -460,7 +450,7 @@ def main() -> int:
     }
 
     def save() -> None:
-        result["elapsed_s"] = time.perf_counter() - T0
+        result["elapsed_s"] = time.monotonic() - START
         out.write_text(json.dumps(result, indent=2, default=str))
 
     try:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from bench_paging import build_model, copy_bandwidth, log, nvidia_smi, sync
+from bench_paging import build_model, copy_bandwidth, log, nvidia_smi, percentiles, sync
 from djinn_kernel.api import Model
 from djinn_kernel.decode import ForwardCall
 from djinn_kernel.engine import Engine
@@ -47,14 +47,6 @@ from djinn_kernel.memory import GiB, MiB, LRUPolicy, MemoryManager, parse_bytes
 from djinn_kernel.spill import SpillStore
 
 GB = 1e9
-
-
-def percentiles(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
-    return {"p50": pick(0.5), "p99": pick(0.99), "max": ordered[-1], "n": len(ordered)}
 
 
 def drop_from_page_cache(path: Path) -> None:
