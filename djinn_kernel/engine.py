@@ -333,10 +333,12 @@ class Engine(PauseOps):
             path, layer = self._target(session, target, side)
             if isinstance(edit, AddVector):  # checked now, not at the first forward of some later run
                 alpha = check_coefficient(edit.alpha, "alpha")
-                edit = replace(edit, vector=self._check_width(session, edit.vector, layer, "steering vector"), alpha=alpha)
+                vector = self._check_width(session, edit.vector, layer, "steering vector")
+                edit = replace(edit, vector=vector, alpha=alpha)
             elif isinstance(edit, SetPromptRows):  # the positions against each prompt, at generate
                 positions = edit.positions
-                if not isinstance(positions, (tuple, list, range)) or not positions or any(type(p) is not int for p in positions):
+                listed = isinstance(positions, (tuple, list, range)) and all(type(p) is int for p in positions)
+                if not listed or not positions:
                     raise InvalidArgumentError(f"positions must be a non-empty list of integers, not {positions!r}")
                 values = self._check_width(session, edit.values, layer, "values", len(positions))
                 edit = replace(edit, positions=tuple(positions), values=values)
@@ -345,7 +347,9 @@ class Engine(PauseOps):
             return steer.describe()
 
     @staticmethod
-    def _check_width(session: SessionState, value: object, layer: int | None, what: str, rows: int | None = None) -> object:
+    def _check_width(
+        session: SessionState, value: object, layer: int | None, what: str, rows: int | None = None
+    ) -> object:
         """Fail at ``steer`` time, not mid-generation, when a layer's width is known from the config: a vector
         ``[hidden]``, or ``[rows, hidden]``; cast to the model's dtype and device (so the kept edit and the fast
         path apply it as the model computes)."""

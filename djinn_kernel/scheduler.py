@@ -20,8 +20,8 @@ Invariants:
   order of edits does), before a pause or a tap sees the output; its decode steps are plain.
 - A run that needs what only the module path offers (a breakpoint on a submodule or an input, steering other
   than an ``AddVector`` or a ``SetPromptRows`` at a decoder layer's output, a recording of anything but a
-  decoder layer's output) is handed over between steps: its KV is copied into a transformers cache and it continues on the session's
-  executor thread on the module path to its end.
+  decoder layer's output) is handed over between steps: its KV is copied into a transformers cache and it
+  continues on the session's executor thread on the module path to its end.
 - Between steps a run's KV (``BlockKV``) holds every token it has fed; the run's last token is pending. A failed
   step leaves each row's ``length`` unchanged (the step advances it only on success), so the session's context
   stays consistent and the failure ends only the runs of that step.

@@ -85,7 +85,8 @@ def sweep(model: Model, prompt: list[int], vocab: int, layers: int, reps: int, c
         corrupted[p] = (prompt[p] + 1) % vocab
     metric = logit_difference(3, 4)
     ways = {
-        "batched": lambda: patch_sweep(model, prompt, corrupted, metric, layer_ids, positions, concurrent=concurrent).values,
+        "batched": lambda: patch_sweep(model, prompt, corrupted, metric, layer_ids, positions,
+                                       concurrent=concurrent).values,
         "sequential": lambda: paused_sweep(model, prompt, corrupted, metric, layer_ids, positions),
     }
     grids, seconds = {}, {}
@@ -99,7 +100,8 @@ def sweep(model: Model, prompt: list[int], vocab: int, layers: int, reps: int, c
         seconds[name] = statistics.median(times)
         log(f"sweep {len(layer_ids)} x {len(positions)} {name}: {seconds[name]:.3f} s")
     return {"layers": layer_ids, "positions": positions, "runs": len(layer_ids) * len(positions),
-            "concurrent": concurrent, "seconds": seconds, "sequential_over_batched": seconds["sequential"] / seconds["batched"],
+            "concurrent": concurrent, "seconds": seconds,
+            "sequential_over_batched": seconds["sequential"] / seconds["batched"],
             "max_grid_difference": float((grids["batched"] - grids["sequential"]).abs().max())}
 
 
