@@ -77,7 +77,8 @@ def patch_sweep(
         )
     if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
         raise InvalidArgumentError(f"concurrent must be a positive integer, not {concurrent!r}")
-    layers = list(range(model.num_layers)) if layers is None else list(layers)
+    count = model.num_layers  # a negative layer counts from the end, as everywhere; its rows are kept by index
+    layers = list(range(count)) if layers is None else [i + count if type(i) is int and i < 0 else i for i in layers]
     positions = list(range(len(clean))) if positions is None else [p % len(clean) for p in positions]
     with model.session() as source:
         source.record(layers)

@@ -119,8 +119,9 @@ def test_a_batched_sweep_equals_patching_each_run_at_a_pause(model):
     metric = logit_difference(7, 9)
     layers, positions = [0, model.num_layers - 1], [0, 3, 4, -1]
     seen: list[tuple[int, int]] = []
-    grid = patch_sweep(model, CLEAN, CORRUPTED, metric, layers, positions, lambda d, t: seen.append((d, t)))
+    grid = patch_sweep(model, CLEAN, CORRUPTED, metric, [0, -1], positions, lambda d, t: seen.append((d, t)))
     assert seen == [(d, 8) for d in range(1, 9)] and grid.positions == [0, 3, 4, len(CLEAN) - 1]
+    assert grid.layers == layers
     expected = paused_sweep(model, CLEAN, CORRUPTED, metric, layers, grid.positions)
     alone = patch_sweep(model, CLEAN, CORRUPTED, metric, layers, positions, concurrent=1)
     assert torch.equal(alone.values, expected), "one run at a time: the same forwards, the same bits"
