@@ -42,7 +42,8 @@ _LAZY = {
          "local_engine"),
         "api",
     ),
-    **dict.fromkeys(("Ablate", "AddVector", "Edit", "Replace", "Scale", "SetPositions"), "edits"),
+    **dict.fromkeys(("Ablate", "AddVector", "Edit", "Replace", "Scale", "SetPositions", "SetPromptRows"),
+                     "edits"),
 }
 
 
@@ -104,6 +105,7 @@ __all__ = [
     "SessionLostError",
     "WeightBudgetError",
     "SetPositions",
+    "SetPromptRows",
     "load",
     "local_engine",
 ]

@@ -59,6 +59,8 @@ class Edit:
 
     kind: ClassVar[str] = ""
     registry: ClassVar[dict[str, type[Edit]]] = {}
+    # As persistent steering, whether it acts at a run's prefill only (its positions are the prompt's).
+    prefill_only: ClassVar[bool] = False
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
@@ -162,6 +164,23 @@ class SetPositions(Edit):
         out = activation.clone()
         out[..., index, :] = values
         return out
+
+
+@dataclass(frozen=True)
+class SetPromptRows(SetPositions):
+    """``SetPositions`` over the prompt: as persistent steering it overwrites those rows of each run's prefill
+    (activation patching without a pause, batched on the fast path) and leaves the decode steps alone. Positions
+    count among the tokens the prefill feeds, negatives from the end; at a pause it acts as ``SetPositions``."""
+
+    kind: ClassVar[str] = "set_prompt_rows"
+    prefill_only: ClassVar[bool] = True
+
+    def rows(self, tokens: int) -> list[int]:
+        """The positions among a prefill of ``tokens`` tokens, each named once (a row set twice is ambiguous)."""
+        rows = check_positions(self.positions, tokens, "the prompt's")
+        if len(set(rows)) != len(rows):
+            raise InvalidArgumentError(f"positions {list(self.positions)} name a prompt row twice; give each once")
+        return rows
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from . import conditions, context, models
 from .anatomy import resolve_target
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
-from .edits import AddVector, Edit, check_coefficient, check_tensor
+from .edits import AddVector, Edit, SetPromptRows, check_coefficient, check_tensor
 from .errors import (
     DjinnError,
     ExecutionError,
@@ -333,20 +333,32 @@ class Engine(PauseOps):
             path, layer = self._target(session, target, side)
             if isinstance(edit, AddVector):  # checked now, not at the first forward of some later run
                 alpha = check_coefficient(edit.alpha, "alpha")
-                edit = replace(edit, vector=self._check_vector(session, edit.vector, layer), alpha=alpha)
+                vector = self._check_width(session, edit.vector, layer, "steering vector")
+                edit = replace(edit, vector=vector, alpha=alpha)
+            elif isinstance(edit, SetPromptRows):  # the positions against each prompt, at generate
+                positions = edit.positions
+                listed = isinstance(positions, (tuple, list, range)) and all(type(p) is int for p in positions)
+                if not listed or not positions:
+                    raise InvalidArgumentError(f"positions must be a non-empty list of integers, not {positions!r}")
+                values = self._check_width(session, edit.values, layer, "values", len(positions))
+                edit = replace(edit, positions=tuple(positions), values=values)
             steer = Steering(next(session._steer_ids), path, layer, side, edit.owned())
             session.steering[steer.id] = steer
             return steer.describe()
 
     @staticmethod
-    def _check_vector(session: SessionState, vector: object, layer: int | None) -> object:
-        """Fail at ``steer`` time, not mid-generation, when a layer's width is known from the config; the vector
-        cast to the model's dtype and device (so the kept edit and the fast path add it as the model computes)."""
+    def _check_width(
+        session: SessionState, value: object, layer: int | None, what: str, rows: int | None = None
+    ) -> object:
+        """Fail at ``steer`` time, not mid-generation, when a layer's width is known from the config: a vector
+        ``[hidden]``, or ``[rows, hidden]``; cast to the model's dtype and device (so the kept edit and the fast
+        path apply it as the model computes)."""
         hidden = getattr(session.model.model.config, "hidden_size", None)
         if layer is None or hidden is None:
-            return vector
+            return value
         like = next(session.model.model.parameters())
-        return check_tensor(vector, like=torch.empty((hidden,), dtype=like.dtype, device=like.device), what="steering vector")
+        shape = (hidden,) if rows is None else (rows, hidden)
+        return check_tensor(value, like=torch.empty(shape, dtype=like.dtype, device=like.device), what=what)
 
     def remove_steering(self, sid: int, steer_id: int | None = None) -> list[int]:
         session = self._session(sid)
@@ -461,6 +473,9 @@ class Engine(PauseOps):
             else:
                 new = self._turn_ids(session, prompt, chat)
             input_ids = [*session.history[kept:], *new] if not fresh else new
+            for steer in session.steering.values():
+                if steer.edit.prefill_only:  # a bad position fails this call, not a packed prefill of many runs
+                    steer.edit.rows(len(input_ids))
             total = kept + len(input_ids) + max_new_tokens
             limit = loaded.max_positions
             if limit is not None and total > limit:

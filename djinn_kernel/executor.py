@@ -203,6 +203,8 @@ class Run:
             raise Aborted
         changed = False
         for steering in self.session.steering_at(path, side) if hooked else ():
+            if steering.edit.prefill_only and self.token_step:
+                continue  # a patch of the prompt's rows: decode steps are left alone
             value = steering.edit.apply(value)
             changed = True
         layer = self.session.model.anatomy.layer_index(path)

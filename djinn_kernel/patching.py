@@ -1,24 +1,30 @@
 """Activation patching: put a clean run's activations into a corrupted run, one layer and position at a time,
 and measure how much of the clean answer each patch brings back (the causal-tracing figure).
 
-Built only on the public API (``Session.record``, breakpoints, ``Pause.patch``), so it runs the same in-process
-and through the daemon. Each patched run is a one-token generation that pauses at the layer's output at the
-prefill, takes the clean row at that position, and finishes; nothing else differs from the corrupted run, so
-patching a run with its own recording changes nothing, bit for bit (a test).
+Built only on the public API (``Session.record``, ``Session.steer_with``), so it runs the same in-process and
+through the daemon. Each patched run is a one-token generation of the corrupted prompt whose session steers
+with a ``SetPromptRows`` of the clean row at that layer and position: no pause, so on a fast-path engine the
+run stays in the batch, and the sweep keeps several sessions generating at once for the scheduler to pack their
+prefills together. Nothing else differs from the corrupted run, so patching a run with its own recording
+changes nothing, bit for bit (a test), and the grid equals patching each run at a pause (``Pause.patch``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from .edits import SetPromptRows
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from .api import Model
+    from .api import Model, Session
 
 Metric = Callable[[torch.Tensor], float]
 
@@ -56,10 +62,12 @@ def patch_sweep(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    concurrent: int = 16,
 ) -> PatchGrid:
     """Patch each (layer, position) of ``clean`` into ``corrupted`` (token ids of equal length) and score the
-    next-token logits with ``metric``. ``layers``/``positions``: all by default; ``on_progress(done, total)``
-    after each patched run (the sweep is ``len(layers) * len(positions)`` one-token runs)."""
+    next-token logits with ``metric``. ``layers``/``positions``: all by default. The sweep is
+    ``len(layers) * len(positions)`` one-token runs, ``concurrent`` of them at once (one session each);
+    ``metric`` and ``on_progress(done, total)`` are called on the caller's thread, the latter after each run."""
     if not isinstance(clean, list) or not isinstance(corrupted, list):
         raise InvalidArgumentError("clean and corrupted are lists of token ids (tokenize text first)")
     if len(clean) != len(corrupted) or not clean:
@@ -67,24 +75,43 @@ def patch_sweep(
             f"clean and corrupted prompts must have the same number of tokens to patch position by position, "
             f"not {len(clean)} and {len(corrupted)}"
         )
-    layers = list(range(model.num_layers)) if layers is None else list(layers)
+    if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
+        raise InvalidArgumentError(f"concurrent must be a positive integer, not {concurrent!r}")
+    count = model.num_layers  # a negative layer counts from the end, as everywhere; its rows are kept by index
+    layers = list(range(count)) if layers is None else [i + count if type(i) is int and i < 0 else i for i in layers]
     positions = list(range(len(clean))) if positions is None else [p % len(clean) for p in positions]
-    with model.session() as source, model.session() as target:
+    with model.session() as source:
         source.record(layers)
         clean_run = source.generate(clean, 1, keep_logits=True)
-        clean_run.recorded  # noqa: B018 - fetched now, while it is the source session's run
+        recorded = clean_run.recorded
         clean_score = metric(clean_run.logits[0])
-        corrupted_score = metric(target.generate(corrupted, 1, keep_logits=True).logits[0])
-        values = torch.empty(len(layers), len(positions))
-        total = values.numel()
-        for i, layer in enumerate(layers):
-            bp = target.break_at(layer, tokens=0)
-            for j, position in enumerate(positions):
-                run = target.generate(corrupted, 1, keep_logits=True)
-                run.pause.patch(clean_run, [position])
-                values[i, j] = metric(run.finish().logits[0])
-                if on_progress is not None:
-                    on_progress(i * len(positions) + j + 1, total)
-            target.delete(bp)
+    cells = [(i, j) for i in range(len(layers)) for j in range(len(positions))]
+    values = torch.empty(len(layers), len(positions))
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(model.session()) for _ in range(min(concurrent, len(cells)))]
+        corrupted_score = metric(sessions[0].generate(corrupted, 1, keep_logits=True).logits[0])
+        idle: queue.SimpleQueue[Session] = queue.SimpleQueue()
+        for session in sessions:
+            idle.put(session)
+
+        def patched(layer: int, position: int) -> torch.Tensor:
+            """The corrupted run's next-token logits with the clean row at (layer, position), on an idle session."""
+            session = idle.get()
+            try:
+                steer = session.steer_with(layer, SetPromptRows((position,), recorded[layer][[position]]))
+                try:
+                    return session.generate(corrupted, 1, keep_logits=True).logits[0]
+                finally:
+                    session.unsteer(steer)
+            finally:
+                idle.put(session)
+
+        pool = ThreadPoolExecutor(len(sessions), thread_name_prefix="djinn-patch")
+        stack.callback(pool.shutdown, cancel_futures=True)  # also on an error or Ctrl-C: no further run starts
+        futures = {pool.submit(patched, layers[i], positions[j]): (i, j) for i, j in cells}
+        for done, future in enumerate(as_completed(futures), 1):
+            values[futures[future]] = metric(future.result())
+            if on_progress is not None:
+                on_progress(done, len(cells))
     labels = model.token_strings([corrupted[p] for p in positions])
     return PatchGrid(values, layers, positions, labels, clean_score, corrupted_score)

@@ -48,6 +48,10 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Called with (layer index, that layer's output) where a solo step may stop; returns a replacement or None.
 AfterLayer = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
+# Prompt rows a prefill overwrites after a layer: (positions among the row's fed tokens, negatives from the end,
+# each once and in range: checked when the run started; values ``[len(positions), hidden]`` in the model's dtype).
+RowPatch = tuple[tuple[int, ...], torch.Tensor]
+
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the runner cannot drive this model (``None`` when it can): the Llama layer structure is required."""
@@ -335,12 +339,15 @@ class Runner:
         rows: list[tuple[BlockKV, list[int], dict[int, torch.Tensor]]],
         after_layer: AfterLayer | None = None,
         taps: list[dict[int, Tap]] | None = None,
+        patches: list[dict[int, list[RowPatch]]] | None = None,
     ) -> torch.Tensor:
         """Feed each row's tokens after the ``kv.length`` its session holds, all rows packed into one sequence
         (the GEMMs run once over every new token); the last position's logits of each row, ``[rows, vocab]``.
-        ``after_layer`` (one row only) sees every layer's output and may replace it. ``taps``, one dict per row:
-        the layers whose output (as ``after_layer`` left it) each row sends to host memory, sent as each layer
-        ends (the eager prefill's layer output is a fresh tensor: it is its own staging)."""
+        ``patches``, one dict per row: the rows of its tokens each layer's output gets overwritten at, in order
+        (activation patching; before the next layer, ``after_layer`` and the taps see them). ``after_layer``
+        (one row only) sees every layer's output and may replace it. ``taps``, one dict per row: the layers
+        whose output (as ``after_layer`` left it) each row sends to host memory, sent as each layer ends (the
+        eager prefill's layer output is a fresh tensor: it is its own staging)."""
         starts = [kv.length for kv, _, _ in rows]
         counts = [len(ids) for _, ids, _ in rows]
         for (kv, _, _), start, count in zip(rows, starts, counts):
@@ -363,6 +370,9 @@ class Runner:
                     if index in steering:
                         steer[0, end - count : end] = steering[index]
             h = self._layer(index, h, cos, sin, attend, steer)
+            for row, end, count in zip(patches or (), ends, counts):
+                for positions, values in row.get(index, ()):
+                    h[0, [end - count + p % count for p in positions]] = values
             if after_layer is not None:
                 h = _replaced(h, after_layer(index, h))
             if taps is not None:

@@ -14,10 +14,14 @@ Invariants:
 - A run that records decoder-layer outputs stays in the batch: each forward of it gets host rows to fill
   (``Recorder.taps``), the runner stages and copies them (taps.py), and they count once the forward succeeded
   (``Recorder.written``, in ``_deliver``).
+- A run whose session patches prompt rows (``SetPromptRows`` steering at a decoder layer's output) stays in the
+  batch: its prefill overwrites those rows of its span of the packed sequence after the layer (after the
+  layer's ``AddVector`` steering, whose vector the plan adds to rows patched before it, as the module path's
+  order of edits does), before a pause or a tap sees the output; its decode steps are plain.
 - A run that needs what only the module path offers (a breakpoint on a submodule or an input, steering other
-  than an ``AddVector`` at a decoder layer's output, a recording of anything but a decoder layer's output) is
-  handed over between steps: its KV is copied into a transformers cache and it continues on the session's
-  executor thread on the module path to its end.
+  than an ``AddVector`` or a ``SetPromptRows`` at a decoder layer's output, a recording of anything but a
+  decoder layer's output) is handed over between steps: its KV is copied into a transformers cache and it
+  continues on the session's executor thread on the module path to its end.
 - Between steps a run's KV (``BlockKV``) holds every token it has fed; the run's last token is pending. A failed
   step leaves each row's ``length`` unchanged (the step advances it only on success), so the session's context
   stays consistent and the failure ends only the runs of that step.
@@ -36,10 +40,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .edits import AddVector
+from .edits import AddVector, SetPromptRows
 from .executor import Aborted
 from .handoff import Event
-from .runner import DecodeRow, Runner
+from .runner import DecodeRow, RowPatch, Runner
 from .taps import Tap
 
 if TYPE_CHECKING:
@@ -50,11 +54,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FastPlan:
-    """How one forward of a run goes on the fast path: its steering (one vector per decoder layer) and the layers
-    after which it may stop (empty: it joins the batch)."""
+    """How one forward of a run goes on the fast path: its steering (one vector per decoder layer), the prompt
+    rows its prefill patches (by decoder layer, in order) and the layers after which it may stop (empty: it joins
+    the batch)."""
 
     steering: dict[int, torch.Tensor]
     stops: frozenset[int]
+    patches: dict[int, list[RowPatch]] = field(default_factory=dict)
 
 
 def fast_plan(
@@ -79,19 +85,22 @@ def fast_plan(
                 return None
             stops.add(bp.layer)
     vectors: dict[int, torch.Tensor] = {}
+    patches: dict[int, list[RowPatch]] = {}
     for steer in list(session.steering.values()):
-        edit = steer.edit
-        if (
-            steer.side != "output"
-            or steer.layer is None
-            or steer.path != layer_paths[steer.layer]
-            or not isinstance(edit, AddVector)
-            or edit.positions is not None
-        ):
+        edit, layer = steer.edit, steer.layer
+        if steer.side != "output" or layer is None or steer.path != layer_paths[layer]:
+            return None
+        if isinstance(edit, SetPromptRows):
+            if token_step == 0:
+                patches.setdefault(layer, []).append((edit.positions, edit.values))
+            continue
+        if not isinstance(edit, AddVector) or edit.positions is not None:
             return None
         add = steer.added
-        vectors[steer.layer] = add if steer.layer not in vectors else vectors[steer.layer] + add
-    return FastPlan(vectors, frozenset(stops))
+        vectors[layer] = add if layer not in vectors else vectors[layer] + add
+        if layer in patches:  # the module path adds it to the rows patched before it; the runner patches after
+            patches[layer] = [(rows, values + add) for rows, values in patches[layer]]
+    return FastPlan(vectors, frozenset(stops), patches)
 
 
 @dataclass
@@ -100,6 +109,7 @@ class _Job:
     feed: list[int]  # tokens the next forward consumes: the prompt before prefill, then the last token
     prefilled: bool = False
     steering: dict[int, torch.Tensor] = field(default_factory=dict)
+    patches: dict[int, list[RowPatch]] = field(default_factory=dict)  # prompt rows the prefill overwrites
     taps: dict[int, Tap] = field(default_factory=dict)  # host rows for this forward's recorded layers
 
 
@@ -175,7 +185,7 @@ class Scheduler:
             self._jobs.remove(job)
             self._hand_over(job)
             return False
-        job.steering = plan.steering
+        job.steering, job.patches = plan.steering, plan.patches
         run.token_step = step
         if recorder is not None:
             try:
@@ -204,7 +214,9 @@ class Scheduler:
                 row = DecodeRow(run.cache, job.feed[-1], job.steering, job.taps)
                 logits = self.runner.decode_solo(row, set(stops), after_layer, lambda: run._stepping)
             else:
-                logits = self.runner.prefill([(run.cache, job.feed, job.steering)], after_layer, [job.taps])
+                logits = self.runner.prefill(
+                    [(run.cache, job.feed, job.steering)], after_layer, [job.taps], [job.patches]
+                )
                 job.prefilled = True
         except Aborted:
             run.handoff.post(Event.CANCELLED)
@@ -220,7 +232,9 @@ class Scheduler:
         start = time.perf_counter()
         try:
             logits = self.runner.prefill(
-                [(job.run.cache, job.feed, job.steering) for job in jobs], taps=[job.taps for job in jobs]
+                [(job.run.cache, job.feed, job.steering) for job in jobs],
+                taps=[job.taps for job in jobs],
+                patches=[job.patches for job in jobs],
             )
         except BaseException as exc:  # noqa: BLE001 - a failed forward ends the runs in it, nothing else
             for job in jobs:

@@ -70,6 +70,37 @@ def test_pauses_and_steps_through_graph_spans_are_exact(tiny):
         engine.shutdown()
 
 
+def test_a_patch_sweep_in_packed_prefills_matches_patching_at_pauses(tiny):
+    """tests/test_patching.py on the GPU: one patched run at a time equals the pause-based sweep bit for bit, packed
+    prefills agree to float rounding, and a run steered with its own prompt rows is unchanged."""
+    from test_patching import paused_sweep
+
+    from djinn_kernel.api import Model
+    from djinn_kernel.edits import SetPromptRows
+    from djinn_kernel.engine import Engine
+    from djinn_kernel.patching import logit_difference, patch_sweep
+
+    engine = Engine(device="cuda", fast=True)
+    try:
+        model = Model(engine, engine.register_model("tiny", tiny))
+        corrupted = [*PROMPT[:10], 5, 6, *PROMPT[12:]]
+        metric, layers, positions = logit_difference(3, 4), [0, 2], [9, 10, 11, len(PROMPT) - 1]
+        alone = patch_sweep(model, PROMPT, corrupted, metric, layers, positions, concurrent=1)
+        assert torch.equal(alone.values, paused_sweep(model, PROMPT, corrupted, metric, layers, positions))
+        packed = patch_sweep(model, PROMPT, corrupted, metric, layers, positions, concurrent=8)
+        assert (packed.values - alone.values).abs().max() < 2e-3
+        with model.session() as source, model.session() as target:
+            source.record([1])
+            rows = source.generate(PROMPT, 1).recorded[1]
+            plain = target.generate(PROMPT, 8, keep_logits=True)
+            plain_tokens, plain_logits = plain.tokens, plain.logits
+            target.steer_with(1, SetPromptRows(list(range(len(PROMPT))), rows))
+            run = target.generate(PROMPT, 8, keep_logits=True)
+            assert run.tokens == plain_tokens and torch.equal(run.logits, plain_logits)
+    finally:
+        engine.shutdown()
+
+
 def test_recordings_are_staged_in_the_graphs_and_change_no_token(tiny):
     """Layers 1 and 3 recorded: in the batched step's graph, and in solo spans cut at a pause at layer 3 (a
     recorded layer ending a span, edited there) and at layer 2 (recorded layers inside spans). The tokens are the
