@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -149,7 +150,12 @@ def main() -> int:
     ap.add_argument("--workspace", default="8GiB", help="device memory left out of the session budget")
     ap.add_argument("--baseline-limit", type=int, default=None, help="most baseline sessions tried (default 200)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for the run (Python's default is 0.005 s): a shorter one tells whether "
+                         "a resume's wait before its copies is a wait for the GIL")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
     small = args.small
     device = torch.device("cpu" if small else "cuda")
@@ -171,6 +177,7 @@ def main() -> int:
     result["environment"] = {
         "device": "cpu" if small else torch.cuda.get_device_name(device), "nvidia_smi": None if small else nvidia_smi(),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "switch_interval_s": sys.getswitchinterval(),
     }
     net, shape = build_model(small, device, args.seed, size="13b")
     kv_per_token = 2 * net.config.num_hidden_layers * net.config.hidden_size * net.dtype.itemsize
