@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as W
 import torch
 
+from djinn_kernel.api import RunInterrupted
 from djinn_kernel.edits import Ablate, AddVector, Edit, Scale
 from djinn_kernel.errors import DjinnError, InvalidArgumentError, NotPausedError
 
@@ -109,14 +110,15 @@ class SteeringPanel(TextFallback, W.VBox):
     def apply_and_resume(self) -> None:
         """Apply the edit, finish the run, and compare its text with an unsteered run of the same prompt.
 
-        While it runs the buttons are disabled, the status says so and the steered text streams in.
+        While it runs the buttons are disabled, the status says so and the steered text streams in. The
+        notebook's interrupt button cancels the run (as for any call that drives one) and the status says so.
         """
         try:
             pause = self._pause()
             self._busy(f"applying {self._describe()} and running to the end…")
             pause.apply(self._edit())
             self.run.finish(on_progress=self._stream_steered)
-        except DjinnError as exc:
+        except (DjinnError, RunInterrupted) as exc:
             self._error(exc)
             return
         finally:
@@ -142,7 +144,7 @@ class SteeringPanel(TextFallback, W.VBox):
         try:
             self._busy("running the prompt again…")
             run = self.run.session.generate(self.run.prompt_ids, n)
-        except DjinnError as exc:
+        except (DjinnError, RunInterrupted) as exc:
             self._error(exc)
             return
         finally:
@@ -216,7 +218,7 @@ class SteeringPanel(TextFallback, W.VBox):
         self.preview_button.disabled = self.apply_button.disabled = done
         self.rerun_button.disabled = not done
 
-    def _error(self, exc: DjinnError) -> None:
+    def _error(self, exc: DjinnError | RunInterrupted) -> None:
         self.status.value = _red(f"{type(exc).__name__}: {exc}")
 
     def __repr__(self) -> str:

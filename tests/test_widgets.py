@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import html
+import signal
 import subprocess
 import sys
+import threading
 import types
 
 import ipywidgets as W
@@ -181,6 +183,29 @@ def test_apply_and_resume_compares_with_unsteered(paused, llama):
     assert panel.preview_button.disabled and panel.apply_button.disabled
     panel.preview()  # the run is over: a message, not an exception
     assert "NotPausedError" in panel.status.value
+
+
+def test_an_interrupt_while_applying_cancels_the_run_and_says_so(llama, monkeypatch):
+    with llama.session() as s:
+        s.break_at(2, tokens=0)
+        run = s.generate(PROMPT, 240)  # long enough that the interrupt lands while it runs
+        panel = SteeringPanel(run)
+        streamed = panel._stream_steered
+
+        def interrupt_once(progress) -> None:
+            streamed(progress)
+            if not interrupted:
+                interrupted.append(progress.tokens)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+        interrupted: list[int] = []
+        monkeypatch.setattr(panel, "_stream_steered", interrupt_once)
+        panel.apply_and_resume()  # the button's callback: the interrupt is reported, not raised into the kernel
+        assert run.state == "cancelled" and len(run.tokens) < 240 and interrupted
+        assert "RunInterrupted" in panel.status.value and "cancelled at token step" in panel.status.value
+        assert not panel.rerun_button.disabled and panel.apply_button.description == "Apply & resume"
+        panel.rerun()
+        assert panel.run.paused and panel.run is s.run, "the session is usable at once"
 
 
 def test_steering_repr(paused):
