@@ -16,6 +16,8 @@ tool's real duration as an oracle hint) and ``compute`` (djinn_kernel.agents). O
    agents arrive as a Poisson process of a fixed rate and run their scripts at once; per cell: completed rounds, p50/p99 round
    latency, time spent queueing for memory, swap counts and seconds, peak VRAM, and whether p99 <= target. A
    policy that misses the target at two counts in a row is not run at larger ones;
+   At each count a control cell runs too (``hold-unbounded``: hold with room for every agent's KV, so nothing
+   pages or queues), whose latency is what the agents cost in compute alone;
 4. exactness: a fresh model with the same seed under ``Engine(deterministic=True)`` (math attention), a budget of
    1.5 agents so that agents must be paged, a few short agents at once under each policy, every round's tokens
    against the same agent run alone.
@@ -56,6 +58,10 @@ from djinn_kernel.policies import POLICIES, make_policy
 
 MODEL = "llama2-7b-shape-random"
 SIGNAL_DRIVEN = ("signal", "signal-keep-short")
+# Hold with a budget that fits every agent's KV: no paging and no queueing for memory, so its latency is what the
+# agents cost in compute alone. Run next to the policies at each count, it tells a latency limit of the serving
+# core from one of memory; it takes no part in the density figures.
+CONTROL = "hold-unbounded"
 STOPPED = "stopped: "  # an agent error with this prefix: its remaining rounds were not run, none failed
 
 
@@ -73,6 +79,7 @@ class Config:
     cell_timeout_s: float
     deadline_s: float  # the sweep stops starting cells after this (script time), leaving room for the check
     repeats: int  # cells per (count, policy), each with its own arrival times; a count's p99 pools their rounds
+    control: bool  # also a CONTROL cell at each count
     check: dict
 
     @staticmethod
@@ -80,12 +87,12 @@ class Config:
         if small:
             return Config(counts=(1, 2, 4), prompt_tokens=(24, 48), rounds=3, new_tokens=(4, 8),
                           tool_s=(0.05, 0.2), result_tokens=(4, 8), arrival_rate=10.0, budget_agents=1.5,
-                          uncontended_agents=2, cell_timeout_s=20, deadline_s=40, repeats=1,
+                          uncontended_agents=2, cell_timeout_s=20, deadline_s=40, repeats=1, control=True,
                           check={"agents": 3, "prompt_tokens": (16, 24), "rounds": 3, "new_tokens": (3, 5),
                                  "tool_s": (0.02, 0.08), "result_tokens": (3, 6)})
         return Config(counts=(8, 16, 32, 48, 64), prompt_tokens=(1024, 2048), rounds=3,
                       new_tokens=(50, 100), tool_s=(1.0, 10.0), result_tokens=(16, 64), arrival_rate=8.0,
-                      budget_agents=6.0, uncontended_agents=8, cell_timeout_s=60, deadline_s=430, repeats=1,
+                      budget_agents=6.0, uncontended_agents=8, cell_timeout_s=60, deadline_s=430, repeats=1, control=True,
                       check={"agents": 4, "prompt_tokens": (256, 512), "rounds": 3, "new_tokens": (8, 12),
                              "tool_s": (0.05, 0.2), "result_tokens": (8, 16)})
 
@@ -389,6 +396,8 @@ def sweep(engine: Engine, model: Model, cfg: Config, seed: int, vocab: int, targ
             for policy in POLICIES:
                 if misses[policy] < 2:
                     cell(engine, model, pool[:count], offsets, policy, repeat, target_s, results, cfg, cuda)
+            if cfg.control:
+                cell(engine, model, pool[:count], offsets, CONTROL, repeat, target_s, results, cfg, cuda)
         for policy in POLICIES:
             if misses[policy] < 2:
                 entry = pooled(cells, rows, policy, count, target_s)
@@ -401,7 +410,19 @@ def cell(engine: Engine, model: Model, agents: list[AgentScript], offsets: list[
          target_s: float, results: Results, cfg: Config, cuda: bool) -> None:
     """One cell: the agents under one policy, summarized into ``results`` (cells and per-round rows)."""
     count = len(agents)
-    engine.memory.policy = make_policy(policy)
+    engine.memory.policy = make_policy("hold" if policy == CONTROL else policy)
+    budget = engine.memory.budget
+    if policy == CONTROL:
+        engine.memory.budget = max(budget, int(1.25 * count * results.data["memory"]["agent_peak_kv_bytes"]))
+    try:
+        _cell(engine, model, agents, offsets, policy, repeat, target_s, results, cfg, cuda)
+    finally:
+        engine.memory.budget = budget
+
+
+def _cell(engine: Engine, model: Model, agents: list[AgentScript], offsets: list[float], policy: str, repeat: int,
+          target_s: float, results: Results, cfg: Config, cuda: bool) -> None:
+    count = len(agents)
     n_transfers, phases_before = len(engine.memory.transfers), engine.phases.stats()
     steps_before = step_stats(engine)
     if cuda:
@@ -484,6 +505,11 @@ def plot(results: dict, path: Path) -> None:
         counts = sorted((c for c in results["counts"] if c["policy"] == policy and c["p99_s"] is not None),
                         key=lambda c: c["agents"])
         ax.plot([c["agents"] for c in counts], [c["p99_s"] for c in counts], marker="o", label=policy)
+    control = sorted((c for c in results["cells"] if c["policy"] == CONTROL and c["latency_s"]["p99"] is not None),
+                     key=lambda c: c["agents"])
+    if control:
+        ax.plot([c["agents"] for c in control], [c["latency_s"]["p99"] for c in control], color="black",
+                linestyle=":", marker="x", label=f"{CONTROL} (compute alone)")
     ax.axhline(results["target_s"], color="grey", linestyle="--", label="target: 2 x uncontended p99")
     ax.set_xlabel("concurrent agents")
     ax.set_ylabel("p99 round latency (s)")
@@ -502,6 +528,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--counts", default=None, help="agent counts to sweep, e.g. 12,16,20 (default: the config's)")
     ap.add_argument("--repeats", type=int, default=None, help="cells per count and policy (default 1)")
     ap.add_argument("--arrival-rate", type=float, default=None, help="agents arriving per second (default 8)")
+    ap.add_argument("--no-control", action="store_true",
+                    help=f"skip the {CONTROL} cell at each count (hold with room for every agent: compute alone)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds of script time after which no cell starts")
     return ap.parse_args()
 
@@ -523,6 +551,8 @@ def main() -> int:
         cfg = replace(cfg, arrival_rate=args.arrival_rate)
     if args.deadline:
         cfg = replace(cfg, deadline_s=args.deadline)
+    if args.no_control:
+        cfg = replace(cfg, control=False)
     import transformers
 
     results = Results(args.out, {
