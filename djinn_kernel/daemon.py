@@ -33,6 +33,7 @@ from typing import Any
 import zmq
 
 from . import __version__
+from .allocator import trim
 from .auth import OWNER, ReplayGuard, TokenStore, require_curve
 from .engine import Engine
 from .errors import DjinnError, InvalidArgumentError, PermissionDeniedError, ProtocolError, SessionClosedError
@@ -110,6 +111,7 @@ class Daemon:
         self._clients: dict[str, Client] = {}
         self._clients_lock = threading.Lock()
         self._labels = itertools.count(1)
+        self._reclaimed = 0  # clients whose lease ran out and whose sessions' memory has been given back
         self._local = threading.local()
         self._stop = threading.Event()
 
@@ -177,9 +179,18 @@ class Daemon:
             gone = [self._clients.pop(cid) for cid in dead]
             for client in gone:
                 client.expired = True
-            orphans = [sid for client in gone for sid in sorted(client.sessions)]
-        for sid in orphans:
-            self._pool.submit(self._reclaim, sid)
+            orphans = [sorted(client.sessions) for client in gone]
+        for sids in orphans:
+            self._pool.submit(self._reclaim_all, sids)
+
+    def _reclaim_all(self, sids: list[int]) -> None:
+        """Close a dead client's sessions, then give the memory their runs freed back to the OS (``allocator``:
+        without the trim the daemon's RSS grew by ~800 MiB over 45 clients killed mid-run)."""
+        for sid in sids:
+            self._reclaim(sid)
+        trim()
+        with self._clients_lock:
+            self._reclaimed += 1
 
     def _reclaim(self, sid: int) -> None:
         try:
@@ -320,7 +331,11 @@ class Daemon:
                 {"label": c.label, "user": c.user, "name": c.name, "sessions": len(c.sessions)}
                 for c in self._clients.values()
             ]
-        return {**status, "sessions": sessions, "clients": clients, "daemon": self.describe()}
+            reclaimed = self._reclaimed
+        return {
+            **status, "sessions": sessions, "clients": clients, "reclaimed_clients": reclaimed,
+            "daemon": self.describe(),
+        }
 
     def describe(self) -> dict[str, Any]:
         return {
