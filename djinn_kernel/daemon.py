@@ -20,6 +20,7 @@ to that request only.
 from __future__ import annotations
 
 import concurrent.futures
+import faulthandler
 import inspect
 import itertools
 import os
@@ -350,5 +351,8 @@ class Daemon:
 
 
 def install_signal_handlers(daemon: Daemon) -> None:
+    """SIGTERM and SIGINT stop the daemon; SIGUSR1 writes every thread's stack to its log (stderr), so a daemon
+    that stopped answering can be asked where it is stuck (`kill -USR1 PID`) without stopping it."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop())
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
