@@ -5,7 +5,8 @@ that fail half-way; (2) resumes and paging under pressure from many threads (a l
 (3) reading the activation while another thread pages the session; (4) runs already admitted never fail for
 memory; (5) pausing on the embedding input (integer ids, not a float activation). Tests marked with ``kind``
 run both in-process and against a real daemon process; the conftest watchdog turns a deadlock into a failure
-with every thread's stack.
+with every thread's stack. (6), from issue 13: many clients and threads against one daemon while other clients'
+leases run out, under a watchdog of its own that also dumps the daemon's threads.
 """
 
 from __future__ import annotations
@@ -380,13 +381,14 @@ def join_or_dump(threads: list[threading.Thread], seconds: float, daemon: Daemon
 
 def test_many_clients_and_threads_with_leases_running_out_finish_exact_and_lose_nothing(backends):
     clients, threads_each, rounds = scaled(4, 6), scaled(3, 4), scaled(5, 25)
-    kills, freezes = scaled(1, 4), scaled(1, 4)
+    waves = scaled(1, 4)  # each: one client SIGKILLed and one frozen, spread over the load
+    total = clients * threads_each * rounds
     budget = int(run_bytes(dj.load("tiny-llama", backend=backends("inprocess"))) * 2.5)
     daemon = DaemonProcess("--gpu-memory", str(budget))
     try:
         watcher = daemon.client("watcher")
         tokens, _ = reference(dj.load("tiny-llama", backend=watcher), IDS, NEW)
-        lapsing = [daemon.script(LAPSING_CLIENT) for _ in range(kills + freezes)]
+        lapsing = [daemon.script(LAPSING_CLIENT) for _ in range(2 * waves)]
         for p in lapsing:  # they start (import torch) while the load below runs
             p.stdin.write(json.dumps({"ids": IDS, "new": NEW}) + "\n")
             p.stdin.flush()
@@ -397,6 +399,8 @@ def test_many_clients_and_threads_with_leases_running_out_finish_exact_and_lose_
         held = [until_room(lambda: s.generate(IDS, NEW)) for s in keepers]
         finished: list[list[int]] = []
         failures: list[str] = []
+        ended: list[str] = []
+        progress = threading.Condition()  # notified at every finished run and at every driver's end
         done = threading.Event()
 
         def drive(model: dj.Model, seed: int) -> None:
@@ -412,9 +416,15 @@ def test_many_clients_and_threads_with_leases_running_out_finish_exact_and_lose_
                             if rng.random() < 0.2:
                                 until_room(s.page_in)
                             run = until_room(run.resume)
-                        finished.append(run.tokens)
+                        with progress:
+                            finished.append(run.tokens)
+                            progress.notify_all()
             except BaseException as exc:  # noqa: BLE001 - reported below with the thread's name
                 failures.append(f"{threading.current_thread().name}: {exc!r}")
+            finally:
+                with progress:
+                    ended.append(threading.current_thread().name)
+                    progress.notify_all()
 
         def page(keeper: dj.Session) -> None:
             try:
@@ -434,34 +444,41 @@ def test_many_clients_and_threads_with_leases_running_out_finish_exact_and_lose_
         start = time.monotonic()
         for t in drivers + pagers:
             t.start()
-        lapse(watcher, lapsed, kills)
-        during = len(finished)  # runs finished when the last lapsed session was reclaimed
-        join_or_dump(drivers, scaled(120, 1200), daemon)
+        watchdog = scaled(120, 1200)
+        reclaimed_at = []  # runs finished when each wave's sessions had been reclaimed
+        for wave in range(waves):
+            with progress:  # bounded: a deadlock is reported by the watchdog below
+                progress.wait_for(
+                    lambda: len(finished) >= (wave + 1) * total // (waves + 1) or len(ended) == len(drivers), watchdog
+                )
+            lapse(watcher, *lapsed[2 * wave:2 * wave + 2])
+            reclaimed_at.append(len(finished))
+        join_or_dump(drivers, watchdog, daemon)
         done.set()
         join_or_dump(pagers, 60, daemon)
 
         assert failures == []
-        assert len(finished) == clients * threads_each * rounds and all(t == tokens for t in finished)
+        assert len(finished) == total and all(t == tokens for t in finished)
         listed = {s["id"] for s in watcher.status()["sessions"]}
         assert {k.id for k in keepers} <= listed, "a session that should live was lost"
         for run in held:
             assert until_room(run.finish).tokens == tokens
         for p, sids in lapsed:
             assert not listed & set(sids), "an expired client's session outlived its lease"
-        for p in lapsing[kills:]:
+        for p in lapsing[1::2]:
             report = json.loads(p.stdout.readline())
             assert report["unexpected"] == [] and report["tokens"] == tokens, report
             assert p.wait(60) == 0, p.stderr.read()
         for keeper in keepers:
             keeper.close()
         status = watcher.status()
-        assert status["sessions"] == [] and status["reclaimed_clients"] >= kills + freezes
+        assert status["sessions"] == [] and status["reclaimed_clients"] >= 2 * waves
         memory = status["memory"]
         assert memory["session_gpu_bytes"] == memory["charged_bytes"] == memory["host_pool"]["used"] == 0, memory
         print(
             f"\nstress: {clients} clients x {threads_each} threads x {rounds} runs and {clients} pagers, "
-            f"{len(finished)} runs all exact, {time.monotonic() - start:.1f} s; {kills} clients SIGKILLed and "
-            f"{freezes} frozen past the 1 s lease, all reclaimed with {during} runs done "
+            f"{len(finished)} runs all exact, {time.monotonic() - start:.1f} s; {waves} clients SIGKILLed and "
+            f"{waves} frozen past the 1 s lease, all reclaimed, by waves with {reclaimed_at} runs done "
             f"({status['reclaimed_clients']} clients reclaimed in all); "
             f"{memory['page_outs']} page-outs, {memory['page_ins']} page-ins, {memory['overcommits']} overcommits"
         )
@@ -469,16 +486,17 @@ def test_many_clients_and_threads_with_leases_running_out_finish_exact_and_lose_
         daemon.stop()
 
 
-def lapse(watcher, held: list[tuple[subprocess.Popen, list[int]]], kills: int) -> None:
-    """Let the lapsing clients' leases run out while the load runs: the first ``kills`` SIGKILLed, the rest
-    frozen (SIGSTOP) until the daemon has reclaimed their sessions (``held``: each one's ids), then thawed."""
-    for i, (p, _) in enumerate(held):
-        p.send_signal(signal.SIGKILL if i < kills else signal.SIGSTOP)
-    every = {sid for _, sids in held for sid in sids}
-    wait_until(lambda: not every & {s["id"] for s in watcher.status()["sessions"]}, 60, "the lapsed clients' reclaim")
-    for p, _ in held[kills:]:
-        p.send_signal(signal.SIGCONT)
-        p.stdin.write("thawed\n")
-        p.stdin.flush()
-    for p, _ in held[:kills]:
-        p.wait()
+Lapsing = tuple[subprocess.Popen, list[int]]  # a lapsing client's process and the ids of its sessions
+
+
+def lapse(watcher, killed: Lapsing, frozen: Lapsing) -> None:
+    """Let two clients' leases run out while the load runs: ``killed`` SIGKILLed, ``frozen`` stopped (SIGSTOP)
+    until the daemon has reclaimed both one's sessions, then thawed."""
+    killed[0].send_signal(signal.SIGKILL)
+    frozen[0].send_signal(signal.SIGSTOP)
+    both = {*killed[1], *frozen[1]}
+    wait_until(lambda: not both & {s["id"] for s in watcher.status()["sessions"]}, 60, "the lapsed clients' reclaim")
+    frozen[0].send_signal(signal.SIGCONT)
+    frozen[0].stdin.write("thawed\n")
+    frozen[0].stdin.flush()
+    killed[0].wait()
