@@ -2,12 +2,13 @@
 
 Why: glibc gives each thread that allocates while another holds an arena lock an arena of its own, up to 8 per
 core, and frees into the arena a chunk came from. A daemon runs forwards on many threads (64 request workers,
-one executor per session); a run's buffers (a 3,000-token prefill's attention scores are 10^8 bytes a layer) are
+one executor per session); a run's buffers (a 3,000-token prefill's attention scores are 137 MiB a layer) are
 freed into whichever arenas they came from, and glibc returns only the free tail of each heap. Measured
-(2026-12-02, 2 CPU cores, `tests/test_faults.py`: 9 clients SIGKILLed per batch, paused, mid-prefill,
-mid-decode): the daemon's RSS went 459 MiB -> 1,260 MiB over 5 batches with every session reclaimed, the same
-421k Python objects and 154 tensors alive after each batch (no leak); ``malloc_trim(0)`` alone brought it to
-795 MiB, two arenas alone to 724-867 MiB, both together to 585-627 MiB.
+(2026-12-02, 2 CPU cores, ``tests/test_faults.py``: 9 clients SIGKILLed per batch, paused, mid-prefill and
+mid-decode): the daemon's RSS went 459 MiB -> 1,260 MiB over 5 batches with every session reclaimed and the same
+Python objects (421k) and tensors (154) alive after each batch: no leak. ``malloc_trim(0)`` brought that 1,260
+to 795 MiB; 2 arenas without a trim stayed at 724-867 MiB; both, 585-613 MiB over 34 batches (300 kills)
+against 582 MiB before the first (the weights file's pages, read in by the first forward, included).
 
 Both calls are glibc's; elsewhere (musl, macOS) they are skipped and the allocator keeps its own policy.
 """
