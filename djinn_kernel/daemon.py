@@ -26,6 +26,7 @@ import itertools
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -186,9 +187,13 @@ class Daemon:
 
     def _reclaim_all(self, sids: list[int]) -> None:
         """Close a dead client's sessions, then give the memory their runs freed back to the OS (``allocator``:
-        without the trim the daemon's RSS grew by ~800 MiB over 45 clients killed mid-run)."""
+        without the trim the daemon's RSS grew by ~800 MiB over 45 clients killed mid-run). No caller waits for
+        this, so a session that fails to close is reported in the daemon's log and the others are still closed."""
         for sid in sids:
-            self._reclaim(sid)
+            try:
+                self._reclaim(sid)
+            except Exception as exc:  # noqa: BLE001 - logged; one session's failure must not keep the rest
+                print(f"djinn: reclaiming session {sid} of a dead client failed: {exc!r}", file=sys.stderr, flush=True)
         trim()
         with self._clients_lock:
             self._reclaimed += 1
