@@ -465,9 +465,9 @@ def test_many_clients_and_threads_with_leases_running_out_finish_exact_and_lose_
             assert until_room(run.finish).tokens == tokens
         for p, sids in lapsed:
             assert not listed & set(sids), "an expired client's session outlived its lease"
-        for p in lapsing[1::2]:
+        for p, sids in lapsed[1::2]:  # the thawed ones
             report = json.loads(p.stdout.readline())
-            assert report["unexpected"] == [] and report["tokens"] == tokens, report
+            assert report["gone"] == sids and report["unexpected"] == [] and report["tokens"] == tokens, report
             assert p.wait(60) == 0, p.stderr.read()
         for keeper in keepers:
             keeper.close()
