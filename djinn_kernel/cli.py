@@ -20,6 +20,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .allocator import bound_arenas
+
+    bound_arenas()  # before the engine and the daemon start their threads (``allocator``: RSS under faults)
     from .auth import TokenStore, require_curve, server_keypair
     from .daemon import Daemon, Security, install_signal_handlers
     from .engine import Engine, default_device, default_memory

@@ -20,11 +20,13 @@ to that request only.
 from __future__ import annotations
 
 import concurrent.futures
+import faulthandler
 import inspect
 import itertools
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from typing import Any
 import zmq
 
 from . import __version__
+from .allocator import trim
 from .auth import OWNER, ReplayGuard, TokenStore, require_curve
 from .engine import Engine
 from .errors import DjinnError, InvalidArgumentError, PermissionDeniedError, ProtocolError, SessionClosedError
@@ -110,6 +113,7 @@ class Daemon:
         self._clients: dict[str, Client] = {}
         self._clients_lock = threading.Lock()
         self._labels = itertools.count(1)
+        self._reclaimed = 0  # clients whose lease ran out and whose sessions' memory has been given back
         self._local = threading.local()
         self._stop = threading.Event()
 
@@ -177,9 +181,22 @@ class Daemon:
             gone = [self._clients.pop(cid) for cid in dead]
             for client in gone:
                 client.expired = True
-            orphans = [sid for client in gone for sid in sorted(client.sessions)]
-        for sid in orphans:
-            self._pool.submit(self._reclaim, sid)
+            orphans = [sorted(client.sessions) for client in gone]
+        for sids in orphans:
+            self._pool.submit(self._reclaim_all, sids)
+
+    def _reclaim_all(self, sids: list[int]) -> None:
+        """Close a dead client's sessions, then give the memory their runs freed back to the OS (``allocator``:
+        without the trim the daemon's RSS grew by ~800 MiB over 45 clients killed mid-run). No caller waits for
+        this, so a session that fails to close is reported in the daemon's log and the others are still closed."""
+        for sid in sids:
+            try:
+                self._reclaim(sid)
+            except Exception as exc:  # noqa: BLE001 - logged; one session's failure must not keep the rest
+                print(f"djinn: reclaiming session {sid} of a dead client failed: {exc!r}", file=sys.stderr, flush=True)
+        trim()
+        with self._clients_lock:
+            self._reclaimed += 1
 
     def _reclaim(self, sid: int) -> None:
         try:
@@ -320,7 +337,11 @@ class Daemon:
                 {"label": c.label, "user": c.user, "name": c.name, "sessions": len(c.sessions)}
                 for c in self._clients.values()
             ]
-        return {**status, "sessions": sessions, "clients": clients, "daemon": self.describe()}
+            reclaimed = self._reclaimed
+        return {
+            **status, "sessions": sessions, "clients": clients, "reclaimed_clients": reclaimed,
+            "daemon": self.describe(),
+        }
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -335,5 +356,8 @@ class Daemon:
 
 
 def install_signal_handlers(daemon: Daemon) -> None:
+    """SIGTERM and SIGINT stop the daemon; SIGUSR1 writes every thread's stack to its log (stderr), so a daemon
+    that stopped answering can be asked where it is stuck (`kill -USR1 PID`) without stopping it."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop())
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -15,6 +15,7 @@ from conftest import PROMPT, drain, make_engine, reference
 from daemon_util import DaemonProcess, wait_until
 from djinn_kernel import cli
 from djinn_kernel.client import DaemonClient, connect
+from djinn_kernel.daemon import Daemon, Security
 from djinn_kernel.runtime import pid_alive, read_info
 
 PAUSED_CLIENT = textwrap.dedent(
@@ -258,3 +259,22 @@ def test_a_closed_default_client_is_forgotten(monkeypatch):
     monkeypatch.setattr(api, "_backend", Closed())
     monkeypatch.delenv("DJINN_MODE", raising=False)
     assert api.default_backend() is api.local_engine()
+
+
+def test_a_dead_clients_sessions_are_all_closed_when_one_fails_and_the_reclaim_is_counted(capfd):
+    class Engine:
+        closed: list[int] = []
+
+        def close_session(self, sid: int) -> None:
+            if sid == 1:
+                raise RuntimeError("injected failure")
+            self.closed.append(sid)
+
+    daemon = Daemon(Engine(), Security(b"k" * 64), [])
+    try:
+        daemon._reclaim_all([1, 2, 3])
+        assert Engine.closed == [2, 3] and daemon._reclaimed == 1
+        assert "reclaiming session 1 of a dead client failed: RuntimeError('injected failure')" in capfd.readouterr().err
+    finally:
+        daemon._pool.shutdown()
+        daemon._ctx.term()

@@ -5,24 +5,31 @@ that fail half-way; (2) resumes and paging under pressure from many threads (a l
 (3) reading the activation while another thread pages the session; (4) runs already admitted never fail for
 memory; (5) pausing on the embedding input (integer ids, not a float activation). Tests marked with ``kind``
 run both in-process and against a real daemon process; the conftest watchdog turns a deadlock into a failure
-with every thread's stack.
+with every thread's stack. (6), from issue 13: many clients and threads against one daemon while other clients'
+leases run out, under a watchdog of its own that also dumps the daemon's threads.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import random
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
+import traceback
 from collections.abc import Callable
 
 import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import DEVICE, PROMPT, make_engine, reference
-from daemon_util import ROOT
+from conftest import DEVICE, PROMPT, make_engine, reference, scaled
+from daemon_util import ROOT, DaemonProcess, wait_until
 from djinn_kernel.memory import MiB, LRUPolicy, MemoryManager
 
 KINDS = ["inprocess", "daemon"]
@@ -294,3 +301,202 @@ def test_the_interpreter_exits_with_a_paged_paused_run():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "paused and paged"
+
+
+# (6) ------------------------------------------------------------------------------------------------------
+# Many threads of several clients open, pause, page, resume and close sessions at once against a daemon with a
+# 1 s lease and a budget of 2.5 runs, while other clients' leases run out: some SIGKILLed, some frozen (SIGSTOP)
+# past their lease with calls in flight and thawed after the reclaim.
+LAPSING_CLIENT = """
+import json, sys, threading, time, djinn_kernel as dj
+cfg = json.loads(sys.stdin.readline())
+model = dj.load("tiny-llama", backend=dj.connect(name="lapsing"))
+
+def until_room(call):
+    while True:
+        try:
+            return call()
+        except dj.OutOfMemoryError:
+            time.sleep(0.005)
+
+sessions = [model.session() for _ in range(2)]
+for s in sessions:
+    s.break_at(1)
+runs = [until_room(lambda: s.generate(cfg["ids"], cfg["new"])) for s in sessions]
+unexpected = []
+
+def churn(s, run):
+    try:
+        while True:  # until the daemon reclaims the session, so the lease runs out with calls in flight
+            run = until_room(run.resume) if run.paused else until_room(lambda: s.generate(cfg["ids"], cfg["new"]))
+            s.page_out()
+    except dj.SessionClosedError:
+        pass
+    except Exception as exc:
+        unexpected.append(repr(exc))
+
+threads = [threading.Thread(target=churn, args=pair) for pair in zip(sessions, runs)]
+for t in threads:
+    t.start()
+print(json.dumps([s.id for s in sessions]), flush=True)
+sys.stdin.readline()  # after the thaw (a SIGKILLed client never gets here)
+for t in threads:
+    t.join()
+gone = []
+for s in sessions:
+    try:
+        s.status()
+    except dj.SessionClosedError:
+        gone.append(s.id)
+with model.session() as s:
+    tokens = until_room(lambda: s.generate(cfg["ids"], cfg["new"])).tokens
+print(json.dumps({"gone": gone, "tokens": tokens, "unexpected": unexpected}), flush=True)
+"""
+
+
+def stacks_of_this_process() -> str:
+    """Every thread's stack in the test process, for a watchdog's failure message."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(
+        f"--- {names.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}"
+        for ident, frame in sys._current_frames().items()
+    )
+
+
+def join_or_dump(threads: list[threading.Thread], seconds: float, daemon: DaemonProcess) -> None:
+    """The watchdog: every thread must end within ``seconds``; else fail with the stacks of this process's
+    threads and of the daemon's (SIGUSR1 makes it write them to its log)."""
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    if stuck:
+        os.kill(daemon.info.pid, signal.SIGUSR1)
+        wait_until(lambda: "Thread 0x" in daemon.log(), 10, "the daemon's stack dump")
+        pytest.fail(
+            f"deadlock? {stuck} still running after {seconds:.0f} s\n{stacks_of_this_process()}\n"
+            f"--- the daemon's threads:\n{daemon.log()[-20000:]}"
+        )
+
+
+def test_many_clients_and_threads_with_leases_running_out_finish_exact_and_lose_nothing(backends):
+    clients, threads_each, rounds = scaled(4, 6), scaled(3, 4), scaled(5, 25)
+    waves = scaled(1, 4)  # each: one client SIGKILLed and one frozen, spread over the load
+    total = clients * threads_each * rounds
+    budget = int(run_bytes(dj.load("tiny-llama", backend=backends("inprocess"))) * 2.5)
+    daemon = DaemonProcess("--gpu-memory", str(budget))
+    try:
+        watcher = daemon.client("watcher")
+        tokens, _ = reference(dj.load("tiny-llama", backend=watcher), IDS, NEW)
+        lapsing = [daemon.script(LAPSING_CLIENT) for _ in range(2 * waves)]
+        for p in lapsing:  # they start (import torch) while the load below runs
+            p.stdin.write(json.dumps({"ids": IDS, "new": NEW}) + "\n")
+            p.stdin.flush()
+        models = [dj.load("tiny-llama", backend=daemon.client(f"survivor-{i}")) for i in range(clients)]
+        keepers = [model.session() for model in models]  # paused sessions that pagers page; they must live
+        for s in keepers:
+            s.break_at(2, tokens=3)
+        held = [until_room(lambda: s.generate(IDS, NEW)) for s in keepers]
+        finished: list[list[int]] = []
+        failures: list[str] = []
+        ended: list[str] = []
+        progress = threading.Condition()  # notified at every finished run and at every driver's end
+        done = threading.Event()
+
+        def drive(model: dj.Model, seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(rounds):
+                    with model.session() as s:
+                        s.break_at(1, tokens=rng.randrange(NEW) if rng.random() < 0.5 else None)
+                        run = until_room(lambda: s.generate(IDS, NEW))
+                        while run.paused:
+                            if rng.random() < 0.3:
+                                s.page_out()
+                            if rng.random() < 0.2:
+                                until_room(s.page_in)
+                            run = until_room(run.resume)
+                        with progress:
+                            finished.append(run.tokens)
+                            progress.notify_all()
+            except BaseException as exc:  # noqa: BLE001 - reported below with the thread's name
+                failures.append(f"{threading.current_thread().name}: {exc!r}")
+            finally:
+                with progress:
+                    ended.append(threading.current_thread().name)
+                    progress.notify_all()
+
+        def page(keeper: dj.Session) -> None:
+            try:
+                while not done.is_set():
+                    keeper.page_out()
+                    until_room(keeper.page_in)
+                    keeper.status()
+            except BaseException as exc:  # noqa: BLE001
+                failures.append(f"{threading.current_thread().name}: {exc!r}")
+
+        drivers = [
+            threading.Thread(target=drive, args=(model, i * threads_each + j), name=f"drive-{i}-{j}")
+            for i, model in enumerate(models) for j in range(threads_each)
+        ]
+        pagers = [threading.Thread(target=page, args=(k,), name=f"page-{k.id}") for k in keepers]
+        lapsed = [(p, json.loads(p.stdout.readline())) for p in lapsing]  # up, their sessions churning
+        start = time.monotonic()
+        for t in drivers + pagers:
+            t.start()
+        watchdog = scaled(120, 1200)
+        reclaimed_at = []  # runs finished when each wave's sessions had been reclaimed
+        for wave in range(waves):
+            with progress:  # bounded: a deadlock is reported by the watchdog below
+                progress.wait_for(
+                    lambda: len(finished) >= (wave + 1) * total // (waves + 1) or len(ended) == len(drivers), watchdog
+                )
+            lapse(watcher, *lapsed[2 * wave:2 * wave + 2])
+            reclaimed_at.append(len(finished))
+        join_or_dump(drivers, watchdog, daemon)
+        done.set()
+        join_or_dump(pagers, 60, daemon)
+
+        assert failures == []
+        assert len(finished) == total and all(t == tokens for t in finished)
+        listed = {s["id"] for s in watcher.status()["sessions"]}
+        assert {k.id for k in keepers} <= listed, "a session that should live was lost"
+        for run in held:
+            assert until_room(run.finish).tokens == tokens
+        for p, sids in lapsed:
+            assert not listed & set(sids), "an expired client's session outlived its lease"
+        for p, sids in lapsed[1::2]:  # the thawed ones
+            report = json.loads(p.stdout.readline())
+            assert report["gone"] == sids and report["unexpected"] == [] and report["tokens"] == tokens, report
+            assert p.wait(60) == 0, p.stderr.read()
+        for keeper in keepers:
+            keeper.close()
+        status = watcher.status()
+        assert status["sessions"] == [] and status["reclaimed_clients"] >= 2 * waves
+        memory = status["memory"]
+        assert memory["session_gpu_bytes"] == memory["charged_bytes"] == memory["host_pool"]["used"] == 0, memory
+        print(
+            f"\nstress: {clients} clients x {threads_each} threads x {rounds} runs and {clients} pagers, "
+            f"{len(finished)} runs all exact, {time.monotonic() - start:.1f} s; {waves} clients SIGKILLed and "
+            f"{waves} frozen past the 1 s lease, all reclaimed, by waves with {reclaimed_at} runs done "
+            f"({status['reclaimed_clients']} clients reclaimed in all); "
+            f"{memory['page_outs']} page-outs, {memory['page_ins']} page-ins, {memory['overcommits']} overcommits"
+        )
+    finally:
+        daemon.stop()
+
+
+Lapsing = tuple[subprocess.Popen, list[int]]  # a lapsing client's process and the ids of its sessions
+
+
+def lapse(watcher, killed: Lapsing, frozen: Lapsing) -> None:
+    """Let two clients' leases run out while the load runs: ``killed`` SIGKILLed, ``frozen`` stopped (SIGSTOP)
+    until the daemon has reclaimed both one's sessions, then thawed."""
+    killed[0].send_signal(signal.SIGKILL)
+    frozen[0].send_signal(signal.SIGSTOP)
+    both = {*killed[1], *frozen[1]}
+    wait_until(lambda: not both & {s["id"] for s in watcher.status()["sessions"]}, 60, "the lapsed clients' reclaim")
+    frozen[0].send_signal(signal.SIGCONT)
+    frozen[0].stdin.write("thawed\n")
+    frozen[0].stdin.flush()
+    killed[0].wait()
