@@ -45,7 +45,10 @@ def test_a_trim_returns_what_threads_freed_in_their_arenas():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     before, after = map(int, done.stdout.split())
-    assert before - after > 256 << 20, (before >> 20, after >> 20)  # ~480 of the 512 MiB are free
+    # 480 of the 512 MiB allocated are free, but how much of them the process held before the trim depends on how
+    # many arenas the threads got (on a busy machine they may run one after another and reuse one arena's blocks:
+    # 230-300 MiB measured then, against 540 alone); either way the trim hands most of it back.
+    assert before - after > 128 << 20 and after < before / 2, (before >> 20, after >> 20)
 
 
 def test_an_operators_arena_setting_wins(monkeypatch):
