@@ -182,6 +182,11 @@ class Daemon:
             for client in gone:
                 client.expired = True
             orphans = [sorted(client.sessions) for client in gone]
+        for client, sids in zip(gone, orphans):
+            if sids:  # an operator reading the log sees why these sessions went
+                print(f"djinn: client {client.label} ({client.name}, pid {client.pid}) sent no heartbeat for "
+                      f"{now - client.last_seen:.1f} s (lease {self.lease:g} s): closing its sessions {sids}",
+                      file=sys.stderr, flush=True)
         for sids in orphans:
             self._pool.submit(self._reclaim_all, sids)
 
@@ -194,7 +199,8 @@ class Daemon:
                 self._reclaim(sid)
             except Exception as exc:  # noqa: BLE001 - logged; one session's failure must not keep the rest
                 print(f"djinn: reclaiming session {sid} of a dead client failed: {exc!r}", file=sys.stderr, flush=True)
-        trim()
+        if sids:  # a client that held nothing freed nothing: no walk through the arenas for it
+            trim()
         with self._clients_lock:
             self._reclaimed += 1
 
