@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         fast=fast,
         weight_memory=parse_bytes(args.weight_memory) if args.weight_memory else None,
         ring_slots=args.ring_slots,
+        max_context=args.max_context,
     )
     daemon = Daemon(engine, security, endpoints, lease=args.client_lease)
     install_signal_handlers(daemon)
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
                        help="batched fast decode path for Llama-family models (default: on with CUDA, unless "
                             "--deterministic)")
+    serve.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                       help="most positions (context + new tokens) any run may span, below each model's own context")
     serve.add_argument("--client-lease", type=float, default=5.0,
                        help="seconds without a heartbeat before a client's sessions are reclaimed (default: 5)")
     serve.add_argument("--max-message-size", default="1GiB",

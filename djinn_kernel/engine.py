@@ -104,6 +104,7 @@ class Engine(PauseOps):
         weight_memory: int | str | None = None,
         ring_slots: int = 2,
         policy: str | PagingPolicy | None = None,
+        max_context: int | None = None,
     ) -> None:
         """``deterministic=True`` restricts CUDA attention to the math kernel: the fused kernels are not bitwise
         repeatable across runs on the H100 (measured: two plain runs differ in the last bits), so exact
@@ -119,7 +120,14 @@ class Engine(PauseOps):
         is moved to the device whole.
 
         ``policy``: the paging policy by name (``hold``, ``lru``, ``signal``, ``signal-keep-short``; policies.py)
-        or object; None keeps the memory manager's (LRU by default)."""
+        or object; None keeps the memory manager's (LRU by default).
+
+        ``max_context`` caps the positions (context + new tokens) of any run below each model's own context: on a
+        shared GPU an operator bounds what one request may hold (its KV is reserved for its whole length)."""
+        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                        or max_context < 2):
+            raise InvalidArgumentError(f"max_context must be an integer >= 2 or None, not {max_context!r}")
+        self.max_context = max_context
         self.weight_memory = None if weight_memory is None else parse_bytes(weight_memory)
         self.ring_slots = check_ring_slots(ring_slots)
         self.device = torch.device(device) if device is not None else default_device()
@@ -477,11 +485,13 @@ class Engine(PauseOps):
                 if steer.edit.prefill_only:  # a bad position fails this call, not a packed prefill of many runs
                     steer.edit.rows(len(input_ids))
             total = kept + len(input_ids) + max_new_tokens
-            limit = loaded.max_positions
+            limit, whose = loaded.max_positions, "this model has"
+            if self.max_context is not None and (limit is None or self.max_context < limit):
+                limit, whose = self.max_context, "this daemon allows a run (djinn serve --max-context)"
             if limit is not None and total > limit:
                 raise InvalidArgumentError(
                     f"{kept + len(input_ids)} context tokens + max_new_tokens {max_new_tokens} exceed the "
-                    f"{limit} positions this model has; shorten the prompt, ask for fewer tokens or rewind"
+                    f"{limit} positions {whose}; shorten the prompt, ask for fewer tokens or rewind"
                 )
             if fresh:
                 self.memory.drop(sid)

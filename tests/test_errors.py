@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import PROMPT, reference
+from conftest import PROMPT, make_engine, reference
+from daemon_util import DaemonProcess
+from djinn_kernel import cli
 
 
 def assert_still_usable(session, model):
@@ -169,6 +173,31 @@ def test_a_run_beyond_the_declared_context_is_refused(engine):
             session.generate([9] * 10, 10, fresh=False)
         assert len(first.tokens) == 40 and session.history == 240, "a refused request changes nothing"
         assert_still_usable(session, llama)
+
+
+def test_an_operators_max_context_caps_every_run_below_the_models(tmp_path, monkeypatch, capsys):
+    capped = make_engine(max_context=40)
+    try:
+        llama = dj.load("tiny-llama", backend=capped)
+        with llama.session() as session:
+            with pytest.raises(dj.InvalidArgumentError, match=r"exceed the 40 positions .*--max-context"):
+                session.generate([5] * 30, 11)
+            assert len(session.generate([5] * 30, 10).tokens) == 10, "up to the cap runs"
+    finally:
+        capped.shutdown()
+    with pytest.raises(dj.InvalidArgumentError, match="max_context must be an integer >= 2"):
+        make_engine(max_context=1)
+    daemon = DaemonProcess("--max-context", "40")
+    try:
+        with dj.load("tiny-llama", backend=daemon.client()).session() as session:
+            with pytest.raises(dj.InvalidArgumentError, match=r"exceed the 40 positions .*--max-context"):
+                session.generate([5] * 30, 11)
+    finally:
+        daemon.stop()
+    monkeypatch.setenv("DJINN_RUNTIME_DIR", str(tmp_path))
+    os.chmod(tmp_path, 0o700)
+    assert cli.main(["serve", "--device", "cpu", "--max-context", "1"]) == 2
+    assert "max_context must be an integer >= 2" in capsys.readouterr().err
 
 
 def test_prompt_longer_than_learned_positions(engine):
