@@ -22,8 +22,8 @@ Invariants:
   closed (or reclaimed when its client dies), and when the store is closed. Its bytes leave ``used`` at once, but
   the unlink itself runs on the store's reaper thread: unlinking a 1.7 GB file took 0.39 s on a VM disk, time a
   resume from disk must not wait for, and it waits while a read is under way, so as not to slow that read down.
-  ``settle`` waits for pending unlinks (``close`` does). Files that a killed
-  daemon left behind (their name carries its pid) are removed when the next store opens the folder.
+  ``settle`` waits for pending unlinks (``close`` does). Files that a killed daemon left behind (their name
+  carries its pid) are removed when the next store opens the folder.
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ class SpillStore:
             try:
                 path.unlink(missing_ok=True)
             except OSError:
-                pass  # a file that cannot be unlinked holds nobody's state; the next store clears its folder
+                pass  # it holds nobody's state any more; a store opened after this daemon removes it
             with self._unlinked:
                 self._doomed -= 1
                 self._unlinked.notify_all()
