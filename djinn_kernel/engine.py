@@ -317,6 +317,17 @@ class Engine(PauseOps):
         with session.lock:
             path, layer = self._target(session, target, side)
             condition = None if when is None else self._condition(session.model, when)
+            if condition is not None and condition.kind == "feature":
+                sae = session.saes.get(path) if side == "output" else None
+                if sae is None:
+                    raise InvalidArgumentError(
+                        f"{condition.text!r} reads the SAE attached at {path}'s output; attach one there first "
+                        f"(session.attach_sae({target!r}, folder))"
+                    )
+                if condition.index >= sae.W_enc.shape[1]:
+                    raise InvalidArgumentError(
+                        f"feature {condition.index} is outside the {sae.W_enc.shape[1]} features of the SAE at {path}"
+                    )
             return session.breakpoints.add(path, layer, side, tokens, max_hits, condition).describe()
 
     @staticmethod

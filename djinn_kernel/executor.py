@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .breakpoints import Breakpoint
-from .conditions import Probe, fires
+from .conditions import Probe, fires, lens_top1
 from .decode import Sampling, decode
 from .edits import Edit
 from .handoff import Command, Event, Handoff
@@ -157,6 +157,7 @@ class Run:
         self.pause: PauseState | None = None
         self.error: BaseException | None = None
         self._pauses = itertools.count(1)
+        self._tops: dict[int, int | None] = {}  # breakpoint id -> the lens's top token there at the last step
         self._stepping = False
         self._finishing = False
         self._aborting = False
@@ -224,7 +225,12 @@ class Run:
     def _holds(self, bp: Breakpoint, value: torch.Tensor, fired: list[str]) -> bool:
         """Evaluate a conditional breakpoint here; a condition that holds adds why to ``fired``."""
         fed = self.tokens[self.token_step - 1] if 0 < self.token_step <= len(self.tokens) else None
-        reason = fires(bp.condition, Probe(value, fed, self.session.model.lens))
+        sae = self.session.saes.get(bp.path)
+        probe = Probe(value, fed, self.session.model.lens, None if sae is None else sae.encode, self._tops.get(bp.id))
+        top = None
+        if bp.condition.kind == "lens_top1":
+            top = self._tops[bp.id] = lens_top1(probe)
+        reason = fires(bp.condition, probe, top)
         if reason is not None:
             fired.append(reason)
         return reason is not None

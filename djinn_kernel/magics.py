@@ -160,7 +160,8 @@ def _parser() -> _Parser:
     p.add_argument("--tokens", help="token steps, e.g. 0 (prefill) or 2-5")
     p.add_argument("--max-hits", type=int)
     p.add_argument("--side", choices=("output", "input"), default="output")
-    p.add_argument("--when", help="pause only where a condition holds, e.g. \"norm > 50\" or \"lens_top1 == ' Paris'\"")
+    p.add_argument("--when", help="pause only where a condition holds, e.g. \"norm > 50\", "
+                                  "\"lens_top1 becomes ' Paris'\" or \"feature[7] > 2.5\"")
     p = add("delete", "delete breakpoint ID, or all of them")
     p.add_argument("id", nargs="?", type=int)
     add("breaks", "list breakpoints")

@@ -13,6 +13,7 @@ import torch
 import djinn_kernel as dj
 from conftest import drain, plain_run
 from djinn_kernel.conditions import parse
+from djinn_kernel.sae import SAE
 
 PROMPT = list(range(5, 17))
 LAYER = 2
@@ -81,6 +82,45 @@ def test_lens_and_token_conditions(kind, backends, reference):
     assert got == [t for t in range(1, NEW) if tokens[t - 1] == fed] and 4 in got
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_lens_becomes_pauses_where_the_prediction_changes_to_the_token(kind, backends, reference):
+    tokens, _, lens = reference
+    model = dj.load("tiny-llama", backend=backends(kind))
+    expected = {top: [t for t, now in enumerate(lens) if now == top and (t == 0 or lens[t - 1] != top)]
+                for top in set(lens)}
+    target = max(expected, key=lambda top: (len(expected[top]) < lens.count(top), len(expected[top])))
+    got, got_tokens, reasons = pauses(model, f"lens_top1 becomes #{target}")
+    assert got == expected[target] and got and got_tokens == tokens
+    assert all(f"top token is #{target}" in r for r in reasons)
+
+
+def random_sae(hidden: int, features: int = 16) -> SAE:
+    gen = torch.Generator().manual_seed(3)
+    w_enc = torch.randn(hidden, features, generator=gen)
+    weights = {"W_enc": w_enc, "b_enc": torch.zeros(features), "W_dec": w_enc.T.contiguous(), "b_dec": torch.zeros(hidden)}
+    return SAE.checked(weights, apply_b_dec_to_input=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_feature_condition_pauses_where_the_attached_sae_says(kind, backends, reference):
+    tokens, steps, _ = reference
+    model = dj.load("tiny-llama", backend=backends(kind))
+    sae = random_sae(steps[0].shape[-1])
+    acts = [float(sae.encode(rows)[:, 5].max()) for rows in steps]
+    cut = threshold(acts)
+    with model.session() as s:
+        with pytest.raises(dj.InvalidArgumentError, match="attach one there first"):
+            s.break_at(LAYER, when=f"feature[5] > {cut}")
+        s.attach_sae(LAYER, sae)
+        with pytest.raises(dj.InvalidArgumentError, match="outside the 16 features"):
+            s.break_at(LAYER, when="feature[16] > 0")
+        s.break_at(LAYER, when=f"feature[5] > {cut}")
+        run = s.generate(PROMPT, NEW)
+        got = [p[3] for p in drain(run)]
+    assert got == [t for t, a in enumerate(acts) if a > cut] and 0 < len(got) < NEW
+    assert run.tokens == tokens, "a condition that only reads changes nothing"
+
+
 def test_conditions_combine_with_token_limits(backends, reference):
     tokens, steps, _ = reference
     model = dj.load("tiny-llama", backend=backends("inprocess"))
@@ -98,6 +138,8 @@ def test_conditions_combine_with_token_limits(backends, reference):
         ("dim[99] > 1", "outside the 64 hidden"),
         ("token == #100000", "outside the vocabulary"),
         ("lens_top1 == 'Paris and more'", "a condition names one token"),
+        ("token becomes #3", "'becomes' is for lens_top1"),
+        ("feature[x] > 1", "cannot read"),
         (42, "as text"),
     ],
 )
@@ -117,5 +159,9 @@ def test_the_parser_reads_every_form():
     assert parse("dim[ 3 ] > -1e-2", None, 10, 8).threshold == -0.01
     assert parse("lens_top1 == 'x'", encode, 200, 8).index == ord("x")
     assert parse('token == "y"', encode, 200, 8).index == ord("y")
+    becomes = parse("lens_top1 becomes #7", None, 10, 8)
+    assert (becomes.kind, becomes.op, becomes.index) == ("lens_top1", "becomes", 7)
+    feature = parse("feature[12] < -0.5", None, 10, 8)
+    assert (feature.kind, feature.op, feature.threshold, feature.index) == ("feature", "<", -0.5, 12)
     with pytest.raises(dj.InvalidArgumentError, match="no tokenizer"):
         parse("token == 'x'", None, 200, 8)
