@@ -187,7 +187,6 @@ class Daemon:
                 print(f"djinn: client {client.label} ({client.name}, pid {client.pid}) sent no heartbeat for "
                       f"{now - client.last_seen:.1f} s (lease {self.lease:g} s): closing its sessions {sids}",
                       file=sys.stderr, flush=True)
-        for sids in orphans:
             self._pool.submit(self._reclaim_all, sids)
 
     def _reclaim_all(self, sids: list[int]) -> None:

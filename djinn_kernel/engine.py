@@ -619,17 +619,11 @@ class Engine(PauseOps):
             return self._transfer_report(sid, self.phases.compute(sid))
 
     def _transfer_report(self, sid: int, transfer: Transfer | None) -> dict[str, object]:
-        moved = {"bytes": 0, "copies": 0, "seconds": 0.0, "wall_seconds": 0.0, "call_seconds": 0.0,
-                 "room_seconds": 0.0}
-        if transfer is not None:
-            moved = {
-                "bytes": transfer.nbytes,
-                "copies": transfer.copies,
-                "seconds": transfer.seconds,
-                "wall_seconds": transfer.wall_seconds,
-                "call_seconds": transfer.call_seconds,
-                "room_seconds": transfer.room_seconds,
-            }
+        times = ("seconds", "wall_seconds", "call_seconds", "room_seconds")
+        if transfer is None:
+            moved = {"bytes": 0, "copies": 0, **dict.fromkeys(times, 0.0)}
+        else:
+            moved = {"bytes": transfer.nbytes, "copies": transfer.copies, **{t: getattr(transfer, t) for t in times}}
         return {**moved, **self.memory.session_stats(sid)}
 
     def status(self) -> dict[str, object]:
