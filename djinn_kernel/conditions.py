@@ -116,7 +116,10 @@ def fires(condition: Condition, probe: Probe, top: int | None = None) -> str | N
         top = lens_top1(probe) if top is None else top
         if top != condition.index or (condition.op == "becomes" and probe.last_top1 == top):
             return None
-        was = "" if condition.op == "==" else f", #{probe.last_top1} the step before"
+        if condition.op == "==":
+            was = ""
+        else:
+            was = ", the run's first step here" if probe.last_top1 is None else f", #{probe.last_top1} the step before"
         return f"{condition.text} (the lens's top token is #{top}{was})"
     if condition.kind == "feature" and probe.features is None:
         return None  # the SAE was detached since: nothing to read

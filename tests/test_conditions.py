@@ -92,6 +92,7 @@ def test_lens_becomes_pauses_where_the_prediction_changes_to_the_token(kind, bac
     got, got_tokens, reasons = pauses(model, f"lens_top1 becomes #{target}")
     assert got == expected[target] and got and got_tokens == tokens
     assert all(f"top token is #{target}" in r for r in reasons)
+    assert all(("first step" in r) == (t == 0) and ("the step before" in r) == (t > 0) for t, r in zip(got, reasons))
 
 
 def random_sae(hidden: int, features: int = 16) -> SAE:
