@@ -203,7 +203,7 @@ class _Driver:
 
     def _report(self, snapshot: dict[str, Any], done: bool) -> Progress | None:
         now = time.monotonic()
-        tokens, text = len(snapshot["tokens"]), snapshot["text"]
+        tokens, text = len(snapshot["tokens"]), snapshot["text"] or ""  # None: a model without a tokenizer
         key = (tokens, snapshot["state"], snapshot["run_id"])
         if not done and key == self.reported and now - self.last_report < HEARTBEAT:
             return None

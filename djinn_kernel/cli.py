@@ -10,6 +10,7 @@ import sys
 import time
 
 from .errors import DjinnError
+from .prefill import DEFAULT_CHUNK
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -72,6 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         weight_memory=parse_bytes(args.weight_memory) if args.weight_memory else None,
         ring_slots=args.ring_slots,
         max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk,
     )
     daemon = Daemon(engine, security, endpoints, lease=args.client_lease)
     install_signal_handlers(daemon)
@@ -197,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--deterministic)")
     serve.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                        help="most positions (context + new tokens) any run may span, below each model's own context")
+    serve.add_argument("--prefill-chunk", type=int, default=DEFAULT_CHUNK, metavar="TOKENS",
+                       help="a longer prompt is fed in forwards of this many tokens, bounding its activations, "
+                            f"with other sessions' decode steps between them (default: {DEFAULT_CHUNK})")
     serve.add_argument("--client-lease", type=float, default=5.0,
                        help="seconds without a heartbeat before a client's sessions are reclaimed (default: 5)")
     serve.add_argument("--max-message-size", default="1GiB",

@@ -93,14 +93,21 @@ def decode(
     keep_logits: bool = False,
     on_token: Callable[[int], None] | None = None,
     generator: torch.Generator | None = None,
+    prefill_chunk: int | None = None,
 ) -> DecodeResult:
     """Generate up to ``max_new_tokens`` for one sequence. ``input_ids`` is ``[1, prompt_len]``. ``generator`` is
-    the run's sampling state (kept by the run, so a run that changes paths mid-way samples on from where it was)."""
+    the run's sampling state (kept by the run, so a run that changes paths mid-way samples on from where it was).
+    ``prefill_chunk``: a longer prompt is fed in forwards of that many tokens (the last takes the rest), each
+    attending to the KV the earlier ones stored; ``on_step(0)`` is called before each (prefill.py)."""
     result = DecodeResult()
     extra = call.kwargs(cache)
     ids = input_ids
     for step in range(max_new_tokens):
         on_step(step)
+        while step == 0 and prefill_chunk is not None and ids.shape[1] > prefill_chunk:
+            model(input_ids=ids[:, :prefill_chunk], **extra)
+            ids = ids[:, prefill_chunk:]
+            on_step(0)
         out = model(input_ids=ids, **extra)
         logits = out.logits[:, -1, :]  # [1, vocab]
         if keep_logits:

@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import conditions, context, models
+from . import conditions, context, models, prefill
 from .anatomy import resolve_target
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
@@ -46,6 +46,7 @@ from .errors import (
     InvalidTargetError,
     ModelNotFoundError,
     NotPausedError,
+    OutOfMemoryError,
     RunFinishedError,
     SessionBusyError,
     SessionClosedError,
@@ -53,10 +54,11 @@ from .errors import (
 from .executor import PauseState, Run, Steering
 from .handoff import Command, Event
 from .inspection import PauseOps
-from .memory import GiB, LRUPolicy, MemoryManager, PagingPolicy, Transfer, parse_bytes
+from .memory import GiB, MiB, LRUPolicy, MemoryManager, PagingPolicy, Transfer, parse_bytes
 from .phases import PhaseSignals, check_expected
 from .policies import make_policy
 from .recording import Recorder, Recording
+from .prefill import DEFAULT_CHUNK
 from .registry import LoadedModel, check_text, prepare
 from .run_state import ENDED, RunState
 from .scheduler import fast_plan
@@ -105,6 +107,7 @@ class Engine(PauseOps):
         ring_slots: int = 2,
         policy: str | PagingPolicy | None = None,
         max_context: int | None = None,
+        prefill_chunk: int = DEFAULT_CHUNK,
     ) -> None:
         """``deterministic=True`` restricts CUDA attention to the math kernel: the fused kernels are not bitwise
         repeatable across runs on the H100 (measured: two plain runs differ in the last bits), so exact
@@ -123,11 +126,18 @@ class Engine(PauseOps):
         or object; None keeps the memory manager's (LRU by default).
 
         ``max_context`` caps the positions (context + new tokens) of any run below each model's own context: on a
-        shared GPU an operator bounds what one request may hold (its KV is reserved for its whole length)."""
+        shared GPU an operator bounds what one request may hold (its KV is reserved for its whole length).
+
+        ``prefill_chunk``: a longer prompt is fed in forwards of this many tokens, so its activations (reserved
+        with its KV before it starts) are bounded by one chunk's, and other sessions decode between chunks
+        (prefill.py)."""
         if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                         or max_context < 2):
             raise InvalidArgumentError(f"max_context must be an integer >= 2 or None, not {max_context!r}")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise InvalidArgumentError(f"prefill_chunk must be a positive integer, not {prefill_chunk!r}")
         self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
         self.weight_memory = None if weight_memory is None else parse_bytes(weight_memory)
         self.ring_slots = check_ring_slots(ring_slots)
         self.device = torch.device(device) if device is not None else default_device()
@@ -181,7 +191,8 @@ class Engine(PauseOps):
 
     def _register(self, name: str, source: models.ModelSource) -> dict[str, object]:
         loaded = prepare(
-            name, source, self.device, fast=self.fast, weight_budget=self.weight_memory, ring_slots=self.ring_slots
+            name, source, self.device, fast=self.fast, weight_budget=self.weight_memory, ring_slots=self.ring_slots,
+            prefill_chunk=self.prefill_chunk,
         )
         if loaded.ring is not None and self._progress is not None:
             plan = loaded.ring.plan
@@ -507,10 +518,22 @@ class Engine(PauseOps):
             if fresh:
                 self.memory.drop(sid)
                 session.history, session.cache = [], None
-            self.memory.admit(sid, loaded.kv_bytes_per_token * total)
+            fast = loaded.scheduler is not None and fast_plan(session, 0) is not None
+            chunk = self.prefill_chunk if prefill.chunked(session, bool(session.recordings)) else None
+            kv = loaded.kv_bytes_per_token * total
+            activations = loaded.prefill_bytes(prefill.pieces(len(input_ids), chunk)[0], kept + len(input_ids), fast)
+            try:
+                self.memory.admit(sid, kv + activations)
+            except OutOfMemoryError as exc:
+                whole = chunk is None and len(input_ids) > self.prefill_chunk
+                raise OutOfMemoryError(
+                    f"{exc}. This run needs {kv / MiB:.1f} MiB of KV for {total} positions and "
+                    f"{activations / MiB:.1f} MiB for its prompt's activations"
+                    + (" (fed whole, not in chunks: a breakpoint that may hit at token step 0, a recording or an "
+                       "edit at given positions sees the prompt's forward whole)" if whole else "")
+                ) from None
             if session.cache is not None:
                 context.trim(session.cache, kept)
-            fast = loaded.scheduler is not None and fast_plan(session, 0) is not None
             if fast:
                 session.cache = context.for_fast_path(session.cache, loaded.scheduler.runner.shape)
             else:
@@ -529,6 +552,8 @@ class Engine(PauseOps):
                 Sampling(float(temperature), top_k, int(seed)),
                 bool(keep_logits),
                 recorder,
+                prefill_chunk=chunk,
+                kv_bytes=kv,
             )
             session.run = run
             if fast:

@@ -134,7 +134,12 @@ class Run:
         sampling: Sampling,
         keep_logits: bool,
         recorder: Recorder | None = None,
+        prefill_chunk: int | None = None,
+        kv_bytes: int = 0,
     ) -> None:
+        """``prefill_chunk``: the prompt is fed in forwards of at most this many tokens (None: whole; the engine
+        decides, prefill.py); ``kv_bytes``: the run's KV for its whole length, what its reservation falls to
+        once the prompt is in."""
         self.id = run_id
         self.session = session
         self.prompt_ids = prompt_ids
@@ -147,6 +152,8 @@ class Run:
         self.sampling = sampling
         self.keep_logits = keep_logits
         self.recorder = recorder  # the session's recordings, for this run (recording.py)
+        self.prefill_chunk = prefill_chunk
+        self.kv_bytes = kv_bytes
         self.generator = sampling.generator(session.model.device)
         self.handoff = Handoff()
         self.seen = self.handoff.seq  # the last event the engine has processed
@@ -161,6 +168,9 @@ class Run:
         self._stepping = False
         self._finishing = False
         self._aborting = False
+        # While a prompt is fed in chunks nothing may stop or record it (each forward sees part of it); set by
+        # the path feeding it, for the whole of token step 0 (a breakpoint added meanwhile acts from step 1).
+        self.chunking = False
 
     # executor side ---------------------------------------------------------------------------------------
     def execute(self) -> None:
@@ -182,6 +192,8 @@ class Run:
                     keep_logits=self.keep_logits,
                     on_token=self.tokens.append,
                     generator=self.generator,
+                    # a run the fast path handed over feeds what it had left in one forward
+                    prefill_chunk=self.prefill_chunk if self.feed is self.prompt_ids else None,
                 )
             self.logits.extend(result.logits)
             self.handoff.post(Event.FINISHED)
@@ -191,11 +203,22 @@ class Run:
             self.handoff.post(Event.FAILED, exc)
 
     def _on_step(self, step: int) -> None:
+        """Called before each forward, and between the chunks of a chunked prompt (``step`` 0 again)."""
         if self._aborting:
             raise Aborted
+        if step == 0 and self.prefill_chunk is not None and len(self.feed) > self.prefill_chunk:
+            self.chunking = True
+        elif step > 0:
+            self.prefilled()
         self.token_step = step
         if step > 0:
             self.session.memory.on_growth(self.session.id)
+
+    def prefilled(self) -> None:
+        """The prompt is in: chunking is over and the reservation for its activations goes back (memory.py)."""
+        if self.chunking or self.token_step == 0:
+            self.chunking = False
+            self.session.memory.prefilled(self.session.id, self.kv_bytes)
 
     def on_activation(self, path: str, side: str, value: torch.Tensor, hooked: bool = True) -> torch.Tensor | None:
         """A hook's report (or the fast path's, with ``hooked=False``: it applied the steering itself and sends
@@ -209,6 +232,8 @@ class Run:
             value = steering.edit.apply(value)
             changed = True
         layer = self.session.model.anatomy.layer_index(path)
+        if self.chunking:
+            return value if changed else None
         if not self._finishing:
             fired: list[str] = []
             hits = self.session.breakpoints.match(path, side, self.token_step, lambda bp: self._holds(bp, value, fired))

@@ -551,6 +551,13 @@ class MemoryManager:
             if not self._evict_until(0, for_sid=sid):
                 self.overcommits += 1
 
+    def prefilled(self, sid: int, need: int) -> None:
+        """The run's prompt forward is over: its reservation falls to ``need`` (its KV for the whole run), so
+        the room its prefill activations took goes back to other sessions (prefill.py)."""
+        with self._lock:
+            session = self.session(sid)
+            session.reserved = min(session.reserved, max(need, session.resident_bytes()))
+
     # moving ---------------------------------------------------------------------------------------------
     def page_out(self, sid: int) -> Transfer | None:
         """Copy every storage of the session to the host, then free them: all of it, or (on any error) none."""

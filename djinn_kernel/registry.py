@@ -14,6 +14,7 @@ from .anatomy import Anatomy, inspect_model
 from .decode import ForwardCall
 from .errors import InvalidArgumentError
 from .hooks import HookDispatcher
+from .prefill import DEFAULT_CHUNK, ActivationCost
 from .runner import Runner, fuse_layers, unsupported_reason
 from .scheduler import Scheduler
 from .streaming import WeightRing, plan_for, stream_model
@@ -47,6 +48,12 @@ class LoadedModel:
     scheduler: Scheduler | None = None  # the fast path's step loop; None when runs take the module path only
     fast_path: str = "off"  # "on", "off", or why the model cannot have it
     ring: WeightRing | None = None  # the streamed layers' ring when the weights exceed the weight budget
+
+    def prefill_bytes(self, new: int, context: int, fast: bool) -> int:
+        """Device bytes the activations of a forward feeding ``new`` tokens up to ``context`` take, on the fast
+        path or the module path (prefill.py); 0 when the config does not give the model's shape."""
+        cost = ActivationCost.of(self.model, self.device, fast)
+        return 0 if cost is None else cost.bytes(new, context)
 
     def words(self, text: str) -> list[int]:
         """The token ids of ``text`` as the tokenizer writes it, no special tokens and no chat template."""
@@ -124,13 +131,15 @@ def prepare(
     fast: bool = False,
     weight_budget: int | None = None,
     ring_slots: int = 2,
+    prefill_chunk: int = DEFAULT_CHUNK,
 ) -> LoadedModel:
     """Move a model to ``device`` and learn what serving it needs; its decoder layers get their routing hooks,
     and with ``fast`` (and a Llama-family model) a runner and its scheduler for the batched fast path.
 
     When its weights exceed ``weight_budget`` device bytes, the layers that do not fit stay in a host arena and
     stream through a ring of ``ring_slots`` device slots (streaming.py); the runner then acquires those layers
-    from the ring in its layer loop, so the fast path batches a streamed model's sessions as well."""
+    from the ring in its layer loop, so the fast path batches a streamed model's sessions as well.
+    ``prefill_chunk``: the most prompt tokens one fast-path step feeds (prefill.py)."""
     forward_call = ForwardCall.of(source.model)
     model = source.model
     anatomy = inspect_model(model)
@@ -153,7 +162,7 @@ def prepare(
     if fast:
         if reason is None:
             try:
-                scheduler, fast_path = Scheduler(Runner(model, ring=ring), name), "on"
+                scheduler, fast_path = Scheduler(Runner(model, ring=ring), name, prefill_chunk), "on"
             except Exception as exc:  # noqa: BLE001 - e.g. no Triton on this CUDA machine: the module path serves
                 fast_path = f"unavailable: {type(exc).__name__}: {exc}"
         else:
@@ -170,7 +179,7 @@ def prepare(
         source=source.source,
         device=device,
         weight_bytes=total_bytes,
-        kv_bytes_per_token=_kv_bytes_per_token(model),
+        kv_bytes_per_token=kv_bytes_per_token(model),
         max_positions=_context_limit(model),
         forward_call=forward_call,
         scheduler=scheduler,
@@ -179,7 +188,7 @@ def prepare(
     )
 
 
-def _kv_bytes_per_token(model: nn.Module) -> int:
+def kv_bytes_per_token(model: nn.Module) -> int:
     """Bytes of K and V one token adds to the cache, from the config (0 when the config does not say)."""
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", None)

@@ -1,6 +1,7 @@
 """The fast path's step loop: one thread per model owns the runs that decode on its runner.
 
-Each step it takes new runs from its inbox, prefills them together (packed into one sequence), and decodes every run that has a pending
+Each step it takes new runs from its inbox, feeds up to ``prefill_tokens`` of their prompts in one forward (packed
+into one sequence; a longer prompt in chunks, one per step, prefill.py), and decodes every run that has a pending
 token in one batched forward (continuous batching: runs join and leave between steps). Request threads only
 submit and wait on their run's ``Handoff``, exactly as for a run on the module path, so the engine drives both
 kinds of run the same way.
@@ -43,6 +44,7 @@ import torch
 from .edits import AddVector, SetPromptRows
 from .executor import Aborted
 from .handoff import Event
+from .prefill import DEFAULT_CHUNK
 from .runner import DecodeRow, RowPatch, Runner
 from .taps import Tap
 
@@ -116,8 +118,9 @@ class _Job:
 class Scheduler:
     """The step loop of one model's fast path (see the module docstring). Its thread starts on first use."""
 
-    def __init__(self, runner: Runner, name: str, prefill_tokens: int = 8192) -> None:
-        """``prefill_tokens`` bounds one packed prefill (activation memory); a longer prompt goes alone."""
+    def __init__(self, runner: Runner, name: str, prefill_tokens: int = DEFAULT_CHUNK) -> None:
+        """``prefill_tokens`` bounds one step's packed prefill (activation memory, and how long the runs that
+        decode wait); a longer prompt goes in chunks, or alone when it must be fed whole (prefill.py)."""
         self.runner = runner
         self.prefill_tokens = prefill_tokens
         self._name = name
@@ -157,27 +160,40 @@ class Scheduler:
             self._jobs.append(job)
 
     def _step(self) -> None:
+        """At most ``prefill_tokens`` prompt tokens (one packed forward), then one decode step of every run
+        that has its prompt in: a long prompt goes in chunks, and the runs decoding never wait behind more
+        than one chunk's forward."""
         ready = [job for job in list(self._jobs) if self._admit(job)]
         decode = [job for job in ready if job.prefilled]
         waiting = [job for job in ready if not job.prefilled]
-        while waiting:
+        if waiting:
             group, tokens = [], 0
-            while waiting and (not group or tokens + len(waiting[0].feed) <= self.prefill_tokens):
-                tokens += len(waiting[0].feed)
-                group.append(waiting.pop(0))
+            for job in waiting:  # first fit, in arrival order; a prompt fed whole past the budget goes alone
+                if not group or tokens + self._piece(job) <= self.prefill_tokens:
+                    tokens += self._piece(job)
+                    group.append(job)
             self._prefill(group)
         limit = self.runner.max_batch
         for start in range(0, len(decode), limit):
             self._decode(decode[start : start + limit])
 
+    @staticmethod
+    def _piece(job: _Job) -> int:
+        """How many of the job's prompt tokens its next forward feeds: a chunk, or all (prefill.py)."""
+        chunk = job.run.prefill_chunk
+        return len(job.feed) if chunk is None else min(len(job.feed), chunk)
+
     def _admit(self, job: _Job) -> bool:
         """Whether the job's run takes part in this step's batch; otherwise it was cancelled, steps alone
-        (it may stop), or was handed over to the module path."""
+        (it may stop), or was handed over to the module path. A prompt part-way in keeps its first chunk's plan:
+        nothing stops or records a chunked prompt (prefill.py)."""
         run = job.run
         step = len(run.tokens)
         if run._aborting:
             self._end(job, Event.CANCELLED)
             return False
+        if run.chunking:
+            return True
         recorder = run.recorder
         recordings = () if recorder is None else recorder.recordings
         plan = fast_plan(run.session, step, run._stepping, run._finishing, recordings)
@@ -218,6 +234,7 @@ class Scheduler:
                     [(run.cache, job.feed, job.steering)], after_layer, [job.taps], [job.patches]
                 )
                 job.prefilled = True
+                run.prefilled()
         except Aborted:
             run.handoff.post(Event.CANCELLED)
             return
@@ -229,10 +246,13 @@ class Scheduler:
             self._inbox.put(job)
 
     def _prefill(self, jobs: list[_Job]) -> None:
+        """One packed forward of each job's next piece of prompt. A job with prompt left goes to the back of
+        the queue (runs' chunks take turns); the others have their prompt in and get their first token."""
         start = time.perf_counter()
+        feeds = [job.feed[: self._piece(job)] for job in jobs]
         try:
             logits = self.runner.prefill(
-                [(job.run.cache, job.feed, job.steering) for job in jobs],
+                [(job.run.cache, feed, job.steering) for job, feed in zip(jobs, feeds)],
                 taps=[job.taps for job in jobs],
                 patches=[job.patches for job in jobs],
             )
@@ -240,10 +260,21 @@ class Scheduler:
             for job in jobs:
                 self._end(job, Event.FAILED, exc)
             return
-        for job in jobs:
-            job.prefilled = True
+        rows = []
+        for row, (job, feed) in enumerate(zip(jobs, feeds)):
             job.run.session.memory.on_growth(job.run.session.id)
-        self._keep(jobs, self._deliver(jobs, logits))
+            if len(feed) < len(job.feed):
+                job.feed = job.feed[len(feed) :]
+                job.run.chunking = True
+                self._jobs.remove(job)
+                self._jobs.append(job)
+            else:
+                job.prefilled = True
+                job.run.prefilled()
+                rows.append(row)
+        done = [jobs[row] for row in rows]
+        if done:
+            self._keep(done, self._deliver(done, logits[rows]))
         self.prefills += 1
         self.prefill_seconds += time.perf_counter() - start
 

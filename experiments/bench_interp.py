@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 
 from bench_decode import per_token
-from bench_paging import build_model, log, nvidia_smi
+from bench_paging import build_model, environment, log
 from djinn_kernel.api import Model
 from djinn_kernel.engine import Engine
 from djinn_kernel.patching import logit_difference, patch_sweep
@@ -127,9 +126,7 @@ def main() -> None:
     result: dict[str, object] = {
         "benchmark": "bench_interp (issue 12)",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                        "nvidia_smi": nvidia_smi() if device.type == "cuda" else None},
+        "environment": environment(device),
         "model": shape, "fast_path": model.info["fast_path"], "prompt_tokens": len(prompt), "new_tokens": new,
         "layer": layer,
     }

@@ -98,6 +98,15 @@ def nvidia_smi() -> dict[str, str]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def environment(device: torch.device) -> dict[str, object]:
+    """Where a benchmark ran: versions, and the GPU as nvidia-smi names it."""
+    import transformers
+
+    cuda = device.type == "cuda"
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "nvidia_smi": nvidia_smi() if cuda else None}
+
+
 def copy_bandwidth(host: torch.Tensor, dev: torch.Tensor, reps: int) -> dict[str, dict]:
     """GB/s of one whole-buffer copy host -> device (h2d) and back (d2h): 3 warm-ups, then ``reps`` timed."""
     cuda = dev.device.type == "cuda"
@@ -131,7 +140,8 @@ LLAMA_SHAPES = {
 }
 
 
-def build_model(small: bool, device: torch.device, seed: int, dtype: torch.dtype | None = None, size: str = "7b"):
+def build_model(small: bool, device: torch.device, seed: int, dtype: torch.dtype | None = None, size: str = "7b",
+                max_positions: int = 4096):
     """A seeded random Llama: Llama-2-7B's (or ``size``'s) shape in fp16 or ``dtype`` (or a tiny fp32 one), built
     on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -143,7 +153,7 @@ def build_model(small: bool, device: torch.device, seed: int, dtype: torch.dtype
     else:
         shape = LLAMA_SHAPES[size]
         dtype = dtype or torch.float16
-    config = LlamaConfig(**shape, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(**shape, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

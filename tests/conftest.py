@@ -8,6 +8,7 @@ underlying nn.Module, hooks) and are skipped against the daemon.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import os
 
 import pytest
@@ -47,6 +48,29 @@ def deadlock_watchdog():
 
 def make_engine(**kwargs) -> Engine:
     return Engine(device=DEVICE, deterministic=True, **kwargs)
+
+
+@functools.cache
+def _builtin_net(name: str) -> torch.nn.Module:
+    from djinn_kernel.builtin import build_builtin
+
+    return build_builtin(name)[0]
+
+
+def budget_for(
+    runs: float, prompt_tokens: int, new_tokens: int, admitted_prompt: int | None = None, name: str = "tiny-llama"
+) -> int:
+    """A session budget that holds ``runs`` runs' KV in all and the activations of a prompt of ``admitted_prompt``
+    tokens (default ``prompt_tokens``), so that such a run is admitted (prefill.py: admission reserves a run's KV
+    for its whole length and its prompt's activations, which go back once the prompt is in; a prompt under the
+    chunk goes in whole; on the CPU both paths cost the same)."""
+    from djinn_kernel.prefill import ActivationCost
+    from djinn_kernel.registry import kv_bytes_per_token
+
+    net = _builtin_net(name)
+    admitted = prompt_tokens if admitted_prompt is None else admitted_prompt
+    activations = ActivationCost.of(net, torch.device(DEVICE), False).bytes(admitted, admitted)
+    return int(kv_bytes_per_token(net) * (prompt_tokens + new_tokens) * runs) + activations
 
 
 def pytest_configure(config):

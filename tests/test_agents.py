@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import DEVICE, make_engine
+from conftest import DEVICE, budget_for, make_engine
 from daemon_util import DaemonProcess, wait_until
 from djinn_kernel.agents import AgentRun, random_script
 from djinn_kernel.engine import Engine
@@ -171,10 +171,7 @@ def test_a_run_that_starts_before_the_page_out_cancels_it():
 
 def tight_engine(policy: str):
     """An engine whose budget holds one run of FIRST + 8 tokens but not two."""
-    probe = policy_engine(policy)
-    per_token = dj.load("tiny-llama", backend=probe).info["kv_bytes_per_token"]
-    probe.shutdown()
-    return policy_engine(policy, budget=int(per_token * (len(FIRST) + 8) * 1.5))
+    return policy_engine(policy, budget=budget_for(1.5, len(FIRST), 8))
 
 
 @pytest.mark.inprocess

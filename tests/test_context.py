@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 import djinn_kernel as dj
+from conftest import budget_for
 from djinn_kernel.context import chat_turn_ids
 
 KINDS = ["inprocess", "daemon", "inprocess-fast", "daemon-fast"]
@@ -72,9 +73,7 @@ def test_rewind_replays_a_continuation(kind, backends):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_idle_conversation_is_paged_under_pressure_and_comes_back_exact(kind, backends):
-    probe = dj.load("tiny-llama", backend=backends(kind))
-    per_token = probe.info["kv_bytes_per_token"]
-    budget = int(per_token * (len(FIRST) + 4 + len(SECOND) + 5) * 1.5)
+    budget = budget_for(1.5, len(FIRST) + 4 + len(SECOND), 5, admitted_prompt=2 * len(FIRST))
     model = dj.load("tiny-llama", backend=backends(kind, budget))
     expected = None
     with model.session() as a, model.session() as b:

@@ -176,7 +176,7 @@ def test_tcp_requires_token_and_server_key():
 
 def test_paging_under_small_budget_is_exact(expected):
     tokens, logits = expected
-    d = DaemonProcess("--gpu-memory", "64KiB", "--page-on-pause", "--host-memory", "64MiB")
+    d = DaemonProcess("--gpu-memory", "1MiB", "--page-on-pause", "--host-memory", "64MiB")
     try:
         client = d.client()
         model = dj.load("tiny-llama", backend=client)

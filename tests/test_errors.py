@@ -244,6 +244,9 @@ def test_model_built_in_code_without_tokenizer(engine):
             s.generate("text", 2)
         run = s.generate([5, 6, 7], 3)
         assert len(run.tokens) == 3 and run.text is None
+        reports = []
+        streamed = s.generate([5, 6, 7], 3, on_progress=reports.append)  # streamed progress has no text to show
+        assert streamed.tokens == run.tokens and reports[-1].done and reports[-1].text == ""
 
 
 @pytest.mark.inprocess

@@ -31,3 +31,12 @@ def test_exp3_small_pauses_every_session_across_three_tiers_exactly(tmp_path):
     assert result["spill_files_dropped_from_page_cache"] > 0
     assert result["bandwidth"]["threads"] == 4 and result["bandwidth"]["read_gb_s"] > 0
     assert result["page_in_inside_ms"]["disk"]["copies"]["n"] == result["resume_latency_ms"]["disk"]["n"]
+
+
+def test_bench_prefill_small_feeds_whole_and_chunked_prompts_on_both_paths(tmp_path):
+    result = run_script("experiments/bench_prefill.py", tmp_path / "prefill.json")
+    cells = {(c["path"], c["prompt_tokens"], c["chunk"]) for c in result["memory"]}
+    assert cells == {(path, n, chunk) for path in ("fast", "module") for n in (64, 256) for chunk in (None, 32)}
+    for cell in result["memory"]:
+        assert cell["activation_bytes_reserved"] > 0 and cell["kv_bytes"] > 0
+    assert [s["chunk"] for s in result["stalls"]] == [None, 32] and all(s["b_state"] == "finished" for s in result["stalls"])

@@ -137,9 +137,10 @@ def kill_in(phase: str, p, watcher, kv: int) -> list[int]:
 def test_killed_clients_give_every_byte_back(long_model, tmp_path: Path):
     kills = scaled(3, 100)
     spill = tmp_path / "spill"
-    # Room for a batch's orphaned runs until their leases run out; a host pool of 1.5 paused sessions, so the
-    # second of a client's two is spilled.
-    daemon = DaemonProcess("--gpu-memory", "512MiB", "--host-memory", "5MiB", "--spill-dir", str(spill))
+    # Room for a batch's orphaned runs until their leases run out (each mid-prefill one reserves ~0.4 GiB of prompt
+    # activations with its KV, prefill.py); a host pool of 1.5 paused sessions, so the second of a client's two is
+    # spilled.
+    daemon = DaemonProcess("--gpu-memory", "2GiB", "--host-memory", "5MiB", "--spill-dir", str(spill))
     try:
         watcher = daemon.client()
         kv = dj.load(long_model, backend=watcher).info["kv_bytes_per_token"]

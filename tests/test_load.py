@@ -23,20 +23,17 @@ from pathlib import Path
 import torch
 
 import djinn_kernel as dj
-from conftest import make_engine, scaled
+from conftest import budget_for, scaled
 from daemon_util import DaemonProcess, wait_until
 
 IDS = list(range(5, 21))  # 16 prompt tokens, so a run's reservation is known to the byte
 NEW = 8
-RUNS_OF_BUDGET = 2.5  # the session budget holds two and a half runs' KV: every further paused session is paged
+RUNS_OF_BUDGET = 2.5  # the budget admits a run and holds two and a half runs' KV: further paused sessions are paged
 VECTOR = [0.25] * 64  # tiny-llama's width
 
 
 def budget_daemon(*args: str) -> tuple[DaemonProcess, dj.Model]:
-    probe = make_engine()
-    per_run = dj.load("tiny-llama", backend=probe).info["kv_bytes_per_token"] * (len(IDS) + NEW)
-    probe.shutdown()
-    daemon = DaemonProcess("--gpu-memory", str(int(per_run * RUNS_OF_BUDGET)), *args)
+    daemon = DaemonProcess("--gpu-memory", str(budget_for(RUNS_OF_BUDGET, len(IDS), NEW)), *args)
     return daemon, dj.load("tiny-llama", backend=daemon.client())
 
 

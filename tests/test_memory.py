@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import DEVICE, PROMPT, drain, make_engine, reference
+from conftest import DEVICE, PROMPT, budget_for, drain, make_engine, reference
 from djinn_kernel.engine import Engine
 from djinn_kernel.memory import GiB, MiB, HostPool, LRUPolicy, MemoryManager, parse_bytes
 
@@ -113,12 +113,11 @@ def test_lru_under_pressure_is_exact():
     probe = paging_engine()
     model = dj.load("tiny-llama", backend=probe)
     tokens, logits = reference(model, max_new_tokens=12)
-    per_token = model.info["kv_bytes_per_token"]
     prompt_len = len(engine_prompt(probe, model))
     probe.shutdown()
 
-    # Room for about one and a half sessions' worth of KV at full length: the others must be paged out.
-    budget = int(per_token * (prompt_len + 12) * 1.5)
+    # Room to admit a run and for about one and a half sessions' KV at full length: the others must be paged out.
+    budget = budget_for(1.5, prompt_len, 12)
     engine = paging_engine(budget=budget)
     model = dj.load("tiny-llama", backend=engine)
     sessions = [model.session() for _ in range(3)]
@@ -148,9 +147,10 @@ def test_full_host_pool_refuses_new_request_and_keeps_paused_sessions():
     model = dj.load("tiny-llama", backend=probe)
     tokens, logits = reference(model)
     per_token = model.info["kv_bytes_per_token"]
+    prompt_len = len(engine_prompt(probe, model))
     probe.shutdown()
 
-    engine = paging_engine(budget=per_token * 30, host=per_token * 2)
+    engine = paging_engine(budget=budget_for(30 / (prompt_len + 8), prompt_len, 8), host=per_token * 2)
     model = dj.load("tiny-llama", backend=engine)
     a, b = model.session(), model.session()
     a.break_at(1, tokens=4)

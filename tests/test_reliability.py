@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
-from conftest import DEVICE, PROMPT, make_engine, reference, scaled
+from conftest import DEVICE, PROMPT, budget_for, make_engine, reference, scaled
 from daemon_util import ROOT, DaemonProcess, wait_until
 from djinn_kernel.memory import MiB, LRUPolicy, MemoryManager
 
@@ -37,9 +37,9 @@ IDS = list(range(5, 21))  # a prompt of exactly 16 tokens, so reservations are k
 NEW = 8
 
 
-def run_bytes(model: dj.Model) -> int:
-    """The reservation of one run of ``IDS`` with ``NEW`` tokens: its whole KV cache."""
-    return model.info["kv_bytes_per_token"] * (len(IDS) + NEW)
+def runs_of(runs: float) -> int:
+    """A budget that admits a run of ``IDS`` with ``NEW`` tokens and holds ``runs`` such runs' KV."""
+    return budget_for(runs, len(IDS), NEW)
 
 
 def until_room(call: Callable[[], dj.Run]) -> dj.Run:
@@ -168,8 +168,7 @@ def test_a_page_out_that_cannot_be_undone_marks_the_session_lost(monkeypatch):
 # (2) ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_sessions_resuming_and_paging_under_pressure_do_not_deadlock(kind, backends):
-    probe = dj.load("tiny-llama", backend=backends(kind))
-    budget = int(run_bytes(probe) * 2.5)  # two runs at a time; everything else must be paged
+    budget = runs_of(2.5)  # two runs at a time; everything else must be paged
     model = dj.load("tiny-llama", backend=backends(kind, budget))
     tokens, _ = reference(model, IDS, NEW)
     sessions = [model.session() for _ in range(4)]
@@ -237,8 +236,7 @@ def test_reading_the_activation_while_another_thread_pages_it(kind, backends):
 # (4) ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_new_run_pages_a_paused_one_out_and_both_finish(kind, backends):
-    probe = dj.load("tiny-llama", backend=backends(kind))
-    budget = int(run_bytes(probe) * 1.5)
+    budget = runs_of(1.5)
     model = dj.load("tiny-llama", backend=backends(kind, budget))
     tokens, _ = reference(model, IDS, NEW)
     with model.session() as a, model.session() as b:
@@ -256,7 +254,9 @@ def test_a_running_run_that_outgrows_its_reservation_still_finishes():
     memory = MemoryManager(torch.device(DEVICE), 1, 1 << 30, LRUPolicy(), chunk_bytes=MiB)
     engine = make_engine(memory=memory)
     model = dj.load("tiny-llama", backend=engine)
-    engine._model("tiny-llama").kv_bytes_per_token = 0  # an estimate that is far too low
+    loaded = engine._model("tiny-llama")
+    loaded.kv_bytes_per_token = 0  # an estimate that is far too low
+    loaded.prefill_bytes = lambda new, context, fast: 0
     with model.session() as s:
         run = s.generate(IDS, NEW)
         assert run.state == "finished" and len(run.tokens) == NEW
@@ -383,7 +383,7 @@ def test_many_clients_and_threads_with_leases_running_out_finish_exact_and_lose_
     clients, threads_each, rounds = scaled(4, 6), scaled(3, 4), scaled(5, 25)
     waves = scaled(1, 4)  # each: one client SIGKILLed and one frozen, spread over the load
     total = clients * threads_each * rounds
-    budget = int(run_bytes(dj.load("tiny-llama", backend=backends("inprocess"))) * 2.5)
+    budget = runs_of(2.5)
     daemon = DaemonProcess("--gpu-memory", str(budget))
     try:
         watcher = daemon.client("watcher")

@@ -18,7 +18,7 @@ import torch
 import djinn_kernel as dj
 from conftest import DEVICE, PROMPT, make_engine, reference
 from daemon_util import DaemonProcess, wait_until
-from djinn_kernel import cli
+from djinn_kernel import cli, spill
 from djinn_kernel.errors import InvalidArgumentError, OutOfMemoryError, PagingError
 from djinn_kernel.memory import MemoryManager, MiB
 from djinn_kernel.report import format_status
@@ -156,7 +156,8 @@ def test_a_file_of_thousands_of_small_extents_goes_and_comes_back_exact(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_removed_file_is_unlinked_off_the_callers_path_and_never_during_a_read(tmp_path):
+def test_a_removed_file_is_unlinked_off_the_callers_path_and_never_during_a_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(spill, "REAP_STEP", 1 << 20)  # the 3 MiB file is freed in three steps
     store = SpillStore(tmp_path, 64 * MiB, threads=2, block_bytes=1 << 20)
     gen = torch.Generator().manual_seed(0)
     views = [torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, generator=gen)]
@@ -167,12 +168,12 @@ def test_a_removed_file_is_unlinked_off_the_callers_path_and_never_during_a_read
     def landed(block, pieces):
         if not during:
             store.remove(gone)  # its bytes leave the accounting at once; the file waits for the read to end
-        during.append((gone.path.exists(), store.used))
+        during.append((gone.path.stat().st_size, store.used))
         put(back, block, pieces)
 
     store.read(read, store.staging(pin=False), landed)
     assert torch.equal(back[0], views[0]) and len(during) == 3
-    assert during == [(True, read.nbytes)] * 3, "no unlink while the read ran; the bytes left at once"
+    assert during == [(gone.nbytes, read.nbytes)] * 3, "no block freed while the read ran; the bytes left at once"
     store.settle()
     assert not gone.path.exists() and read.path.exists() and store.files == {read.path}
     store.close()

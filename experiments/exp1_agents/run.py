@@ -110,6 +110,15 @@ def script_tokens(script: AgentScript) -> int:
     return sum(len(s.input) + s.max_new_tokens for s in script.steps)
 
 
+def admission_room(engine: Engine, name: str, scripts_: list[AgentScript], fast: bool) -> int:
+    """The activations of the longest prompt (a chunk at most) at the longest context of any agent: what admission
+    reserves beyond a round's KV until its prompt is in (djinn_kernel/prefill.py). Budgets are so many agents'
+    KV plus this once."""
+    longest = max(len(s.input) for script in scripts_ for s in script.steps)
+    context = max(script_tokens(script) for script in scripts_)
+    return engine._model(name).prefill_bytes(min(longest, engine.prefill_chunk), context, fast)
+
+
 class CellStopped(Exception):
     """The cell ran out of time, or every live agent waited for memory that nothing would free."""
 
@@ -462,8 +471,9 @@ def exactness(device: torch.device, cfg: Config, seed: int, small: bool, results
         outcome = run_agents(engine, model, [script], [0.0], cfg.cell_timeout_s)
         reference.append([r.tokens for r in outcome["agents"][0]["records"]])
     peak = per_token * max(script_tokens(s) for s in agent_scripts)
-    budgets = {p: int(1.5 * peak) for p in POLICIES}
-    budgets["hold"] = int((len(agent_scripts) + 1) * peak)  # hold never pages: it is checked for concurrency alone
+    room = admission_room(engine, MODEL + "-check", agent_scripts, fast=False)
+    budgets = {p: int(1.5 * peak) + room for p in POLICIES}
+    budgets["hold"] = int((len(agent_scripts) + 1) * peak) + room  # hold never pages: checked for concurrency alone
     check = {"agents": len(agent_scripts), "budget_bytes": budgets, "policies": {}}
     corrupted = failed = checked = 0
     for policy in POLICIES:
@@ -607,7 +617,11 @@ def main() -> int:
     log(f"engine: session budget {budget / GiB:.2f} GiB = {cfg.budget_agents} agents' peak KV "
         f"({agent_peak / GiB:.3f} GiB); host pool {reserve / GiB:.0f} GiB pinned in {time.monotonic() - t:.1f} s")
     model = Model(engine, engine.register_model(MODEL, net))
+    prompt_room = admission_room(engine, MODEL, pool, fast=True)
+    budget = engine.memory.budget = budget + prompt_room
+    log(f"plus {prompt_room / GiB:.3f} GiB: the activations of the longest prompt, which admission reserves with its KV")
     results.data["memory"] = {"session_budget_bytes": budget, "agent_peak_kv_bytes": agent_peak,
+                              "prompt_activation_bytes": prompt_room,
                               "kv_bytes_per_token": model.info["kv_bytes_per_token"],
                               "hold_capacity_agents": cfg.budget_agents, "fast_path": model.info["fast_path"]}
     log(f"registered (fast path {model.info['fast_path']}); warming up with one agent")
