@@ -56,6 +56,7 @@ class RoundRecord:
     tool_s: float | None
     io_wait: dict[str, Any] | None = None  # the policy's decision at the tool call that followed
     error: str | None = None
+    timing: dict[str, float] | None = None  # the run's ``Run.timing``: where its time went (fast path)
 
 
 def simulated_tool(index: int, seconds: float) -> None:
@@ -108,7 +109,7 @@ class AgentRun:
                 queued += time.monotonic() - waited
         latency = time.monotonic() - started
         error = None if run.state == "finished" else f"run ended {run.state}: {run.error}"
-        return RoundRecord(index, started, latency, queued, run.tokens, step.tool_s, error=error)
+        return RoundRecord(index, started, latency, queued, run.tokens, step.tool_s, error=error, timing=run.timing)
 
 
 def run_agent(session: Any, script: AgentScript, tool: Callable[[int, float], None] = simulated_tool) -> list[RoundRecord]:

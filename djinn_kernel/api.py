@@ -594,6 +594,13 @@ class Run:
         return list(self._snapshot["prompt_ids"])
 
     @property
+    def timing(self) -> dict[str, float] | None:
+        """Where a fast-path run's time went: its prompt forwards (``prefill_s``), the batched decode steps it
+        took part in (``decode_s``, ``decode_steps``), steps alone (``solo_s``) and other runs' prompt forwards
+        while it decoded (``others_prefill_s``, ``others_prefills``); None on the module path."""
+        return self._snapshot.get("timing")
+
+    @property
     def token_step(self) -> int:
         return self._snapshot["token_step"]
 

@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import queue
@@ -104,6 +105,20 @@ class Aborted(BaseException):
 
 
 @dataclass
+class Timing:
+    """Where a fast-path run's time went (scheduler.py): its own prompt forwards, the batched decode steps it took
+    part in, steps it ran alone (it could pause), and other runs' prompt forwards run while it was decoding. The
+    rest of its wall time is the request path and the step loop's host work. A module-path run has none."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    solo_s: float = 0.0
+    others_prefill_s: float = 0.0
+    others_prefills: int = 0
+
+
+@dataclass
 class Steering:
     id: int
     path: str
@@ -154,6 +169,7 @@ class Run:
         self.recorder = recorder  # the session's recordings, for this run (recording.py)
         self.prefill_chunk = prefill_chunk
         self.kv_bytes = kv_bytes
+        self.timing: Timing | None = None  # set by the fast path's scheduler, which fills it
         self.generator = sampling.generator(session.model.device)
         self.handoff = Handoff()
         self.seen = self.handoff.seq  # the last event the engine has processed
@@ -302,4 +318,5 @@ class Run:
             "tokens": list(self.tokens),
             "text": loaded.decode(self.tokens),
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
+            "timing": None if self.timing is None else dataclasses.asdict(self.timing),
         }

@@ -261,6 +261,11 @@ class Runner:
     def new_kv(self) -> BlockKV:
         return BlockKV(self.shape)
 
+    def wait(self) -> None:
+        """Return once the device has run what was queued on it (at once on the CPU)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
     def _hold(self, kv: BlockKV, tokens: int) -> None:
         """Blocks for ``tokens`` positions in ``kv``, within the positions the rotary tables cover."""
         if tokens > self.max_positions:

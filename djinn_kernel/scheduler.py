@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .edits import AddVector, SetPromptRows
-from .executor import Aborted
+from .executor import Aborted, Timing
 from .handoff import Event
 from .prefill import DEFAULT_CHUNK
 from .runner import DecodeRow, RowPatch, Runner
@@ -135,6 +135,7 @@ class Scheduler:
         self.decode_seconds = 0.0
 
     def submit(self, run: Run, feed: list[int]) -> None:
+        run.timing = Timing()
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"djinn-scheduler-{self._name}", daemon=True)
@@ -225,6 +226,7 @@ class Scheduler:
                 return None
             return run.on_activation(paths[layer], "output", h, hooked=False)
 
+        start = time.perf_counter()
         try:
             if job.prefilled:
                 row = DecodeRow(run.cache, job.feed[-1], job.steering, job.taps)
@@ -241,6 +243,7 @@ class Scheduler:
         except BaseException as exc:  # noqa: BLE001 - a failed forward ends this run only
             run.handoff.post(Event.FAILED, exc)
             return
+        run.timing.solo_s += time.perf_counter() - start
         run.session.memory.on_growth(run.session.id)
         if self._deliver([job], logits):
             self._inbox.put(job)
@@ -274,9 +277,20 @@ class Scheduler:
                 rows.append(row)
         done = [jobs[row] for row in rows]
         if done:
-            self._keep(done, self._deliver(done, logits[rows]))
+            going_on = self._deliver(done, logits[rows])  # its token pick waits for the forward
+        else:
+            self.runner.wait()  # nothing reads a chunk's output: wait here, so its step is timed whole
+        seconds = time.perf_counter() - start
+        for job in jobs:
+            job.run.timing.prefill_s += seconds
+        for job in self._jobs:
+            if job.prefilled and job not in jobs:
+                job.run.timing.others_prefill_s += seconds
+                job.run.timing.others_prefills += 1
+        if done:
+            self._keep(done, going_on)
         self.prefills += 1
-        self.prefill_seconds += time.perf_counter() - start
+        self.prefill_seconds += seconds
 
     def _decode(self, jobs: list[_Job]) -> None:
         start = time.perf_counter()
@@ -290,10 +304,15 @@ class Scheduler:
             return
         for job in growing:  # a new block: the memory manager hears of growth once per block, not per token
             job.run.session.memory.on_growth(job.run.session.id)
-        self._keep(jobs, self._deliver(jobs, logits))
+        going_on = self._deliver(jobs, logits)
+        seconds = time.perf_counter() - start
+        for job in jobs:
+            job.run.timing.decode_s += seconds
+            job.run.timing.decode_steps += 1
+        self._keep(jobs, going_on)
         self.steps += 1
         self.batched_rows += len(rows)
-        self.decode_seconds += time.perf_counter() - start
+        self.decode_seconds += seconds
 
     def stats(self) -> dict[str, float]:
         return {

@@ -136,6 +136,23 @@ def test_steering_on_the_fast_path_matches_the_module_path(kind, backends):
         assert plain.generate(PROMPTS[2], 12).tokens != results[0], "the steering changes the continuation"
 
 
+@pytest.mark.parametrize("kind", ["inprocess-fast", "daemon-fast", "inprocess"])
+def test_a_run_says_where_its_time_went_on_the_fast_path(kind, backends):
+    model = dj.load("tiny-llama", backend=backends(kind))
+    with model.session() as s:
+        run = s.generate(PROMPTS[0], 6)
+        if kind == "inprocess":
+            assert run.timing is None, "the module path does not split its time"
+            return
+        timing = run.timing
+        assert timing["decode_steps"] == 5, "the first token comes from the prefill, each other from a step"
+        assert timing["prefill_s"] > 0 and timing["decode_s"] > 0 and timing["solo_s"] == 0
+        s.break_at(1, tokens=2)
+        paused = s.generate(PROMPTS[0], 6)
+        paused.finish()
+        assert paused.timing["solo_s"] > 0 and paused.timing["decode_steps"] == 4, "step 2 ran alone"
+
+
 def test_fast_and_deterministic_exclude_each_other():
     with pytest.raises(dj.InvalidArgumentError, match="pick one"):
         Engine(device="cpu", fast=True, deterministic=True)

@@ -98,8 +98,9 @@ def test_fast_path_decodes_other_runs_between_a_long_prompts_chunks():
         run = b.generate(IDS, NEW)
         thread.join()
         assert run.state == "finished" and a.run.state == "finished" and len(a.run.tokens) == 120
+        waited = a.run.timing["others_prefills"]
     chunks = [i for i, call in enumerate(calls) if call == "prefill"][1:]  # A's prompt, then B's chunks
-    assert len(chunks) == math.ceil(len(IDS) / CHUNK)
+    assert len(chunks) == math.ceil(len(IDS) / CHUNK) == waited, "A's timing counts B's chunks it decoded beside"
     assert all(calls[i + 1] == "decode" for i in chunks[:-1]), "A's decode step ran after each of B's chunks"
     backend.shutdown()
 

@@ -245,8 +245,21 @@ def round_rows(policy: str, count: int, outcome: dict) -> list[dict]:
             rows.append({"policy": policy, "agents": count, "agent": agent, "round": r.index,
                          "latency_s": r.latency_s, "queued_s": r.queued_s, "tokens": len(r.tokens),
                          "tool_s": r.tool_s, "paged_at_tool_call": None if r.io_wait is None else r.io_wait["paging"],
-                         "error": r.error})
+                         "error": r.error, "started_monotonic_s": r.started, "timing": r.timing})
     return rows
+
+
+def time_split(rows: list[dict]) -> dict[str, float] | None:
+    """Where the rounds' wall time went, summed over the rounds (``Run.timing``): their own prompt forwards,
+    the decode steps they were in, steps alone, other agents' prompt forwards while they decoded, and the rest
+    (queueing for memory, the request path, the step loop's host work between steps)."""
+    timed = [r for r in rows if r["timing"]]
+    if not timed:
+        return None
+    parts = {key: sum(r["timing"][key] for r in timed) for key in ("prefill_s", "decode_s", "solo_s", "others_prefill_s")}
+    wall = sum(r["latency_s"] for r in timed)
+    parts["rest_s"] = wall - sum(parts.values())
+    return {**parts, "wall_s": wall, "rounds": len(timed)}
 
 
 def failed_rounds(outcome: dict) -> int:
@@ -443,14 +456,18 @@ def _cell(engine: Engine, model: Model, agents: list[AgentScript], offsets: list
                      swap_stats(engine, n_transfers, phases_before), peak, engine.memory.budget)
     summary["repeat"] = repeat
     summary["steps"] = steps_delta(steps_before, step_stats(engine), outcome["wall_s"])
+    rows = round_rows(policy, count, outcome)
+    slowest = sorted(rows, key=lambda row: row["latency_s"], reverse=True)[: max(len(rows) // 100, 1)]
+    summary["time_split"] = {"all_rounds": time_split(rows), "slowest_1_percent": time_split(slowest)}
     results.data["cells"].append(summary)
-    results.data["rounds"] += [{**row, "repeat": repeat} for row in round_rows(policy, count, outcome)]
+    results.data["rounds"] += [{**row, "repeat": repeat} for row in rows]
     lat = summary["latency_s"]
     log(f"{policy:>17} x{count:<3} rounds {summary['completed_rounds']}/{summary['expected_rounds']} "
         f"p50 {lat['p50'] or 0:.3f} p99 {lat['p99'] or 0:.3f} s (target {target_s:.3f}) "
         f"queued {summary['queueing']['seconds']:.2f} s, outs {summary['swap']['page_outs']} ins "
         f"{summary['swap']['page_ins']} swap {summary['swap']['wall_seconds']:.3f} s, peak KV "
-        f"{summary['peak_vram']['session_kv_bytes_sampled'] / GiB:.2f} GiB; steps {summary['steps']}"
+        f"{summary['peak_vram']['session_kv_bytes_sampled'] / GiB:.2f} GiB; steps {summary['steps']}; "
+        f"slowest rounds' time {summary['time_split']['slowest_1_percent']}"
         f"{' STOPPED: ' + summary['stopped'] if summary['stopped'] else ''}")
     results.write()
 
