@@ -222,13 +222,13 @@ class Run:
         """Called before each forward, and between the chunks of a chunked prompt (``step`` 0 again)."""
         if self._aborting:
             raise Aborted
-        if step == 0 and self.prefill_chunk is not None and len(self.feed) > self.prefill_chunk:
-            self.chunking = True
-        elif step > 0:
-            self.prefilled()
-        self.token_step = step
-        if step > 0:
+        if step == 0:
+            if self.prefill_chunk is not None and len(self.feed) > self.prefill_chunk:
+                self.chunking = True
+        else:
+            self.prefilled()  # before ``token_step`` moves on: it tells the first decode step
             self.session.memory.on_growth(self.session.id)
+        self.token_step = step
 
     def prefilled(self) -> None:
         """The prompt is in: chunking is over and the reservation for its activations goes back (memory.py)."""

@@ -275,7 +275,7 @@ class Scheduler:
                 job.prefilled = True
                 job.run.prefilled()
                 rows.append(row)
-        done = [jobs[row] for row in rows]
+        done, going_on = [jobs[row] for row in rows], []
         if done:
             going_on = self._deliver(done, logits[rows])  # its token pick waits for the forward
         else:
@@ -287,8 +287,7 @@ class Scheduler:
             if job.prefilled and job not in jobs:
                 job.run.timing.others_prefill_s += seconds
                 job.run.timing.others_prefills += 1
-        if done:
-            self._keep(done, going_on)
+        self._keep(done, going_on)
         self.prefills += 1
         self.prefill_seconds += seconds
 
