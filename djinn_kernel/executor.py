@@ -113,6 +113,7 @@ class Timing:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
+    decode_rows: int = 0  # the rows of those steps, summed: the batch sizes it shared its steps with
     solo_s: float = 0.0
     others_prefill_s: float = 0.0
     others_prefills: int = 0

@@ -308,6 +308,7 @@ class Scheduler:
         for job in jobs:
             job.run.timing.decode_s += seconds
             job.run.timing.decode_steps += 1
+            job.run.timing.decode_rows += len(rows)
         self._keep(jobs, going_on)
         self.steps += 1
         self.batched_rows += len(rows)

@@ -259,7 +259,10 @@ def time_split(rows: list[dict]) -> dict[str, float] | None:
     parts = {key: sum(r["timing"][key] for r in timed) for key in ("prefill_s", "decode_s", "solo_s", "others_prefill_s")}
     wall = sum(r["latency_s"] for r in timed)
     parts["rest_s"] = wall - sum(parts.values())
-    return {**parts, "wall_s": wall, "rounds": len(timed)}
+    steps = sum(r["timing"]["decode_steps"] for r in timed)
+    mean = {"ms_per_decode_step": 1e3 * parts["decode_s"] / steps if steps else None,
+            "rows_per_decode_step": sum(r["timing"]["decode_rows"] for r in timed) / steps if steps else None}
+    return {**parts, "wall_s": wall, "rounds": len(timed), **mean}
 
 
 def failed_rounds(outcome: dict) -> int:
