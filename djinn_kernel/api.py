@@ -483,6 +483,18 @@ class Session:
         yet: branch a conversation to try other steering on the same context."""
         return Session(self._backend, self.model, self._backend.fork(self.id))
 
+    def migrate(self, engine: int | str | None = None) -> dict[str, Any]:
+        """Move this idle session to another engine (GPU) of a cluster (``djinn_kernel.cluster``), exactly: its
+        conversation and KV, breakpoints, steering, recordings and SAEs; it keeps its id. ``engine``: an index or
+        a name (``"gpu1"``); None lets placement choose. A paused run cannot move yet: finish or cancel it first.
+        The last run's logits and recordings stay behind: read them before."""
+        if isinstance(self._backend, Engine):
+            raise InvalidArgumentError(
+                "this session runs on a single in-process engine, so there is no other to move it to; migration "
+                "needs a cluster backend (djinn_kernel.cluster.connect_cluster())"
+            )
+        return self._backend.migrate(self.id, engine)
+
     def rewind(self, tokens: int) -> Session:
         """Keep the first ``tokens`` tokens of the conversation; the next ``generate(..., fresh=False)`` goes on
         from there."""
@@ -597,7 +609,8 @@ class Run:
     def timing(self) -> dict[str, float] | None:
         """Where a fast-path run's time went: its prompt forwards (``prefill_s``), the batched decode steps it
         took part in (``decode_s``, ``decode_steps``), steps alone (``solo_s``) and other runs' prompt forwards
-        while it decoded (``others_prefill_s``, ``others_prefills``); None on the module path."""
+        it rode while decoding, a token from each (``others_prefill_s``, ``others_prefills``); None on the module
+        path."""
         return self._snapshot.get("timing")
 
     @property

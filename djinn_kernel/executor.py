@@ -107,8 +107,9 @@ class Aborted(BaseException):
 @dataclass
 class Timing:
     """Where a fast-path run's time went (scheduler.py): its own prompt forwards, the batched decode steps it took
-    part in, steps it ran alone (it could pause), and other runs' prompt forwards run while it was decoding. The
-    rest of its wall time is the request path and the step loop's host work. A module-path run has none."""
+    part in, steps it ran alone (it could pause), and other runs' prompt forwards it decoded a token in (riding
+    them, scheduler.py). The rest of its wall time is the request path and the step loop's host work. A
+    module-path run has none."""
 
     prefill_s: float = 0.0
     decode_s: float = 0.0

@@ -1,8 +1,10 @@
 """The fast path's step loop: one thread per model owns the runs that decode on its runner.
 
-Each step it takes new runs from its inbox, feeds up to ``prefill_tokens`` of their prompts in one forward (packed
-into one sequence; a longer prompt in chunks, one per step, prefill.py), and decodes every run that has a pending
-token in one batched forward (continuous batching: runs join and leave between steps). Request threads only
+Each step it takes new runs from its inbox and runs one forward: up to ``prefill_tokens`` of their prompts packed
+into one sequence (a longer prompt in chunks, one per step, prefill.py) with one more row for every run that has a
+pending token, or, with no prompt waiting, a batched decode step of those runs (continuous batching: runs join and
+leave between steps). A prompt's forward reads the weights anyway: the decoding runs get their token from it
+instead of waiting for it and then paying for a step of their own. Request threads only
 submit and wait on their run's ``Handoff``, exactly as for a run on the module path, so the engine drives both
 kinds of run the same way.
 
@@ -131,6 +133,7 @@ class Scheduler:
         self.steps = 0
         self.batched_rows = 0  # rows decoded in batched steps, for the mean batch size
         self.prefills = 0
+        self.rows_in_prefills = 0  # decoding runs' tokens computed in a prefill's forward
         self.prefill_seconds = 0.0  # wall time of packed prefills and of batched decode steps (token pick included)
         self.decode_seconds = 0.0
 
@@ -161,9 +164,9 @@ class Scheduler:
             self._jobs.append(job)
 
     def _step(self) -> None:
-        """At most ``prefill_tokens`` prompt tokens (one packed forward), then one decode step of every run
-        that has its prompt in: a long prompt goes in chunks, and the runs decoding never wait behind more
-        than one chunk's forward."""
+        """At most ``prefill_tokens`` prompt tokens and one token of every run that has its prompt in, in one
+        packed forward; a step without prompts is a batched decode step. A long prompt goes in chunks, and the
+        runs decoding never wait behind a prompt: they ride in its forward (one more row each)."""
         ready = [job for job in list(self._jobs) if self._admit(job)]
         decode = [job for job in ready if job.prefilled]
         waiting = [job for job in ready if not job.prefilled]
@@ -173,7 +176,8 @@ class Scheduler:
                 if not group or tokens + self._piece(job) <= self.prefill_tokens:
                     tokens += self._piece(job)
                     group.append(job)
-            self._prefill(group)
+            self._prefill(group, decode)
+            return
         limit = self.runner.max_batch
         for start in range(0, len(decode), limit):
             self._decode(decode[start : start + limit])
@@ -248,19 +252,22 @@ class Scheduler:
         if self._deliver([job], logits):
             self._inbox.put(job)
 
-    def _prefill(self, jobs: list[_Job]) -> None:
-        """One packed forward of each job's next piece of prompt. A job with prompt left goes to the back of
-        the queue (runs' chunks take turns); the others have their prompt in and get their first token."""
+    def _prefill(self, jobs: list[_Job], riders: list[_Job]) -> None:
+        """One packed forward of each job's next piece of prompt and of every rider's pending token. A job with
+        prompt left goes to the back of the queue (runs' chunks take turns); the others have their prompt in and
+        get their first token, and each rider its next one."""
         start = time.perf_counter()
-        feeds = [job.feed[: self._piece(job)] for job in jobs]
+        feeds = [job.feed[: self._piece(job)] for job in jobs] + [job.feed for job in riders]
+        everyone = jobs + riders
+        growing = [job for job in riders if job.run.cache.length + 1 > job.run.cache.capacity]
         try:
             logits = self.runner.prefill(
-                [(job.run.cache, feed, job.steering) for job, feed in zip(jobs, feeds)],
-                taps=[job.taps for job in jobs],
-                patches=[job.patches for job in jobs],
+                [(job.run.cache, feed, job.steering) for job, feed in zip(everyone, feeds)],
+                taps=[job.taps for job in everyone],
+                patches=[job.patches for job in everyone],
             )
         except BaseException as exc:  # noqa: BLE001 - a failed forward ends the runs in it, nothing else
-            for job in jobs:
+            for job in everyone:
                 self._end(job, Event.FAILED, exc)
             return
         rows = []
@@ -275,7 +282,10 @@ class Scheduler:
                 job.prefilled = True
                 job.run.prefilled()
                 rows.append(row)
-        done, going_on = [jobs[row] for row in rows], []
+        for job in growing:
+            job.run.session.memory.on_growth(job.run.session.id)
+        rows += range(len(jobs), len(everyone))
+        done, going_on = [everyone[row] for row in rows], []
         if done:
             going_on = self._deliver(done, logits[rows])  # its token pick waits for the forward
         else:
@@ -283,13 +293,13 @@ class Scheduler:
         seconds = time.perf_counter() - start
         for job in jobs:
             job.run.timing.prefill_s += seconds
-        for job in self._jobs:
-            if job.prefilled and job not in jobs:
-                job.run.timing.others_prefill_s += seconds
-                job.run.timing.others_prefills += 1
+        for job in riders:
+            job.run.timing.others_prefill_s += seconds
+            job.run.timing.others_prefills += 1
         self._keep(done, going_on)
         self.prefills += 1
         self.prefill_seconds += seconds
+        self.rows_in_prefills += len(riders)
 
     def _decode(self, jobs: list[_Job]) -> None:
         start = time.perf_counter()
@@ -320,6 +330,7 @@ class Scheduler:
             "mean_rows_per_step": self.batched_rows / max(self.steps, 1),
             "decode_seconds": self.decode_seconds,
             "prefills": self.prefills,
+            "rows_in_prefills": self.rows_in_prefills,
             "prefill_seconds": self.prefill_seconds,
         }
 

@@ -79,14 +79,13 @@ def test_fast_path_feeds_a_long_prompt_one_chunk_per_step_with_the_tokens_of_a_w
     whole.shutdown(), chunked.shutdown()
 
 
-def test_fast_path_decodes_other_runs_between_a_long_prompts_chunks():
+def test_fast_path_decodes_other_runs_in_a_long_prompts_chunks():
     backend = engine(True, CHUNK)
     model = dj.load("tiny-llama", backend=backend)
     runner = backend._model(model.info["id"]).scheduler.runner
-    calls: list[str] = []
-    prefill, decode = runner.prefill, runner.decode
-    runner.prefill = lambda rows, *a, **k: calls.append("prefill") or prefill(rows, *a, **k)
-    runner.decode = lambda rows: calls.append("decode") or decode(rows)
+    forwards: list[list[int]] = []  # the tokens each row of each packed forward fed
+    prefill = runner.prefill
+    runner.prefill = lambda rows, *a, **k: forwards.append([len(ids) for _, ids, _ in rows]) or prefill(rows, *a, **k)
     started = threading.Event()
     with model.session() as a, model.session() as b:
         def long_decode() -> None:
@@ -98,10 +97,11 @@ def test_fast_path_decodes_other_runs_between_a_long_prompts_chunks():
         run = b.generate(IDS, NEW)
         thread.join()
         assert run.state == "finished" and a.run.state == "finished" and len(a.run.tokens) == 120
-        waited = a.run.timing["others_prefills"]
-    chunks = [i for i, call in enumerate(calls) if call == "prefill"][1:]  # A's prompt, then B's chunks
-    assert len(chunks) == math.ceil(len(IDS) / CHUNK) == waited, "A's timing counts B's chunks it decoded beside"
-    assert all(calls[i + 1] == "decode" for i in chunks[:-1]), "A's decode step ran after each of B's chunks"
+        rode = a.run.timing["others_prefills"]
+    chunks = [rows for rows in forwards[1:] if max(rows) > 1]  # A's prompt, then B's chunks
+    assert [max(rows) for rows in chunks] == pieces(len(IDS), CHUNK)
+    assert all(sorted(rows) == [1, max(rows)] for rows in chunks), "A decoded one token in each of B's chunks"
+    assert rode == len(chunks), "A's timing counts the chunks it rode"
     backend.shutdown()
 
 
