@@ -488,10 +488,10 @@ class Session:
         conversation and KV, breakpoints, steering, recordings and SAEs; it keeps its id. ``engine``: an index or
         a name (``"gpu1"``); None lets placement choose. A paused run cannot move yet: finish or cancel it first.
         The last run's logits and recordings stay behind: read them before."""
-        if isinstance(self._backend, Engine):
+        if not callable(getattr(type(self._backend), "migrate", None)):  # a daemon client forwards any name
             raise InvalidArgumentError(
-                "this session runs on a single in-process engine, so there is no other to move it to; migration "
-                "needs a cluster backend (djinn_kernel.cluster.connect_cluster())"
+                "this session's backend runs one engine (in-process, or a daemon), so there is no other to move it "
+                "to; migration needs a cluster backend (djinn_kernel.cluster.connect_cluster())"
             )
         return self._backend.migrate(self.id, engine)
 

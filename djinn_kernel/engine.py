@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import conditions, context, models, prefill
+from . import conditions, context, migration, models, prefill
 from .anatomy import resolve_target
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
@@ -585,6 +585,28 @@ class Engine(PauseOps):
             forked = self._session(new)
             forked.history, forked.cache = list(source.history), cache
             return new
+
+    def export_session(self, sid: int) -> dict[str, object]:
+        """The idle session's whole state as CPU copies (migration.py), for ``import_session`` on another engine;
+        the session itself is left as it was. A paused or running run cannot move between engines yet."""
+        session = self._session(sid)
+        with session.lock:
+            self._idle(session, "migrate it (a paused run cannot move between engines yet)")
+            with self.memory.resident(sid):
+                return migration.export_state(session)
+
+    def import_session(self, model_id: str, state: dict[str, object], owner: str = "local") -> int:
+        """A new session of ``model_id`` holding a state that ``export_session`` made (here or on another engine)."""
+        sid = self.open_session(model_id, owner=owner)
+        session = self._session(sid)
+        try:
+            with session.lock:
+                self.memory.make_room(migration.state_bytes(state), for_sid=sid)
+                migration.import_state(session, state)
+        except BaseException:
+            self.close_session(sid)
+            raise
+        return sid
 
     def rewind(self, sid: int, tokens: int) -> dict[str, object]:
         """Keep only the first ``tokens`` tokens of the conversation (and their KV): the next ``fresh=False`` run

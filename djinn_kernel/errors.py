@@ -64,6 +64,11 @@ class SessionLostError(DjinnError):
     """A session whose paged state could not be restored; it refuses every use but close."""
 
 
+class EngineLostError(SessionLostError):
+    """A session whose engine (one GPU's process in a cluster) died: its KV and run went with it; close it and open
+    a new one. Sessions on the other engines are untouched."""
+
+
 class DaemonConnectionError(DjinnError):
     """The daemon cannot be reached, refused the credentials, or speaks another protocol version."""
 
@@ -101,6 +106,7 @@ ERRORS_BY_NAME: dict[str, type[DjinnError]] = {
         WeightBudgetError,
         PagingError,
         SessionLostError,
+        EngineLostError,
         DaemonConnectionError,
         ProtocolError,
         EncryptionUnavailableError,

@@ -1,0 +1,78 @@
+"""Where a new session goes on a cluster of engines (one per GPU): pure bookkeeping, no Ray, no torch.
+
+The policy (``place``), in order:
+1. An engine where the session's model is resident and the KV memory left there holds one more session
+   (``headroom >= need``): the one with the most headroom, so sessions spread over the GPUs that hold the model.
+2. Otherwise (every such engine full, or the model resident nowhere): load the model on an engine where it is not
+   resident and where its weights and one session fit: the one with the most headroom.
+3. Otherwise the resident engine with the most headroom, oversubscribed: its memory manager pages idle and paused
+   sessions to the host to make room, as a single engine does today.
+4. Otherwise (the model resident nowhere and no engine with room for its weights) the engine with the most
+   headroom is asked to load it, and reports its own error when it cannot.
+Ties go to the engine with fewer sessions, then to the lower index. Dead engines never receive a session.
+
+Headroom counts every session at least ``need`` bytes (what one session is expected to take, e.g. its KV for a
+full context), or at what it holds on the device if that is more: a session opened but not yet run still takes
+its room, so a burst of new sessions spreads over the engines instead of piling onto one that looks empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What placement knows of one engine: its index, its budget (device bytes for sessions), the bytes each of
+    its sessions holds on the device, and the models resident on it. ``weights_in_budget``: a model loaded there
+    takes its weights out of the budget (a budget measured from free GPU memory), else the budget is the
+    operator's, for sessions alone (``--gpu-memory``)."""
+
+    index: int
+    budget: int
+    session_bytes: tuple[int, ...] = ()
+    models: frozenset[str] = field(default_factory=frozenset)
+    alive: bool = True
+    weights_in_budget: bool = False
+
+    def headroom(self, need: int) -> int:
+        """Budget left once every session is counted at ``need`` bytes or at what it holds, if more."""
+        return self.budget - sum(max(held, need) for held in self.session_bytes)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The engine a session goes to; ``load``: its model must be loaded there first; ``rule``: which of the
+    policy's rules chose it (1-4, see the module docstring)."""
+
+    engine: int
+    load: bool
+    rule: int
+
+
+class NoEngineError(Exception):
+    """Every engine is dead: nothing can take a session (the backend turns this into a user-facing error)."""
+
+
+def place(model: str, engines: Sequence[EngineLoad], need: int, weight_bytes: int = 0) -> Placement:
+    """The engine for a new session of ``model`` (see the module docstring). ``need``: the bytes one session is
+    expected to take; ``weight_bytes``: the model's weights, taken out of an engine's budget when it loads them."""
+    live = [e for e in engines if e.alive]
+    if not live:
+        raise NoEngineError("no engine is alive")
+    resident = [e for e in live if model in e.models]
+    others = [e for e in live if model not in e.models]
+
+    def best(candidates: list[EngineLoad]) -> EngineLoad:
+        return min(candidates, key=lambda e: (-e.headroom(need), len(e.session_bytes), e.index))
+
+    roomy = [e for e in resident if e.headroom(need) >= need]
+    if roomy:
+        return Placement(best(roomy).index, load=False, rule=1)
+    loadable = [e for e in others if e.headroom(need) >= need + (weight_bytes if e.weights_in_budget else 0)]
+    if loadable:
+        return Placement(best(loadable).index, load=True, rule=2)
+    if resident:
+        return Placement(best(resident).index, load=False, rule=3)
+    return Placement(best(others).index, load=True, rule=4)

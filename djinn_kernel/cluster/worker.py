@@ -1,0 +1,88 @@
+"""One engine in its own process: the Ray actor behind each GPU of a cluster (backend.py makes and calls it).
+
+``EngineWorker`` is a plain class (Ray turns it into an actor with ``ray.remote``; it imports no Ray itself). It
+holds one ``Engine`` with its own memory manager and budget, on the device Ray gave the process (with
+``num_gpus=1`` Ray sets ``CUDA_VISIBLE_DEVICES``, so ``cuda`` is that GPU; on a CPU test cluster, the CPU).
+
+Threads: the actor is threaded (``max_concurrency`` > 1), so a ``generate`` that blocks until its run pauses or
+ends does not hold up a ``cancel``, ``run_snapshot`` or another session's call on the same engine; the engine is
+thread-safe (engine.py). What the worker returns is host data only: tensors leave on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+# What the backend may call by name besides the engine's own public methods: nothing else of the worker or engine.
+_OWN = frozenset({"load", "describe", "export"})
+
+
+def _host(value: Any) -> Any:
+    """``value`` with every tensor in it on the CPU (what an engine returns usually is already)."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device.type == "cpu" else value.to("cpu")
+    if isinstance(value, dict):
+        return {k: _host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host(v) for v in value)
+    return value
+
+
+class EngineWorker:
+    """An ``Engine`` behind one GPU, with the calls the cluster backend makes to it."""
+
+    def __init__(self, index: int, options: dict[str, Any]) -> None:
+        """``options``: the Engine's keyword arguments, plus ``gpu_memory`` and ``host_memory`` (bytes or sizes
+        such as ``"8GiB"``) for its memory manager, as ``djinn serve`` takes them."""
+        from ..engine import Engine, default_device, default_memory
+        from ..memory import parse_bytes
+
+        options = dict(options)
+        budget, host = options.pop("gpu_memory", None), options.pop("host_memory", None)
+        device = torch.device(options.pop("device", None) or default_device())
+        memory = default_memory(
+            device, None if budget is None else parse_bytes(budget), None if host is None else parse_bytes(host)
+        )
+        self.index = index
+        self.engine = Engine(device=device, memory=memory, **options)
+
+    def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        """The engine's public method ``op``. Arguments that are Ray object refs arrive resolved (a migrating
+        session's state comes straight from the source engine's object store)."""
+        if op.startswith("_") or op in _OWN or not callable(getattr(self.engine, op, None)):
+            raise InvalidArgumentError(f"an engine has no operation {op!r}")
+        return _host(getattr(self.engine, op)(*args, **kwargs))
+
+    def export(self, sid: int) -> tuple[dict[str, int], dict[str, Any]]:
+        """An idle session's state (``Engine.export_session``) and, apart, its size: the caller, which called this
+        with two returns, reads the small one (or the export's error) without fetching the state itself."""
+        from ..migration import state_bytes
+
+        state = self.engine.export_session(sid)
+        return {"bytes": state_bytes(state), "history_tokens": len(state["history"])}, state
+
+    def load(self) -> dict[str, Any]:
+        """What placement needs (placement.EngineLoad): the budget, each session's device bytes, the models."""
+        memory = self.engine.memory
+        return {
+            "budget": memory.budget,
+            "weights_in_budget": memory.budget_from_free_memory,
+            "sessions": {s["id"]: max(s["memory"]["gpu_bytes"], s["memory"]["reserved"]) for s in self.engine.sessions()},
+            "models": [m["id"] for m in self.engine.models()],
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Where this engine runs: its process, device and (under Ray) node."""
+        node = None
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+        except ImportError:
+            pass
+        return {"index": self.index, "pid": os.getpid(), "device": str(self.engine.device), "node": node}

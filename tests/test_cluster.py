@@ -1,0 +1,274 @@
+"""Djinn on a Ray cluster (djinn_kernel/cluster, migration.py): the placement policy alone, a session's state moved
+between in-process engines, and a local Ray cluster whose engines stand in for GPUs (a custom resource):
+placement as the policy says, migration bitwise exact, and a dead engine failing only its own sessions."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+import djinn_kernel as dj
+from djinn_kernel.cluster.placement import EngineLoad, NoEngineError, place
+from djinn_kernel.engine import Engine
+from djinn_kernel.errors import EngineLostError, InvalidArgumentError, SessionBusyError, SessionLostError
+
+NEED = 100  # bytes placement counts per session in the policy tests
+
+
+def load(index: int, budget: int = 1000, sessions: tuple[int, ...] = (), models: tuple[str, ...] = ("m",), **kw):
+    return EngineLoad(index, budget, sessions, frozenset(models), **kw)
+
+
+# the policy ---------------------------------------------------------------------------------------------------
+def test_a_session_goes_where_its_model_is_resident_with_the_most_room():
+    engines = [load(0, sessions=(0, 0, 0)), load(1, sessions=(0,)), load(2, models=())]
+    assert place("m", engines, NEED) == place("m", engines, NEED)  # pure: same loads, same answer
+    chosen = place("m", engines, NEED)
+    assert (chosen.engine, chosen.load, chosen.rule) == (1, False, 1), "gpu2 is emptier but would have to load m"
+
+
+def test_a_session_is_counted_at_least_need_so_a_burst_spreads():
+    """Sessions opened but not yet run hold no bytes; counted at ``need`` they still fill an engine."""
+    engines = [load(0, budget=250), load(1, budget=250)]
+    placed = []
+    for _ in range(4):
+        chosen = place("m", engines, NEED)
+        placed.append(chosen.engine)
+        old = engines[chosen.engine]
+        engines[chosen.engine] = load(old.index, old.budget, (*old.session_bytes, 0))
+    assert placed == [0, 1, 0, 1]
+    # A session holding more than ``need`` counts at what it holds.
+    assert load(0, sessions=(700, 0)).headroom(NEED) == 1000 - 700 - 100
+
+
+def test_ties_go_to_fewer_sessions_then_the_lower_index():
+    assert place("m", [load(0, 1100, (0,)), load(1, 1000)], NEED).engine == 1  # same headroom, fewer sessions
+    assert place("m", [load(0), load(1)], NEED).engine == 0
+
+
+def test_when_every_resident_engine_is_full_the_model_is_loaded_on_another():
+    full = load(0, budget=150, sessions=(0,))
+    chosen = place("m", [full, load(1, models=(), sessions=(0,)), load(2, models=())], NEED)
+    assert (chosen.engine, chosen.load, chosen.rule) == (2, True, 2)
+    # Weights count against a budget measured from free GPU memory only.
+    small = load(1, budget=400, models=(), weights_in_budget=True)
+    assert place("m", [full, small], NEED, weight_bytes=350).rule == 3, "m's weights and a session do not fit on 1"
+    assert place("m", [full, load(1, 400, models=())], NEED, weight_bytes=350).engine == 1
+
+
+def test_when_nothing_has_room_the_resident_engine_with_the_most_is_oversubscribed():
+    engines = [load(0, 150, (0,)), load(1, 180, (0,)), load(2, 50, models=())]
+    chosen = place("m", engines, NEED)
+    assert (chosen.engine, chosen.load, chosen.rule) == (1, False, 3)
+
+
+def test_a_model_resident_nowhere_is_loaded_where_there_is_most_room():
+    chosen = place("m", [load(0, 300, models=()), load(1, 900, models=("x",))], NEED)
+    assert (chosen.engine, chosen.load, chosen.rule) == (1, True, 2)
+    chosen = place("m", [load(0, 50, models=()), load(1, 80, models=())], NEED)
+    assert (chosen.engine, chosen.load, chosen.rule) == (1, True, 4)
+
+
+def test_dead_engines_never_get_a_session():
+    engines = [load(0, alive=False), load(1, budget=10, sessions=(0,))]
+    assert place("m", engines, NEED).engine == 1
+    with pytest.raises(NoEngineError):
+        place("m", [load(0, alive=False)], NEED)
+
+
+# a session's state between engines, in-process ---------------------------------------------------------------
+@pytest.mark.parametrize("fast", [False, True], ids=["module-path", "fast-path"])
+def test_an_imported_session_continues_bitwise_as_the_original(fast):
+    def engine() -> Engine:
+        return Engine(device="cpu", fast=True) if fast else Engine(device="cpu", deterministic=True)
+
+    source, target = engine(), engine()
+    try:
+        model = dj.load("tiny-llama", backend=source)
+        dj.load("tiny-llama", backend=target)
+        session = model.session()
+        session.steer(1, torch.full((model.hidden_size,), 0.05))
+        session.generate("Hello, world", 6)
+        state = source.export_session(session.id)
+        assert state["kv"]["kind"] == ("blocks" if fast else "module")
+        moved = target.import_session("tiny-llama", state)
+        original = session.generate(" and then", 5, fresh=False, keep_logits=True)
+        copy = target.generate(moved, " and then", 5, fresh=False, keep_logits=True)
+        assert copy["tokens"] == original.tokens and copy["run_id"] == original.id == 2
+        assert torch.equal(target.run_logits(moved), original.logits)
+        assert target.describe_session(moved)["steering"] == session.steering
+    finally:
+        source.shutdown()
+        target.shutdown()
+
+
+def test_migrate_on_a_single_engine_says_it_needs_a_cluster():
+    engine = Engine(device="cpu", deterministic=True)
+    try:
+        with dj.load("tiny-llama", backend=engine).session() as session:
+            with pytest.raises(InvalidArgumentError, match="cluster"):
+                session.migrate()
+    finally:
+        engine.shutdown()
+
+
+# a local Ray cluster -----------------------------------------------------------------------------------------
+ENGINES = 3
+SESSION_TOKENS = 64  # placement counts a session as 64 KiB of tiny-llama's KV (1 KiB a token)
+BUDGET = int(2.5 * 1024 * SESSION_TOKENS)  # so two sessions fit an engine, a third does not
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    from djinn_kernel.cluster import connect_cluster
+
+    backend = connect_cluster(
+        engines=ENGINES,
+        resource="djinn_gpu",
+        engine_options={"device": "cpu", "deterministic": True, "gpu_memory": BUDGET, "host_memory": "64MiB"},
+        session_tokens=SESSION_TOKENS,
+        ray_options={"num_cpus": 2, "resources": {"djinn_gpu": ENGINES}, "configure_logging": False},
+        start_timeout=120,
+    )
+    yield backend
+    backend.shutdown()
+    assert not ray.is_initialized()
+
+
+def where(cluster) -> dict[int, str]:
+    """Each live session's engine, as the cluster's status reports it."""
+    return {sid: e["name"] for e in cluster.status()["engines"] for sid in e["sessions"]}
+
+
+def test_placement_on_the_cluster_follows_the_policy(cluster):
+    """Runs first, on engines holding nothing: each engine takes two sessions, then the model loads on the next."""
+    model = dj.load("tiny-llama", backend=cluster)
+    sessions = [model.session() for _ in range(7)]
+    try:
+        placed = where(cluster)
+        assert [placed[s.id] for s in sessions] == ["gpu0", "gpu0", "gpu1", "gpu1", "gpu2", "gpu2", "gpu0"]
+        status = cluster.status()
+        assert [e["models"] for e in status["engines"]] == [["tiny-llama"]] * ENGINES
+        assert [m["engines"] for m in status["models"]] == [["gpu0", "gpu1", "gpu2"]]
+        described = {s["id"]: s for s in status["sessions"]}
+        assert all(described[s.id]["engine"] == placed[s.id] and described[s.id]["state"] == "idle" for s in sessions)
+        run = sessions[3].generate("Hello", 4)  # a routed call answers with the cluster's session id
+        assert run.finished and sessions[3].status()["id"] == sessions[3].id
+        assert cluster.run_snapshot(sessions[3].id)["session_id"] == sessions[3].id
+    finally:
+        for s in sessions:
+            s.close()
+    assert where(cluster) == {}
+
+
+def test_a_migrated_session_continues_bitwise_as_an_unmigrated_one(cluster):
+    model = dj.load("tiny-llama", backend=cluster)
+    vector = torch.full((model.hidden_size,), 0.05)
+    runs = {}
+    for name in ("stay", "move"):
+        with model.session() as session:
+            session.steer(1, vector)
+            bp = session.break_at(2, tokens=1)
+            session.generate("Hello, world", 6).finish()
+            source = where(cluster)[session.id]
+            if name == "move":
+                target = {"gpu0": "gpu1"}.get(source, "gpu0")
+                info = session.migrate(engine=target)
+                assert (info["from"], info["to"], info["id"]) == (source, target, session.id)
+                assert info["history_tokens"] > 6 and info["bytes"] > 0
+                assert where(cluster)[session.id] == target
+                assert session.breakpoints[0]["id"] == bp and session.breakpoints[0]["hits"] == 1
+                with pytest.raises(InvalidArgumentError, match="stayed on " + source):
+                    session.run.logits  # the last run stayed behind
+            run = session.generate(" and then", 5, fresh=False, keep_logits=True)
+            assert run.paused and run.pause.layer == 2 and run.pause.token_step == 1
+            activation = run.pause.activation
+            run.finish()
+            runs[name] = (run.id, run.tokens, run.logits, activation)
+    (stay_id, stay_tokens, stay_logits, stay_act), (move_id, move_tokens, move_logits, move_act) = runs.values()
+    assert move_id == stay_id == 2 and move_tokens == stay_tokens
+    assert torch.equal(move_logits, stay_logits) and torch.equal(move_act, stay_act)
+
+
+def test_a_paused_session_cannot_migrate_yet(cluster):
+    model = dj.load("tiny-llama", backend=cluster)
+    with model.session() as session:
+        session.break_at(1, once=True)
+        run = session.generate("Hello", 3)
+        assert run.paused
+        before = where(cluster)[session.id]
+        with pytest.raises(SessionBusyError, match="paused run cannot move between engines yet"):
+            session.migrate()
+        assert where(cluster)[session.id] == before
+        run.finish()  # the session is intact and, idle now, moves
+        assert session.migrate()["from"] == before
+        with pytest.raises(InvalidArgumentError, match="gpu7"):
+            session.migrate(engine="gpu7")
+
+
+def test_the_daemon_serves_the_cluster_backend_as_an_engine(cluster):
+    """The daemon calls its engine's methods by name and binds the wire's arguments to their signatures: the
+    cluster backend passes unchanged (what `djinn serve --ray` will put behind the socket)."""
+    from djinn_kernel.daemon import Client, Daemon, Security
+
+    daemon = Daemon(cluster, Security(b"c" * 64), [])
+    mine, other = Client("client-1"), Client("client-2")
+    try:
+        dj.load("tiny-llama", backend=cluster)
+        sid = daemon._dispatch(mine, "open_session", {"model_id": "tiny-llama"})
+        snapshot = daemon._dispatch(mine, "generate", {"sid": sid, "prompt": "Hello", "max_new_tokens": 3})
+        assert snapshot["session_id"] == sid and snapshot["state"] == "finished"
+        with pytest.raises(InvalidArgumentError, match="generate: missing a required argument: 'prompt'"):
+            daemon._dispatch(mine, "generate", {"sid": sid})  # bound to the engine's signature, as for an Engine
+        with pytest.raises(dj.SessionClosedError):
+            daemon._dispatch(other, "describe_session", {"sid": sid})  # another client's session
+        status = daemon._dispatch(other, "status", {})
+        assert {s["id"]: s["mine"] for s in status["sessions"]}[sid] is False and len(status["engines"]) == ENGINES
+        assert daemon.describe()["device"] == f"ray ({ENGINES} engines)"
+        daemon._dispatch(mine, "close_session", {"sid": sid})
+    finally:
+        daemon._pool.shutdown()
+        daemon._ctx.term()
+
+
+def test_a_dead_engine_fails_only_its_own_sessions(cluster):
+    """Last: it kills an engine. Its sessions raise EngineLostError naming it; the others go on, unchanged."""
+    model = dj.load("tiny-llama", backend=cluster)
+    kept, doomed = model.session(), model.session()
+    kept.generate("Hello, world", 4)
+    doomed.generate("Hello, world", 4)
+    if where(cluster)[doomed.id] == where(cluster)[kept.id]:
+        doomed.migrate()
+    kept_engine, doomed_engine = where(cluster)[kept.id], where(cluster)[doomed.id]
+    assert kept_engine != doomed_engine
+    twin = kept.fork()  # on kept's engine: what kept must still give after the kill
+    expected = twin.generate(" more", 4, fresh=False, keep_logits=True)
+
+    engines = {e["name"]: e for e in cluster.status()["engines"]}
+    os.kill(engines[doomed_engine]["pid"], signal.SIGKILL)
+
+    with pytest.raises(EngineLostError, match=f"engine {doomed_engine} .* died; its sessions \\[{doomed.id}\\]") as lost:
+        doomed.generate(" more", 4, fresh=False)
+    assert isinstance(lost.value, SessionLostError)
+    with pytest.raises(EngineLostError, match=f"session {doomed.id} was on {doomed_engine}, which died"):
+        doomed.status()
+    after = kept.generate(" more", 4, fresh=False, keep_logits=True)
+    assert after.tokens == expected.tokens and torch.equal(after.logits, expected.logits)
+
+    status = cluster.status()
+    dead = {e["name"]: e for e in status["engines"]}[doomed_engine]
+    assert not dead["alive"] and "died" in dead["error"] and dead["sessions"] == []
+    assert {s["id"]: s["state"] for s in status["sessions"]}[doomed.id] == "lost"
+    doomed.close()  # a lost session closes without error, and is then forgotten
+    assert doomed.id not in {s["id"] for s in cluster.sessions()}
+    with model.session() as fresh:  # new sessions go to the engines left
+        assert where(cluster)[fresh.id] != doomed_engine
+        assert fresh.generate("Hello, world", 4).finished
+    with pytest.raises(EngineLostError, match=doomed_engine):
+        kept.migrate(engine=doomed_engine)
+    twin.close()
+    kept.close()
