@@ -16,6 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+DECODE_PAGES = 2  # blocks a decode attention program reads per iteration: 2 beat 1 by 10-25%, 4 was 10x slower
+# (a [128, 128] tile of per-row addresses; bench_attention.py, results/attention_h200.json)
+PROMPT_PAGES = 1  # the same for the prefill attention's key tiles
+
 
 @triton.jit
 def _store_kv(
@@ -39,22 +43,25 @@ def _store_kv(
 @triton.jit
 def _attend_blocks(
     q, qpos, PTRS, row, kv_head, first, stop, step, layer_offset, value_offset, max_blocks, scale,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PAGES: tl.constexpr,
 ):
     """Online-softmax attention of the queries ``q`` (at positions ``qpos``, each seeing the positions up to its
-    own) over blocks ``first, first + step, ... < stop`` of ``row``: the running max, the sum of weights and the
-    unnormalised output. Every kernel below reads blocks through this loop."""
+    own) over block groups ``first, first + step, ... < stop`` of ``row`` (group ``g``: blocks ``g * PAGES`` to
+    ``g * PAGES + PAGES - 1``): the running max, the sum of weights and the unnormalised output. Every kernel
+    below reads blocks through this loop. A group's blocks are loaded at once (each token row through its
+    block's address): ``PAGES`` independent reads in flight per iteration instead of one dependent chain."""
     d = tl.arange(0, HEAD_DIM)
-    t = tl.arange(0, BLOCK)
+    t = tl.arange(0, BLOCK * PAGES)
+    slot = t % BLOCK
     last = tl.max(qpos, 0)
     m = tl.full([q.shape[0]], float("-inf"), tl.float32)
     total = tl.zeros([q.shape[0]], tl.float32)
     acc = tl.zeros([q.shape[0], HEAD_DIM], tl.float32)
-    for i in range(first, stop, step):
-        base = tl.load(PTRS + row * max_blocks + i).to(tl.pointer_type(q.dtype))
-        kpos = i * BLOCK + t
-        held = kpos <= last  # slots past the newest token hold nothing yet: never read them
-        at = base + layer_offset + (kv_head * BLOCK + t[:, None]) * HEAD_DIM + d[None, :]
+    for g in range(first, stop, step):
+        kpos = g * (BLOCK * PAGES) + t
+        held = kpos <= last  # slots past the newest token hold nothing yet (nor blocks past the row's): never read
+        base = tl.load(PTRS + row * max_blocks + kpos // BLOCK, mask=held, other=0).to(tl.pointer_type(q.dtype))
+        at = base[:, None] + layer_offset + (kv_head * BLOCK + slot[:, None]) * HEAD_DIM + d[None, :]
         k = tl.load(at, mask=held[:, None], other=0.0)
         v = tl.load(at + value_offset, mask=held[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
@@ -72,7 +79,7 @@ def _attend_blocks(
 def _attend(
     Q, O, PTRS, LENS, layer_offset, value_offset, max_blocks, scale,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PAGES: tl.constexpr,
 ):
     """One query token per row; one program per (row, kv head) covers that head's group of query heads."""
     row = tl.program_id(0)
@@ -85,8 +92,8 @@ def _attend(
     q = tl.load(Q + q_rows[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
     qpos = tl.zeros([GROUP_PAD], tl.int32) + (n - 1)
     m, total, acc = _attend_blocks(
-        q, qpos, PTRS, row, kv_head, 0, tl.cdiv(n, BLOCK), 1, layer_offset, value_offset, max_blocks, scale,
-        BLOCK, HEAD_DIM,
+        q, qpos, PTRS, row, kv_head, 0, tl.cdiv(n, BLOCK * PAGES), 1, layer_offset, value_offset, max_blocks, scale,
+        BLOCK, HEAD_DIM, PAGES,
     )
     out = acc / total[:, None]
     tl.store(O + q_rows[:, None] * HEAD_DIM + d[None, :], out.to(O.dtype.element_ty), mask=live[:, None])
@@ -96,9 +103,10 @@ def _attend(
 def _attend_part(
     Q, PART, STATS, PTRS, LENS, layer_offset, value_offset, max_blocks, scale,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PAGES: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """``_attend`` over every ``SPLITS``-th block from ``split`` on: unnormalised partial sums for ``_combine``."""
+    """``_attend`` over every ``SPLITS``-th block group from ``split`` on: unnormalised partial sums for
+    ``_combine``."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -110,8 +118,8 @@ def _attend_part(
     q = tl.load(Q + q_rows[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
     qpos = tl.zeros([GROUP_PAD], tl.int32) + (n - 1)
     m, total, acc = _attend_blocks(
-        q, qpos, PTRS, row, kv_head, split, tl.cdiv(n, BLOCK), SPLITS, layer_offset, value_offset, max_blocks,
-        scale, BLOCK, HEAD_DIM,
+        q, qpos, PTRS, row, kv_head, split, tl.cdiv(n, BLOCK * PAGES), SPLITS, layer_offset, value_offset,
+        max_blocks, scale, BLOCK, HEAD_DIM, PAGES,
     )
     slot = q_rows * SPLITS + split
     tl.store(PART + slot[:, None] * HEAD_DIM + d[None, :], acc, mask=live[:, None])
@@ -122,7 +130,7 @@ def _attend_part(
 @triton.jit
 def _attend_prompt(
     Q, O, PTRS, TILES, layer_offset, value_offset, max_blocks, scale, head_stride,
-    GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr, PAGES: tl.constexpr,
 ):
     """Causal attention of packed prompt tokens over their rows' blocks (which already hold them): one program
     per (tile of up to ``TILE`` consecutive tokens of one row, query head). ``TILES[i]`` is (row, packed index
@@ -140,8 +148,8 @@ def _attend_prompt(
     q = tl.load(Q + at, mask=live[:, None], other=0.0)
     qpos = pos0 + tl.where(live, i, count - 1)  # padding queries copy the last one; they are not stored
     m, total, acc = _attend_blocks(
-        q, qpos, PTRS, row, head // GROUP, 0, (pos0 + count - 1) // BLOCK + 1, 1, layer_offset, value_offset,
-        max_blocks, scale, BLOCK, HEAD_DIM,
+        q, qpos, PTRS, row, head // GROUP, 0, (pos0 + count - 1) // (BLOCK * PAGES) + 1, 1, layer_offset,
+        value_offset, max_blocks, scale, BLOCK, HEAD_DIM, PAGES,
     )
     out = acc / total[:, None]
     tl.store(O + at, out.to(O.dtype.element_ty), mask=live[:, None])
@@ -175,9 +183,13 @@ def store_kv(
     )
 
 
-def attend(q: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, layer: int, kv_heads: int, block: int) -> torch.Tensor:
-    """Attention of one query per row (``q``: ``[rows, heads, head_dim]``) over each row's first ``lens`` tokens;
-    split over blocks (flash-decoding) when there are too few (row, kv head) pairs to fill the GPU."""
+def attend(
+    q: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, layer: int, kv_heads: int, block: int,
+    splits: int | None = None, pages: int = DECODE_PAGES,
+) -> torch.Tensor:
+    """Attention of one query per row (``q``: ``[rows, heads, head_dim]``) over each row's first ``lens`` tokens,
+    ``pages`` blocks per iteration; split over block groups (flash-decoding) when there are too few (row, kv
+    head) pairs to fill the GPU. ``splits`` overrides ``split_count`` (benchmarks)."""
     rows, heads, head_dim = q.shape
     group = heads // kv_heads
     per_kind = kv_heads * block * head_dim
@@ -185,19 +197,20 @@ def attend(q: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, layer: int, 
     common = dict(HEADS=heads, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
                   BLOCK=block, HEAD_DIM=head_dim)
     args = (ptrs, lens, layer * 2 * per_kind, per_kind, ptrs.shape[1], head_dim**-0.5)
-    splits = split_count(rows * kv_heads)
+    splits = splits or split_count(rows * kv_heads)
     if splits == 1:
-        _attend[(rows, kv_heads)](q, out, *args, **common)
+        _attend[(rows, kv_heads)](q, out, *args, **common, PAGES=pages)
         return out
     part = torch.empty((rows * heads * splits, head_dim), dtype=torch.float32, device=q.device)
     stats = torch.empty((rows * heads * splits, 2), dtype=torch.float32, device=q.device)
-    _attend_part[(rows, kv_heads, splits)](q, part, stats, *args, **common, SPLITS=splits)
+    _attend_part[(rows, kv_heads, splits)](q, part, stats, *args, **common, PAGES=pages, SPLITS=splits)
     _combine[(rows * heads,)](part, stats, out, SPLITS=splits, HEAD_DIM=head_dim)
     return out
 
 
 def attend_prompt(
-    q: torch.Tensor, ptrs: torch.Tensor, tiles: torch.Tensor, layer: int, kv_heads: int, block: int, tile: int
+    q: torch.Tensor, ptrs: torch.Tensor, tiles: torch.Tensor, layer: int, kv_heads: int, block: int, tile: int,
+    pages: int = PROMPT_PAGES,
 ) -> torch.Tensor:
     """Causal attention of a packed prompt (``q``: ``[1, heads, tokens, head_dim]``, contiguous) over its rows'
     blocks, by the ``tiles`` of ``prompt_tiles``; the output in ``q``'s layout."""
@@ -206,7 +219,7 @@ def attend_prompt(
     out = torch.empty_like(q)
     _attend_prompt[(tiles.shape[0], heads)](
         q, out, ptrs, tiles, layer * 2 * per_kind, per_kind, ptrs.shape[1], head_dim**-0.5, tokens * head_dim,
-        GROUP=heads // kv_heads, BLOCK=block, HEAD_DIM=head_dim, TILE=tile,
+        GROUP=heads // kv_heads, BLOCK=block, HEAD_DIM=head_dim, TILE=tile, PAGES=pages,
     )
     return out
 
@@ -223,8 +236,10 @@ def prompt_tiles(starts: list[int], counts: list[int], tile: int) -> list[tuple[
 
 
 def split_count(programs: int, target: int = 256) -> int:
-    """Splits of each row's blocks so that a small batch still fills the GPU (132 SMs on an H100/H200): one
-    program per (row, kv head) leaves most of them idle at batch 1, where attention is then latency-bound."""
-    if programs >= target // 2:
+    """Splits of each row's block groups so that a small batch still fills the GPU (132 SMs on an H100/H200):
+    one program per (row, kv head) leaves most of them idle below ``target`` programs, where attention is then
+    latency-bound (bench_attention.py on the H200, 2,048-token rows: 4 rows unsplit took 2.3x as long as split
+    in two)."""
+    if programs >= target:
         return 1
     return min(16, triton.next_power_of_2(-(-target // programs)))

@@ -191,3 +191,35 @@ def test_a_streamed_model_steps_batched_with_eager_streamed_layers_and_graphs_of
         assert ring.forwards == forwards + 1 and ring.per_forward[-1] == plan.arena_bytes
     assert any(key[3] == 3 for key in runner._graphs.graphs), "the resident layer replays a graph"
     assert all(slot.readers == 0 for slot in ring.slots)
+
+
+@pytest.mark.parametrize("pages", [1, 2, 4])
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_decode_attention_over_block_groups_and_splits_matches_sdpa(pages, splits):
+    """The decode attention kernel with any blocks per iteration and any split count, rows of lengths that end
+    inside, at and past a group's last block (one group holds ``32 * pages`` tokens), grouped query heads."""
+    from djinn_kernel import kernels
+    from djinn_kernel.kv_blocks import BlockKV, KVShape
+
+    heads, kv_heads, dim, layer = 8, 2, 64, 1
+    shape = KVShape(3, kv_heads, dim, torch.float32, torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [1, 31, 32, 33, 128, 129, 300, 700]
+    kvs = []
+    for n in lengths:
+        kv = BlockKV(shape)
+        kv.ensure(n)
+        for block in kv.blocks:
+            block.normal_(generator=gen)
+        kv.length = n
+        kvs.append(kv)
+    ptrs = torch.zeros((len(kvs), 32), dtype=torch.long)
+    for r, kv in enumerate(kvs):
+        ptrs[r, : len(kv.blocks)] = torch.tensor(kv.pointers())
+    q = torch.randn((len(kvs), heads, dim), device="cuda", generator=gen)
+    lens = torch.tensor(lengths, device="cuda")
+    got = kernels.attend(q, ptrs.cuda(), lens, layer, kv_heads, shape.block_tokens, splits, pages)
+    for r, (kv, n) in enumerate(zip(kvs, lengths)):
+        keys, values = (x.repeat_interleave(heads // kv_heads, dim=0) for x in kv.read(layer, n))
+        expected = torch.nn.functional.scaled_dot_product_attention(q[r][:, None], keys, values)[:, 0]
+        assert (got[r] - expected).abs().max() < 2e-3, f"row {r} ({n} tokens)"
