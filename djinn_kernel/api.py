@@ -488,10 +488,11 @@ class Session:
         conversation and KV, breakpoints, steering, recordings and SAEs; it keeps its id. ``engine``: an index or
         a name (``"gpu1"``); None lets placement choose. A paused run cannot move yet: finish or cancel it first.
         The last run's logits and recordings stay behind: read them before."""
-        if not callable(getattr(type(self._backend), "migrate", None)):  # a daemon client forwards any name
+        if not callable(getattr(type(self._backend), "migrate", None)):  # a daemon client has it; its daemon may refuse
             raise InvalidArgumentError(
-                "this session's backend runs one engine (in-process, or a daemon), so there is no other to move it "
-                "to; migration needs a cluster backend (djinn_kernel.cluster.connect_cluster())"
+                "this session's backend runs one engine in process, so there is no other to move it to; migration "
+                "needs a cluster backend (djinn_kernel.cluster.connect_cluster(), or a daemon started with "
+                "djinn serve --ray)"
             )
         return self._backend.migrate(self.id, engine)
 

@@ -42,43 +42,58 @@ def _serve(args: argparse.Namespace) -> int:
     if args.listen:
         require_curve()  # before any work: tcp:// is encrypted or not served at all
         public, secret = server_keypair(folder)
-    if args.spill_memory and not args.spill_dir:
-        print("djinn: --spill-memory needs --spill-dir (the folder to spill to)", file=sys.stderr)
+    if args.ray is None and args.engines is not None:
+        print("djinn: --engines is an option of --ray (a cluster's engines)", file=sys.stderr)
         return 2
-    spill = SpillStore(args.spill_dir, parse_bytes(args.spill_memory or "64GiB"), args.spill_threads,
-                       parse_bytes(args.spill_block)) if args.spill_dir else None
-    device = torch_device(args.device) if args.device else default_device()
-    memory = default_memory(
-        device,
-        budget=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
-        host=parse_bytes(args.host_memory) if args.host_memory else None,
-        spill=spill,
-    )
-    if args.page_on_pause and args.policy != "lru":
-        print(f"djinn: --page-on-pause is a mode of the lru policy, not of {args.policy}", file=sys.stderr)
-        return 2
-    memory.policy = LRUPolicy(eager=True) if args.page_on_pause else make_policy(args.policy)
-    if args.host_reserve:
-        memory.pool.reserve(parse_bytes(args.host_reserve))
+    if args.ray is not None:
+        engine = _cluster(args)  # the engines run in Ray actors; the daemon routes to them as to one engine
+        where = f"{engine.device}: " + ", ".join(
+            f"{e['name']} on {e['device']} (pid {e['pid']})" for e in engine.status()["engines"]
+        )
+    else:
+        if args.spill_memory and not args.spill_dir:
+            print("djinn: --spill-memory needs --spill-dir (the folder to spill to)", file=sys.stderr)
+            return 2
+        spill = SpillStore(args.spill_dir, parse_bytes(args.spill_memory or "64GiB"), args.spill_threads,
+                           parse_bytes(args.spill_block)) if args.spill_dir else None
+        device = torch_device(args.device) if args.device else default_device()
+        memory = default_memory(
+            device,
+            budget=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
+            host=parse_bytes(args.host_memory) if args.host_memory else None,
+            spill=spill,
+        )
+        if args.page_on_pause and args.policy != "lru":
+            print(f"djinn: --page-on-pause is a mode of the lru policy, not of {args.policy}", file=sys.stderr)
+            return 2
+        memory.policy = LRUPolicy(eager=True) if args.page_on_pause else make_policy(args.policy)
+        if args.host_reserve:
+            memory.pool.reserve(parse_bytes(args.host_reserve))
+        fast = {"auto": None, "on": True, "off": False}[args.fast]
+        engine = Engine(
+            device=device,
+            memory=memory,
+            progress=_progress,
+            deterministic=args.deterministic,
+            fast=fast,
+            weight_memory=parse_bytes(args.weight_memory) if args.weight_memory else None,
+            ring_slots=args.ring_slots,
+            max_context=args.max_context,
+            prefill_chunk=args.prefill_chunk,
+        )
+        where = f"{device}, session budget {format_size(memory.budget)}"
     key, key_file = new_key(folder)
     security = Security(key, TokenStore(folder), secret, parse_bytes(args.max_message_size))
     endpoints = [ipc_endpoint(folder), *args.listen]
-    fast = {"auto": None, "on": True, "off": False}[args.fast]
-    engine = Engine(
-        device=device,
-        memory=memory,
-        progress=_progress,
-        deterministic=args.deterministic,
-        fast=fast,
-        weight_memory=parse_bytes(args.weight_memory) if args.weight_memory else None,
-        ring_slots=args.ring_slots,
-        max_context=args.max_context,
-        prefill_chunk=args.prefill_chunk,
-    )
-    daemon = Daemon(engine, security, endpoints, lease=args.client_lease)
-    install_signal_handlers(daemon)
+    try:
+        daemon = Daemon(engine, security, endpoints, lease=args.client_lease)
+    except BaseException:
+        if args.ray is not None:
+            engine.shutdown()  # the engine actors, and Ray if started here: nothing left running behind an error
+        raise
+    install_signal_handlers(daemon)  # after Ray's start, which sets a SIGTERM handler of its own
     write_info(folder, DaemonInfo(os.getpid(), endpoints, str(key_file), public.decode() if public else None))
-    print(f"djinn daemon pid {os.getpid()} on {device}, session budget {format_size(memory.budget)}, listening on:")
+    print(f"djinn daemon pid {os.getpid()} on {where}, listening on:")
     for endpoint in endpoints:
         print(f"  {endpoint}")
     if public is not None:
@@ -91,6 +106,70 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         clear_info(folder, os.getpid())
     return 0
+
+
+# What a cluster's engines do not take yet: each engine's memory manager is built in its actor (cluster/worker.py)
+# with no host reserve and no disk tier; --policy is passed on, --page-on-pause (a policy object) is not.
+_NOT_WITH_RAY = (
+    ("spill_dir", "--spill-dir"), ("spill_memory", "--spill-memory"), ("host_reserve", "--host-reserve"),
+    ("page_on_pause", "--page-on-pause"),
+)
+CPU_ENGINE = "djinn_cpu_engine"  # the Ray resource a CPU engine takes, standing in for a GPU (--device cpu)
+
+
+def _cluster(args: argparse.Namespace):
+    """The cluster backend ``djinn serve --ray`` serves: one engine per GPU Ray reports (or ``--engines``), each
+    with serve's per-engine options. ``--device cpu`` makes CPU engines standing in for GPUs, on a local Ray."""
+    from .errors import InvalidArgumentError
+
+    for name, flag in _NOT_WITH_RAY:
+        if getattr(args, name):
+            raise InvalidArgumentError(f"{flag} is not available with --ray yet (engines page to host memory only)")
+    if args.engines is not None and args.engines < 1:
+        raise InvalidArgumentError(f"--engines must be at least 1, not {args.engines}")
+    from .cluster.backend import import_ray
+
+    import_ray()  # before anything starts: Ray missing is said plainly, with the pip command
+    from .cluster import connect_cluster
+
+    address = args.ray or None  # `--ray` alone: start a local Ray cluster for this daemon
+    cpu = args.device is not None and args.device.split(":")[0] == "cpu"
+    ray_options: dict = {"configure_logging": False}
+    if cpu:
+        if address is not None:
+            raise InvalidArgumentError(
+                "CPU engines (--device cpu) stand in for GPUs on a local Ray only; use --ray without an address"
+            )
+        ray_options["resources"] = {CPU_ENGINE: args.engines or 1}
+    options = {
+        "device": args.device,
+        "deterministic": args.deterministic,
+        "fast": {"auto": None, "on": True, "off": False}[args.fast],
+        "weight_memory": args.weight_memory and _bytes(args.weight_memory),
+        "ring_slots": args.ring_slots,
+        "max_context": args.max_context,
+        "prefill_chunk": args.prefill_chunk,
+        "policy": args.policy,
+        "gpu_memory": args.gpu_memory,
+        "host_memory": args.host_memory,
+    }
+    count = f"{args.engines} engines" if args.engines else "one engine per GPU"
+    _progress(f"starting {count} on Ray ({address or 'a local Ray cluster'})")
+    try:
+        return connect_cluster(
+            address, args.engines, resource=CPU_ENGINE if cpu else "GPU", engine_options=options,
+            ray_options=ray_options, start_timeout=args.engine_timeout,
+        )
+    except InvalidArgumentError as exc:
+        if cpu:
+            raise
+        raise InvalidArgumentError(f"{exc} (without GPUs, --device cpu --engines N runs CPU engines)") from None
+
+
+def _bytes(text: str) -> int:
+    from .memory import parse_bytes
+
+    return parse_bytes(text)
 
 
 def torch_device(name: str):
@@ -207,6 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-size", default="1GiB",
                        help="largest frame (one tensor) a client may send; larger ones are dropped unread "
                        "(default: 1GiB)")
+    serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="serve a Ray cluster: one engine per GPU, sessions placed and migrated between them "
+                            "(docs/cluster.md). ADDRESS: a cluster to join ('auto': the one this machine is part "
+                            "of); without it a local Ray starts. Needs pip install 'djinn-kernel[ray]'")
+    serve.add_argument("--engines", type=int, default=None, metavar="N",
+                       help="with --ray: how many engines (default: one per GPU Ray reports); with --device cpu, N "
+                            "CPU engines standing in for GPUs. --gpu-memory, --host-memory and the model options "
+                            "apply to each engine")
+    serve.add_argument("--engine-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="with --ray: how long the engines may take to start (default: 300)")
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="tokens for other users of this daemon (`token add NAME` prints one)")

@@ -150,6 +150,12 @@ class DaemonClient:
             return functools.partial(self.call, op)
         raise AttributeError(op)
 
+    def migrate(self, sid: int, engine: int | str | None = None) -> Any:
+        """Move an idle session to another engine of a cluster daemon (`djinn serve --ray`); a daemon serving one
+        engine refuses it. A method of its own (not through ``__getattr__``): ``Session.migrate`` looks for it on
+        the backend's class, since only a cluster has it in process."""
+        return self.call("migrate", sid, engine)
+
     def call(self, op: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Send one request and wait for its reply; a Djinn error in the daemon is raised here, same type."""
         header = {"op": op, "args": bind_args(op, args, kwargs)}

@@ -1,4 +1,6 @@
-"""The GPU-owning daemon: one engine, many clients over ZeroMQ.
+"""The GPU-owning daemon: one engine, many clients over ZeroMQ. The engine is an ``Engine``, or with `djinn serve
+--ray` a cluster backend (djinn_kernel/cluster) with the same methods, one engine per GPU behind it; the ops only
+a cluster has (``CLUSTER_OPS``: ``migrate``) are refused by name when the engine lacks them.
 
 Threads:
 - The IO thread owns the sockets: one ROUTER for the local ``ipc://`` endpoint and one, CURVE-encrypted, for
@@ -40,6 +42,7 @@ from .auth import OWNER, ReplayGuard, TokenStore, require_curve
 from .engine import Engine
 from .errors import DjinnError, InvalidArgumentError, PermissionDeniedError, ProtocolError, SessionClosedError
 from .protocol import (
+    CLUSTER_OPS,
     OPS,
     OWNER_OPS,
     PROTOCOL_VERSION,
@@ -309,6 +312,12 @@ class Daemon:
             return [s for s in self.engine.sessions() if self._owns(client, s["id"])]
         if op == "status":
             return self._status(client)
+        if method is None:
+            if op in CLUSTER_OPS:
+                raise InvalidArgumentError(
+                    f"{op}: this daemon serves one engine; migration needs a daemon started with djinn serve --ray"
+                )
+            raise InvalidArgumentError(f"this daemon's engine has no operation {op!r}")
         return method(**args)
 
     def _adopt(self, client: Client, sid: int) -> int:

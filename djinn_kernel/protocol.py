@@ -300,6 +300,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "page_in": ("sid",),
     "io_wait": ("sid", "expected_s"),
     "compute": ("sid",),
+    "migrate": ("sid", "engine"),
     "status": (),
     "shutdown": (),
 }
@@ -307,6 +308,10 @@ OPS: dict[str, tuple[str, ...]] = {
 # Operations only the daemon's owner may ask for (its local key, or the token `djinn serve` prints): they stop
 # or reconfigure the daemon for every user. A `djinn token add` user gets ``PermissionDeniedError``.
 OWNER_OPS = frozenset({"shutdown"})
+
+# Operations only a cluster backend has (`djinn serve --ray`, djinn_kernel/cluster): a daemon serving one
+# ``Engine`` refuses them with ``InvalidArgumentError`` saying so.
+CLUSTER_OPS = frozenset({"migrate"})
 
 
 def bind_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -10,26 +10,26 @@ def format_size(nbytes: int) -> str:
 
 
 def format_status(status: dict) -> str:
-    """A plain-text table of the device, models and sessions of a daemon or of the in-process engine."""
+    """A plain-text table of the device, models and sessions of a daemon or of the in-process engine; for a
+    cluster (`djinn serve --ray`), each engine with its own memory."""
     gib = 2**30
-    mem, dev = status["memory"], status["device"]
+    dev = status["device"]
     where = f"daemon pid {status['daemon']['pid']}" if "daemon" in status else "in-process engine"
-    lines = [f"{where} on {dev.get('name', dev['type'])}"]
-    if "total" in dev:
-        lines.append(f"device memory: {(dev['total'] - dev['free']) / gib:.2f} of {dev['total'] / gib:.2f} GiB used")
-    pool = mem["host_pool"]
-    lines.append(
-        f"session budget {format_size(mem['budget'])}, sessions on device {mem['session_gpu_bytes'] / gib:.3f} GiB, "
-        f"host pool {pool['used'] / gib:.3f} of {pool['reserved'] / gib:.3f} GiB reserved"
-        f" ({'pinned' if pool['pinned'] else 'pageable'}), page-outs {mem['page_outs']}, page-ins {mem['page_ins']}"
-        f", paging policy {mem.get('policy', 'lru')}"
-    )
-    spill = mem.get("spill")
-    if spill:
-        lines.append(
-            f"disk tier {spill['folder']}: {spill['used'] / gib:.3f} of {format_size(spill['capacity'])} in "
-            f"{spill['files']} file(s), spilled {spill['spills']}, read back {spill['unspills']}"
-        )
+    if "engines" in status:  # a cluster: no memory of its own, each engine has its manager
+        lines = [f"{where} on a Ray cluster: {dev['engines']} engines, {dev['alive']} alive"]
+        for e in status["engines"]:
+            state = "alive" if e["alive"] else f"dead ({e.get('error') or 'lost'})"
+            lines.append(
+                f"engine {e['name']} on {e['device']} (pid {e['pid']}, node {e.get('node')}): {state}, models "
+                f"{', '.join(map(str, e['models'])) or 'none'}, sessions {e['sessions'] or 'none'}"
+            )
+            if e.get("memory"):
+                lines.extend(f"  {line}" for line in _memory_lines(e["memory"]))
+    else:
+        lines = [f"{where} on {dev.get('name', dev['type'])}"]
+        if "total" in dev:
+            lines.append(f"device memory: {(dev['total'] - dev['free']) / gib:.2f} of {dev['total'] / gib:.2f} GiB used")
+        lines.extend(_memory_lines(status["memory"]))
     for m in status["models"]:
         lines.append(f"model {m['name']}: {m['num_layers']} layers, {m['weight_bytes'] / gib:.3f} GiB weights, {m['dtype']}")
         if m.get("streaming"):
@@ -44,6 +44,24 @@ def format_status(status: dict) -> str:
             f"{s['memory'].get('disk_bytes', 0) / 2**20:>9.2f}"
         )
     return "\n".join(lines)
+
+
+def _memory_lines(mem: dict) -> list[str]:
+    gib = 2**30
+    pool = mem["host_pool"]
+    lines = [
+        f"session budget {format_size(mem['budget'])}, sessions on device {mem['session_gpu_bytes'] / gib:.3f} GiB, "
+        f"host pool {pool['used'] / gib:.3f} of {pool['reserved'] / gib:.3f} GiB reserved"
+        f" ({'pinned' if pool['pinned'] else 'pageable'}), page-outs {mem['page_outs']}, page-ins {mem['page_ins']}"
+        f", paging policy {mem.get('policy', 'lru')}"
+    ]
+    spill = mem.get("spill")
+    if spill:
+        lines.append(
+            f"disk tier {spill['folder']}: {spill['used'] / gib:.3f} of {format_size(spill['capacity'])} in "
+            f"{spill['files']} file(s), spilled {spill['spills']}, read back {spill['unspills']}"
+        )
+    return lines
 
 
 def streaming_text(stats: dict) -> str:

@@ -212,7 +212,7 @@ def test_a_paused_session_cannot_migrate_yet(cluster):
 
 def test_the_daemon_serves_the_cluster_backend_as_an_engine(cluster):
     """The daemon calls its engine's methods by name and binds the wire's arguments to their signatures: the
-    cluster backend passes unchanged (what `djinn serve --ray` will put behind the socket)."""
+    cluster backend passes unchanged (what `djinn serve --ray` puts behind the socket: tests/test_cluster_daemon.py)."""
     from djinn_kernel.daemon import Client, Daemon, Security
 
     daemon = Daemon(cluster, Security(b"c" * 64), [])

@@ -221,6 +221,15 @@ def test_autostart_status_and_stop(monkeypatch, capsys, tmp_path_factory):
     assert not pid_alive(pid) and read_info(folder.__class__(short)) is None
 
 
+def test_migrate_through_a_one_engine_daemon_says_it_needs_ray(daemon):
+    """``migrate`` is a cluster op (protocol.CLUSTER_OPS): a daemon serving one Engine refuses it by name."""
+    client = daemon.client()
+    with dj.load("tiny-llama", backend=client).session() as session:
+        with pytest.raises(dj.InvalidArgumentError, match="migration needs a daemon started with djinn serve --ray"):
+            session.migrate()
+        assert session.generate("Hello", 2).finished, "the refusal left the session as it was"
+
+
 def test_one_client_many_threads(daemon):
     """Each thread has its own socket under one client id: concurrent calls get their own replies."""
     import threading

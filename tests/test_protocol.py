@@ -116,13 +116,20 @@ def test_the_op_table_and_the_engine_agree_on_every_argument():
     (the daemon adds ``owner`` itself), so an op changed in one place and not the other fails here."""
     import inspect
 
+    from djinn_kernel.cluster.backend import ClusterBackend
     from djinn_kernel.engine import Engine
-    from djinn_kernel.protocol import OPS
+    from djinn_kernel.protocol import CLUSTER_OPS, OPS
 
     daemon_only = {"heartbeat", "goodbye", "hello"}
+    assert CLUSTER_OPS == {"migrate"}  # the cluster backend's own ops (`djinn serve --ray`), listed here on purpose
     for op, names in OPS.items():
         if op in daemon_only:
             assert not hasattr(Engine, op)
             continue
-        params = [p for p in inspect.signature(getattr(Engine, op)).parameters if p not in ("self", "owner")]
-        assert tuple(params) == names, op
+        # Every op is the cluster backend's too (the daemon serves either); a cluster-only op is not the Engine's.
+        implementers = (ClusterBackend,) if op in CLUSTER_OPS else (Engine, ClusterBackend)
+        if op in CLUSTER_OPS:
+            assert not hasattr(Engine, op), op
+        for cls in implementers:
+            params = [p for p in inspect.signature(getattr(cls, op)).parameters if p not in ("self", "owner")]
+            assert tuple(params) == names, (cls.__name__, op)

@@ -549,10 +549,15 @@ def connect_cluster(
         owns = address is None
     have = int(ray.cluster_resources().get(resource, 0))
     count = have if engines is None else engines
+    refusal = None
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise InvalidArgumentError(
-            f"the cluster has {have} {resource}; ask for a positive number of engines (one per {resource})"
-        )
+        refusal = f"the cluster has {have} {resource}; ask for a positive number of engines (one per {resource})"
+    elif owns and count > have:  # a local Ray started here gets no more: the engines would wait start_timeout
+        refusal = f"{count} engines need {count} {resource}, and the local Ray cluster has {have}"
+    if refusal is not None:
+        if owns:
+            ray.shutdown()
+        raise InvalidArgumentError(refusal)
     # num_cpus=0: an engine holds its GPU, not a CPU slot (Ray's default of one CPU per actor would leave engines
     # unscheduled on a machine with fewer cores than GPUs).
     placement = {"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}

@@ -1,0 +1,74 @@
+"""`djinn serve --ray`: a real daemon process serving a local Ray cluster of two CPU engines (standing in for
+GPUs), used through the ordinary client API: placement over the engines, an exact migration, per-engine status."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import djinn_kernel as dj
+from daemon_util import DaemonProcess
+from djinn_kernel import cli
+from djinn_kernel.runtime import read_info
+
+
+def test_serve_ray_refuses_what_it_cannot_do_yet_and_says_how_to_get_ray(monkeypatch, capsys, tmp_path):
+    """Checked before Ray or any engine starts (an empty runtime folder: no daemon is found running)."""
+    monkeypatch.setenv("DJINN_RUNTIME_DIR", str(tmp_path))
+    assert cli.main(["serve", "--engines", "2"]) == 2
+    assert "--engines is an option of --ray" in capsys.readouterr().err
+    assert cli.main(["serve", "--ray", "--spill-dir", str(tmp_path)]) == 2
+    assert "--spill-dir is not available with --ray yet" in capsys.readouterr().err
+    assert cli.main(["serve", "--ray", "--engines", "0"]) == 2
+    assert "--engines must be at least 1" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    assert cli.main(["serve", "--ray", "--device", "cpu", "--engines", "2"]) == 2
+    assert "pip install 'djinn-kernel[ray]'" in capsys.readouterr().err
+    assert read_info(tmp_path) is None
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    pytest.importorskip("ray")
+    # --gpu-memory: room for one session per engine (4096 positions of tiny-llama's KV, 1 KiB each, counted
+    # per session), so the second session is placed on the other engine. --device cpu: CPU engines, also where
+    # the test suite runs on a GPU (the last --device wins).
+    d = DaemonProcess("--ray", "--engines", "2", "--device", "cpu", "--gpu-memory", "6MiB")
+    yield d
+    d.stop()
+
+
+def engines_of(status: dict) -> dict[int, str]:
+    return {sid: e["name"] for e in status["engines"] for sid in e["sessions"]}
+
+
+def test_a_ray_daemon_places_sessions_on_two_engines_and_migrates_one_exactly(daemon, monkeypatch, capsys):
+    client = daemon.client()
+    assert client.daemon["device"] == "ray (2 engines)"
+    model = dj.load("tiny-llama", backend=client)
+    moved, other = model.session(), model.session()
+    moved.generate("Hello, world", 4)
+    other.generate("Hello", 3)
+    where = engines_of(client.status())
+    assert where[moved.id] != where[other.id], "the second session did not fit the first engine"
+
+    twin = moved.fork()  # stays on moved's engine: what moved must give after its move
+    expected = twin.generate(" and then", 5, fresh=False, keep_logits=True)
+    info = moved.migrate(engine=where[other.id])
+    assert (info["id"], info["from"], info["to"]) == (moved.id, where[moved.id], where[other.id])
+    after = moved.generate(" and then", 5, fresh=False, keep_logits=True)
+    assert after.tokens == expected.tokens and torch.equal(after.logits, expected.logits)
+
+    status = client.status()
+    assert [(e["name"], e["alive"]) for e in status["engines"]] == [("gpu0", True), ("gpu1", True)]
+    now = engines_of(status)
+    assert now[moved.id] == now[other.id] == where[other.id] and now[twin.id] == where[moved.id]
+    assert {s["id"] for s in status["sessions"] if s["mine"]} == {moved.id, other.id, twin.id}
+    monkeypatch.setenv("DJINN_RUNTIME_DIR", str(daemon.folder))
+    assert cli.main(["status"]) == 0  # `djinn status`: the engines, each with its memory
+    out = capsys.readouterr().out
+    assert "on a Ray cluster: 2 engines, 2 alive" in out and "engine gpu1 on cpu" in out and "session budget" in out
+    for session in (moved, other, twin):
+        session.close()
