@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,3 +42,17 @@ def test_bench_prefill_small_feeds_whole_and_chunked_prompts_on_both_paths(tmp_p
     for cell in result["memory"]:
         assert cell["activation_bytes_reserved"] > 0 and cell["kv_bytes"] > 0
     assert [s["chunk"] for s in result["stalls"]] == [None, 32] and all(s["b_state"] == "finished" for s in result["stalls"])
+
+
+def test_bench_cluster_small_measures_throughput_on_one_and_two_engines_and_a_migration(tmp_path):
+    pytest.importorskip("ray")
+    result = run_script("experiments/bench_cluster.py", tmp_path / "cluster.json", "--gpus", "1,2", "--sessions", "2")
+    assert result["gpus_run"] == [1, 2]
+    assert all(result["aggregate_tokens_per_s"][g]["2"] > 0 for g in ("1", "2"))
+    assert result["throughput_runs"]["2"]["2"]["tokens"] == 2 * result["new_tokens"]
+    assert result["scaling_2gpu"] > 0 and result["scaling_4gpu"] is None
+    assert result["migration"]["from"] == "gpu0" and result["migration"]["to"] == "gpu1"
+    assert result["migration"]["history_tokens"] >= 64 and result["migration"]["bytes"] > 0
+    assert result["migration_s"] > 0 and result["migration_floor_s"] > 0 and result["migration_ratio"] > 0
+    assert result["split70b_ms_per_token"] is None and result["split70b_reason"] == "layer split not built"
+    assert {"device", "gpu_count", "torch", "ray"} <= result["environment"].keys()
