@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-DECODE_PAGES = 2  # blocks a decode attention program reads per iteration: 2 beat 1 by 10-25%, 4 was 10x slower
-# (a [128, 128] tile of per-row addresses; bench_attention.py, results/attention_h200.json)
-PROMPT_PAGES = 1  # the same for the prefill attention's key tiles
+DECODE_PAGES = 4  # blocks a decode attention program reads per iteration (bench_attention.py on the H200: with
+# split_count's splits, 1.0-1.4x the KV's floor from 1 to 32 rows of 2,048 tokens; 1 and 2 up to 1.6x)
+PROMPT_PAGES = 1  # the same for the prefill attention's key tiles (2 and 4 were 3-55% slower)
 
 
 @triton.jit
@@ -61,6 +61,10 @@ def _attend_blocks(
         kpos = g * (BLOCK * PAGES) + t
         held = kpos <= last  # slots past the newest token hold nothing yet (nor blocks past the row's): never read
         base = tl.load(PTRS + row * max_blocks + kpos // BLOCK, mask=held, other=0).to(tl.pointer_type(q.dtype))
+        # Blocks are whole allocations, so 16-byte aligned (checked by BlockKV.pointers): without this hint Triton
+        # knows nothing of a loaded address and reads K/V 2 bytes at a time, 3.5x slower than 16-byte vectors
+        # that it also pipelines through shared memory (cp.async).
+        base = tl.multiple_of(base, 16)
         at = base[:, None] + layer_offset + (kv_head * BLOCK + slot[:, None]) * HEAD_DIM + d[None, :]
         k = tl.load(at, mask=held[:, None], other=0.0)
         v = tl.load(at + value_offset, mask=held[:, None], other=0.0)

@@ -72,7 +72,12 @@ class BlockKV:
         return other
 
     def pointers(self) -> list[int]:
-        return [b.data_ptr() for b in self.blocks]
+        """The blocks' addresses, for the kernels' tables. The kernels read them as 16-byte vectors, which a whole
+        allocation always allows; a block that were a view at an odd offset would be read wrong, so it fails here."""
+        ptrs = [b.data_ptr() for b in self.blocks]
+        if any(p & 15 for p in ptrs):
+            raise RuntimeError("a KV block is not 16-byte aligned: blocks must be whole allocations")
+        return ptrs
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``keys``/``values`` (``[kv_heads, tokens, head_dim]``) at positions ``start ...``; blocks must exist."""
