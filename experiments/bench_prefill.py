@@ -10,8 +10,10 @@ with the fast path; the module path's runs are forced with a ``Scale(1.0)`` stee
    its KV, blocks or cache; the activations are gone) is the prefill's activations. Against ``LoadedModel.prefill_bytes`` (what admission reserves): the estimate
    must cover the measurement. Whole (``prefill_chunk`` past the prompt) and chunked (2,048).
 2. Decode stalls (fast path): session A decodes 512 tokens while session B's prompt arrives; the gaps between
-   A's decode steps (timed at the runner's ``decode`` entry; each step ends in a host sync) show how long A
-   waited behind B's prefill: one whole forward, or one chunk at a time.
+   the forwards that give A a token show how long A waited behind B's prefill: one whole forward, or one chunk
+   at a time. Those forwards are A's decode steps and the prefills A rides in (the scheduler gives a decoding
+   run its token in a prompt's forward: a one-token row), each timed at the runner's entry; every forward
+   ends in a host sync, so the gap between two entries is the first one's whole time.
 
     PYTHONPATH=.:experiments python3 experiments/bench_prefill.py --out results.json   # GPU
     PYTHONPATH=.:experiments python3 experiments/bench_prefill.py --small              # CPU smoke test
@@ -70,13 +72,18 @@ def engine_session(model: Model, session):
 def stall_cell(model: Model, loaded, prompt: list[int], decode_tokens: int) -> dict[str, object]:
     runner = loaded.scheduler.runner
     stamps: list[float] = []
-    decode = runner.decode
+    decode, prefill = runner.decode, runner.prefill
 
-    def timed(rows):
+    def timed_decode(rows):
         stamps.append(time.perf_counter())
         return decode(rows)
 
-    runner.decode = timed
+    def timed_prefill(rows, *args, **kwargs):
+        if any(len(feed) == 1 for _, feed, _ in rows):  # A rides in B's prefill (or chunk): one of A's tokens
+            stamps.append(time.perf_counter())
+        return prefill(rows, *args, **kwargs)
+
+    runner.decode, runner.prefill = timed_decode, timed_prefill
     a, b = model.session(), model.session()
     started = threading.Event()
     arrived: list[float] = []
@@ -91,7 +98,7 @@ def stall_cell(model: Model, loaded, prompt: list[int], decode_tokens: int) -> d
         done = time.perf_counter()
         thread.join()
     finally:
-        runner.decode = decode
+        runner.decode, runner.prefill = decode, prefill
     a.close(), b.close()
     gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
     alone = [g for g, t in zip(gaps, stamps[1:]) if t < arrived[0]]
