@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import deque
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -51,7 +52,7 @@ from .errors import (
     SessionBusyError,
     SessionClosedError,
 )
-from .executor import PauseState, Run, Steering
+from .executor import PauseState, Replay, Run, Steering
 from .handoff import Command, Event
 from .inspection import PauseOps
 from .memory import GiB, MiB, LRUPolicy, MemoryManager, PagingPolicy, Transfer, parse_bytes
@@ -518,49 +519,62 @@ class Engine(PauseOps):
             if fresh:
                 self.memory.drop(sid)
                 session.history, session.cache = [], None
-            fast = loaded.scheduler is not None and fast_plan(session, 0) is not None
-            chunk = self.prefill_chunk if prefill.chunked(session, bool(session.recordings)) else None
-            kv = loaded.kv_bytes_per_token * total
-            activations = loaded.prefill_bytes(prefill.pieces(len(input_ids), chunk)[0], kept + len(input_ids), fast)
-            try:
-                self.memory.admit(sid, kv + activations)
-            except OutOfMemoryError as exc:
-                whole = chunk is None and len(input_ids) > self.prefill_chunk
-                raise OutOfMemoryError(
-                    f"{exc}. This run needs {kv / MiB:.1f} MiB of KV for {total} positions and "
-                    f"{activations / MiB:.1f} MiB for its prompt's activations"
-                    + (" (fed whole, not in chunks: a breakpoint that may hit at token step 0, a recording or an "
-                       "edit at given positions sees the prompt's forward whole)" if whole else "")
-                ) from None
-            if session.cache is not None:
-                context.trim(session.cache, kept)
-            if fast:
-                session.cache = context.for_fast_path(session.cache, loaded.scheduler.runner.shape)
-            else:
-                session.cache = context.for_module_path(session.cache, loaded.model.config)
-            if session.run is not None and session.run.recorder is not None:
-                session.run.recorder.free()
-            recordings = list(session.recordings.values())
-            recorder = Recorder(recordings, self.memory.pool, len(input_ids), max_new_tokens) if recordings else None
-            run = Run(
-                next(session._run_ids),
-                session,
-                input_ids,
-                session.cache,
-                kept,
-                max_new_tokens,
-                Sampling(float(temperature), top_k, int(seed)),
-                bool(keep_logits),
-                recorder,
-                prefill_chunk=chunk,
-                kv_bytes=kv,
-            )
-            session.run = run
-            if fast:
-                loaded.scheduler.submit(run, input_ids)
-            else:
-                session.worker.submit(run.execute)
-            return self._await(run)
+            return self._launch(session, input_ids, kept, max_new_tokens, Sampling(float(temperature), top_k, int(seed)),
+                                bool(keep_logits))
+
+    def _launch(
+        self, session: SessionState, input_ids: list[int], kept: int, max_new_tokens: int, sampling: Sampling,
+        keep_logits: bool, replay: Replay | None = None,
+    ) -> dict[str, object]:
+        """Admit and start a run of ``input_ids`` after the ``kept`` tokens of KV the session holds (call with its
+        lock held); its snapshot at the first pause or the end. ``replay``: a run moved here paused (migration)."""
+        loaded = session.model
+        total = kept + len(input_ids) + max_new_tokens
+        sid = session.id
+        fast = loaded.scheduler is not None and fast_plan(session, 0) is not None
+        chunk = self.prefill_chunk if prefill.chunked(session, bool(session.recordings)) else None
+        kv = loaded.kv_bytes_per_token * total
+        activations = loaded.prefill_bytes(prefill.pieces(len(input_ids), chunk)[0], kept + len(input_ids), fast)
+        try:
+            self.memory.admit(sid, kv + activations)
+        except OutOfMemoryError as exc:
+            whole = chunk is None and len(input_ids) > self.prefill_chunk
+            raise OutOfMemoryError(
+                f"{exc}. This run needs {kv / MiB:.1f} MiB of KV for {total} positions and "
+                f"{activations / MiB:.1f} MiB for its prompt's activations"
+                + (" (fed whole, not in chunks: a breakpoint that may hit at token step 0, a recording or an "
+                   "edit at given positions sees the prompt's forward whole)" if whole else "")
+            ) from None
+        if session.cache is not None:
+            context.trim(session.cache, kept)
+        if fast:
+            session.cache = context.for_fast_path(session.cache, loaded.scheduler.runner.shape)
+        else:
+            session.cache = context.for_module_path(session.cache, loaded.model.config)
+        if session.run is not None and session.run.recorder is not None:
+            session.run.recorder.free()
+        recordings = list(session.recordings.values())
+        recorder = Recorder(recordings, self.memory.pool, len(input_ids), max_new_tokens) if recordings else None
+        run = Run(
+            next(session._run_ids),
+            session,
+            input_ids,
+            session.cache,
+            kept,
+            max_new_tokens,
+            sampling,
+            keep_logits,
+            recorder,
+            prefill_chunk=chunk,
+            kv_bytes=kv,
+        )
+        run.started, run.replay = migration.start_of(session), replay
+        session.run = run
+        if fast:
+            loaded.scheduler.submit(run, input_ids)
+        else:
+            session.worker.submit(run.execute)
+        return self._await(run)
 
     def _turn_ids(self, session: SessionState, prompt: str | list[int], chat: bool | None) -> list[int]:
         """The tokens a continued conversation adds: ids as given, text as is, or as a chat turn."""
@@ -587,26 +601,55 @@ class Engine(PauseOps):
             return new
 
     def export_session(self, sid: int) -> dict[str, object]:
-        """The idle session's whole state as CPU copies (migration.py), for ``import_session`` on another engine;
-        the session itself is left as it was. A paused or running run cannot move between engines yet."""
+        """The session's whole state as CPU copies (migration.py), for ``import_session`` on another engine; the
+        session itself is left as it was. An idle session or one whose run is paused (the run moves along and is
+        replayed there to the same pause); a running run is refused."""
         session = self._session(sid)
         with session.lock:
-            self._idle(session, "migrate it (a paused run cannot move between engines yet)")
+            self._sync(session)
+            run = session.run
+            if run is not None and run.state is RunState.RUNNING:
+                raise SessionBusyError(
+                    f"session {sid} has a running run; migrate it once the run has paused or finished"
+                )
+            paused = run if run is not None and run.state is RunState.PAUSED else None
             with self.memory.resident(sid):
-                return migration.export_state(session)
+                return migration.export_state(session, paused)
 
     def import_session(self, model_id: str, state: dict[str, object], owner: str = "local") -> int:
-        """A new session of ``model_id`` holding a state that ``export_session`` made (here or on another engine)."""
+        """A new session of ``model_id`` holding a state that ``export_session`` made (here or on another engine).
+        A paused run in the state runs again from its start here, its earlier pauses answered as they were, and
+        stands at the same pause when this returns; if it cannot get there the new session is closed."""
         sid = self.open_session(model_id, owner=owner)
         session = self._session(sid)
         try:
             with session.lock:
                 self.memory.make_room(migration.state_bytes(state), for_sid=sid)
                 migration.import_state(session, state)
+                if state.get("run") is not None:
+                    self._replay(session, state["run"])
         except BaseException:
             self.close_session(sid)
             raise
         return sid
+
+    def _replay(self, session: SessionState, moved: dict[str, object]) -> None:
+        """Run the moved run again to the pause it stood at (executor.Replay); call with the session's lock held."""
+        session._run_ids = itertools.count(moved["id"])
+        answers = deque((Command(command), edited) for command, edited in moved["answers"])
+        replay = Replay(answers, PauseState(**moved["pause"]))
+        try:
+            self._launch(session, list(moved["prompt_ids"]), context.cached_length(session.cache),
+                         moved["max_new_tokens"], Sampling(**moved["sampling"]), moved["keep_logits"], replay)
+        except DjinnError as exc:
+            raise ExecutionError(f"the paused run could not be run again to its pause on this engine: {exc}") from exc
+        run = session.run
+        if run.state is not RunState.PAUSED or run.replay is not None:
+            if run.state not in ENDED:
+                self._cancel(run)
+            raise ExecutionError(
+                f"the paused run ended ({run.state.value}) before reaching its pause again on this engine"
+            )
 
     def rewind(self, sid: int, tokens: int) -> dict[str, object]:
         """Keep only the first ``tokens`` tokens of the conversation (and their KV): the next ``fresh=False`` run

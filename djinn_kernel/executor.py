@@ -18,6 +18,7 @@ import functools
 import itertools
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -98,6 +99,35 @@ class PauseState:
             "device": str(self.current.device),
             "edits": self.edits,
         }
+
+
+Answer = tuple[Command, "torch.Tensor | None"]  # how a pause was resumed, and its activation if edited (a CPU copy)
+
+
+@dataclass
+class Replay:
+    """How a paused run moved from another engine gets back to its pause (migration.py): it runs again from its
+    start and, instead of stopping, answers its earlier pauses as the user did there (``answers``: the same
+    commands, the same edited activations), then stops at the pause it stood at (``at``), showing that pause's
+    activations as they were there, edits included."""
+
+    answers: deque[Answer]
+    at: PauseState
+
+    def arrive(self, pause: PauseState) -> PauseState:
+        """The pause the replay reached, checked against the one it must reach, with the source's activations."""
+        at = self.at
+        here, there = (pause.number, pause.path, pause.side, pause.token_step), (at.number, at.path, at.side, at.token_step)
+        if here != there:
+            raise ReplayDiverged(f"the replay paused at {here} (number, module, side, token step), not at {there}")
+        device = pause.original.device
+        pause.original, pause.current = at.original.to(device), at.current.to(device)
+        pause.edits = at.edits
+        return pause
+
+
+class ReplayDiverged(RuntimeError):
+    """A replayed run reached another pause than the one it was moved at (an engine bug or nondeterminism)."""
 
 
 class Aborted(BaseException):
@@ -181,6 +211,10 @@ class Run:
         self.logits: list[torch.Tensor] = []
         self.pause: PauseState | None = None
         self.error: BaseException | None = None
+        self.answers: list[Answer] = []  # every pause's answer so far: what a migration replays (Replay)
+        self.replay: Replay | None = None  # set on a run moved here paused, until it stands at that pause again
+        self.started: tuple[object, dict[int, int]] | None = None  # migration.start_of(session) when it began
+        self.kv_edited = False  # a pause wrote this run's KV (inspection.edit_kv): no replay can repeat it
         self._pauses = itertools.count(1)
         self._tops: dict[int, int | None] = {}  # breakpoint id -> the lens's top token there at the last step
         self._stepping = False
@@ -283,9 +317,19 @@ class Run:
     ) -> torch.Tensor | None:
         self._stepping = False
         pause = PauseState(next(self._pauses), path, layer, side, self.token_step, reason, ids, value, value)
-        command = self.handoff.pause(pause)
+        replay = self.replay
+        if replay is not None and replay.answers:  # a pause passed before the move: answered as it was there
+            command, edited = replay.answers.popleft()
+            if edited is not None:
+                pause.current, pause.edits = edited.to(value.device), 1
+        else:
+            if replay is not None:
+                self.replay = None
+                pause = replay.arrive(pause)
+            command = self.handoff.pause(pause)
         if command is Command.ABORT:
             raise Aborted
+        self.answers.append((command, pause.current.detach().to("cpu", copy=True) if pause.edits else None))
         self._stepping = command is Command.STEP
         self._finishing = command is Command.FINISH
         return pause.current if pause.edits else None

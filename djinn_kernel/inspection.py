@@ -95,6 +95,7 @@ class PauseOps:
             }
             with torch.inference_mode():
                 context.write_kv(run.cache, index, where, checked["keys"], checked["values"])
+            run.kv_edited = True
             return {"layer": index, "positions": where, "keys": keys is not None, "values": values is not None}
 
     def attention(self, sid: int) -> torch.Tensor:

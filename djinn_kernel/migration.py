@@ -1,12 +1,19 @@
-"""An idle session's whole state as host copies, and a session made again from it: what moves a session from one
-engine to another (``Engine.export_session`` / ``Engine.import_session``; the cluster carries the state between
-engines through Ray's object store, cluster/backend.py).
+"""A session's whole state as host copies, and a session made again from it: what moves a session from one engine
+to another (``Engine.export_session`` / ``Engine.import_session``; the cluster carries the state between engines
+through Ray's object store, cluster/backend.py).
 
 Invariants:
-- Only an idle session moves (no live run). Its whole state is then its conversation (``history``), the K/V of the
-  consistent prefix of it (``context.cached_length``), and its configuration: breakpoints (with their hit counts),
-  steering, recordings and attached SAEs. A paused run (its executor thread's stack, its handoff) cannot be carried;
-  the engine refuses to export one.
+- An idle session's whole state is its conversation (``history``), the K/V of the consistent prefix of it
+  (``context.cached_length``), and its configuration: breakpoints (with their hit counts), steering, recordings and
+  attached SAEs.
+- A paused run cannot be carried as it stands (its executor thread's stack is mid-forward), so it moves as what
+  makes it again: the session as it was when the run began (the history and K/V before its prompt, breakpoint hits
+  as they were), the run's arguments, the answer given at each of its earlier pauses (command, edited activation)
+  and the paused activations themselves. The importing engine runs it from its start, answers those pauses the
+  same way and stops at the same pause (executor.Replay): in deterministic mode every value it computes is the
+  source's, bit for bit, and the activation shown and resumed is the source's in any mode. What a replay cannot
+  repeat is refused: a run still running, one whose session's breakpoints, steering, recordings or SAEs changed
+  since it began, one whose KV a pause edited.
 - ``export_state`` runs with the session's lock held and its state resident (``MemoryManager.resident``); it returns
   CPU copies only, so nothing it returns aliases memory that paging frees, and all of it pickles.
 - ``import_state`` writes the same K/V values into the cache kind the session had (a transformers ``DynamicCache`` on
@@ -27,8 +34,8 @@ import torch
 
 from . import context
 from .breakpoints import BreakpointTable
-from .errors import InvalidArgumentError
-from .executor import Steering
+from .errors import InvalidArgumentError, SessionBusyError
+from .executor import Run, Steering
 from .kv_blocks import BlockKV
 from .sessions import SessionState
 
@@ -51,10 +58,37 @@ def _edit_to(edit: Any, device: torch.device | str) -> Any:
     return replace(edit, **{name: t.detach().to(device, copy=True) for name, t in edit.tensors().items()})
 
 
-def export_state(session: SessionState) -> dict[str, Any]:
-    """The idle, resident ``session`` as plain data and CPU tensors (call with its lock held)."""
+def start_of(session: SessionState) -> tuple[object, dict[int, int]]:
+    """What a run's replay needs of the session as the run begins: its configuration (which breakpoints,
+    steering, recordings and SAEs: ids are never reused) and its breakpoints' hit counts."""
+    config = (
+        tuple(bp.id for bp in session.breakpoints),
+        tuple(session.steering),
+        tuple(session.recordings),
+        tuple((path, id(sae)) for path, sae in session.saes.items()),
+    )
+    return config, {bp.id: bp.hits for bp in session.breakpoints}
+
+
+def export_state(session: SessionState, run: Run | None = None) -> dict[str, Any]:
+    """The resident ``session`` (idle, or with ``run`` paused) as plain data and CPU tensors (call with its lock
+    held)."""
+    hits: dict[int, int] = {}
+    if run is not None:
+        config, hits = run.started
+        if config != start_of(session)[0]:
+            raise SessionBusyError(
+                f"run {run.id} cannot move while paused: its session's breakpoints, steering, recordings or SAEs "
+                f"changed since it began, and a replay of it elsewhere would not pass where it passed here; finish "
+                f"or cancel the run, then migrate"
+            )
+        if run.kv_edited:
+            raise SessionBusyError(
+                f"run {run.id} cannot move while paused: a pause edited its KV, which a replay of it elsewhere "
+                f"would compute afresh; finish or cancel the run, then migrate"
+            )
     cache = session.cache
-    length = context.cached_length(cache)
+    length = context.cached_length(cache) if run is None else run.context_length
     layers = len(context.layer_lengths(cache))
     kv: dict[str, Any] | None = None
     if length:
@@ -73,23 +107,44 @@ def export_state(session: SessionState) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "model": session.model.id,
-        "history": list(session.history),
+        "history": list(session.history if run is None else session.history[: run.context_length]),
         "kv": kv,
-        "breakpoints": [replace(bp) for bp in session.breakpoints],
+        "breakpoints": [replace(bp, hits=hits.get(bp.id, bp.hits)) for bp in session.breakpoints],
         "next_breakpoint": _next_id(session.breakpoints, "_ids"),
         "steering": [Steering(s.id, s.path, s.layer, s.side, _edit_to(s.edit, "cpu")) for s in session.steering.values()],
         "recordings": [replace(r) for r in session.recordings.values()],
         "saes": {path: sae.to(torch.device("cpu")) for path, sae in session.saes.items()},
         "counters": {name: _next_id(session, name) for name in _COUNTERS},
+        "run": None if run is None else _run_state(run),
+    }
+
+
+def _run_state(run: Run) -> dict[str, Any]:
+    pause = run.pause
+    sampling = run.sampling
+    return {
+        "id": run.id,
+        "prompt_ids": list(run.prompt_ids),
+        "max_new_tokens": run.max_new_tokens,
+        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "seed": sampling.seed},
+        "keep_logits": run.keep_logits,
+        "answers": [(command.value, edited) for command, edited in run.answers],
+        "pause": {
+            "number": pause.number, "path": pause.path, "layer": pause.layer, "side": pause.side,
+            "token_step": pause.token_step, "reason": pause.reason, "breakpoint_ids": list(pause.breakpoint_ids),
+            "original": _host(pause.original), "current": _host(pause.current), "edits": pause.edits,
+        },
     }
 
 
 def state_bytes(state: dict[str, Any]) -> int:
-    """Device bytes the state's K/V takes once imported (what the importing engine makes room for)."""
-    kv = state["kv"]
-    if kv is None:
-        return 0
-    return sum(t.untyped_storage().nbytes() for t in (*kv["keys"], *kv["values"]))
+    """Device bytes the state's K/V and paused activations take once imported (what the importing engine makes
+    room for; a moved run's own growth is admitted when it starts again)."""
+    kv, run = state["kv"], state.get("run")
+    tensors = [] if kv is None else [*kv["keys"], *kv["values"]]
+    if run is not None:
+        tensors += [run["pause"]["original"], run["pause"]["current"]]
+    return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 def import_state(session: SessionState, state: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import djinn_kernel as dj
+from djinn_kernel.edits import AddVector, Scale
 from djinn_kernel.cluster.placement import EngineLoad, NoEngineError, place
 from djinn_kernel.engine import Engine
 from djinn_kernel.errors import EngineLostError, InvalidArgumentError, SessionBusyError, SessionLostError
@@ -80,7 +81,14 @@ def test_dead_engines_never_get_a_session():
 
 
 # a session's state between engines, in-process ---------------------------------------------------------------
-@pytest.mark.parametrize("fast", [False, True], ids=["module-path", "fast-path"])
+FAST = pytest.mark.parametrize("fast", [False, True], ids=["module-path", "fast-path"])
+
+
+def engine_for(fast: bool) -> Engine:
+    return Engine(device="cpu", fast=True) if fast else Engine(device="cpu", deterministic=True)
+
+
+@FAST
 def test_an_imported_session_continues_bitwise_as_the_original(fast):
     def engine() -> Engine:
         return Engine(device="cpu", fast=True) if fast else Engine(device="cpu", deterministic=True)
@@ -103,6 +111,82 @@ def test_an_imported_session_continues_bitwise_as_the_original(fast):
     finally:
         source.shutdown()
         target.shutdown()
+
+
+def paused_run(engine: Engine, vector: torch.Tensor):
+    """A session on ``engine`` whose second run stands at its third pause (layer 2 of token step 1), its first
+    pause's activation edited and its second passed by a step; the third edited too."""
+    model = dj.load("tiny-llama", backend=engine)
+    session = model.session()
+    session.steer(1, vector)
+    session.generate("Hello, world", 4)
+    session.break_at(1, tokens=0)
+    session.break_at(2, tokens=1)
+    run = session.generate(" and then", 5, fresh=False, keep_logits=True)
+    assert (run.pause.layer, run.pause.token_step) == (1, 0)
+    run.pause.apply(Scale(1.5))
+    run.step()  # pause 2: the next layer's output, layer 2 of the prompt's forward
+    assert (run.pause.layer, run.pause.token_step) == (2, 0)
+    run.resume()
+    assert (run.pause.layer, run.pause.token_step) == (2, 1)
+    run.pause.apply(AddVector(vector, 2.0))
+    return session, run
+
+
+@FAST
+def test_a_paused_run_moves_and_finishes_bitwise_as_the_unmoved_one(fast):
+    """The moved run stands at the same pause with the same activations (edits included), and finishes with the
+    same tokens and logits as the run that stayed; the source session is untouched by the export."""
+    engines = [engine_for(fast) for _ in range(3)]
+    source, target, alone = engines
+    try:
+        vector = torch.full((64,), 0.05)
+        session, run = paused_run(source, vector)
+        unmoved, twin = paused_run(alone, vector)
+        dj.load("tiny-llama", backend=target)
+        state = source.export_session(session.id)
+        assert state["run"]["id"] == run.id == 2 and [c for c, _ in state["run"]["answers"]] == ["step", "continue"]
+        moved = target.import_session("tiny-llama", state)
+        snapshot = target.run_snapshot(moved)
+        assert snapshot["state"] == "paused" and snapshot["run_id"] == 2 and snapshot["tokens"] == run.tokens
+        assert snapshot["pause"] == run.pause.info and snapshot["pause"]["edits"] == 1
+        assert torch.equal(target.activation(moved), run.pause.activation)
+        assert torch.equal(target.activation(moved, original=True), twin.pause.original)
+        assert [bp["hits"] for bp in target.describe_session(moved)["breakpoints"]] == [1, 1]
+        finished = target.resume(moved, "finish")
+        twin.finish()
+        assert finished["tokens"] == twin.tokens and torch.equal(target.run_logits(moved), twin.logits)
+        assert target.describe_session(moved)["history_tokens"] == unmoved.status()["history_tokens"]
+        run.finish()  # the source's own run goes on as if nothing had happened
+        assert run.tokens == twin.tokens and torch.equal(run.logits, twin.logits)
+    finally:
+        for engine in engines:
+            engine.shutdown()
+
+
+def test_what_a_replay_could_not_repeat_is_refused_and_the_session_stays():
+    engine = Engine(device="cpu", deterministic=True)
+    try:
+        vector = torch.full((64,), 0.05)
+        session, run = paused_run(engine, vector)
+        session.steer(3, vector)  # a steering added while paused would act on the replay's earlier steps
+        with pytest.raises(SessionBusyError, match="changed since it began"):
+            engine.export_session(session.id)
+        session.unsteer()
+        session.steer(1, vector)
+        with pytest.raises(SessionBusyError, match="changed since it began"):
+            engine.export_session(session.id)  # the same edit again, but a new steering
+        run.finish()
+        session.unsteer()
+        session.break_at(2, tokens=0)
+        run = session.generate(" more", 3, fresh=False)
+        keys, _ = run.pause.kv(1)
+        run.pause.edit_kv(1, [0], keys=torch.zeros_like(keys[:, :1]))
+        with pytest.raises(SessionBusyError, match="a pause edited its KV"):
+            engine.export_session(session.id)
+        assert run.finish().finished
+    finally:
+        engine.shutdown()
 
 
 def test_migrate_on_a_single_engine_says_it_needs_a_cluster():
@@ -194,20 +278,32 @@ def test_a_migrated_session_continues_bitwise_as_an_unmigrated_one(cluster):
     assert torch.equal(move_logits, stay_logits) and torch.equal(move_act, stay_act)
 
 
-def test_a_paused_session_cannot_migrate_yet(cluster):
-    model = dj.load("tiny-llama", backend=cluster)
-    with model.session() as session:
-        session.break_at(1, once=True)
-        run = session.generate("Hello", 3)
-        assert run.paused
-        before = where(cluster)[session.id]
-        with pytest.raises(SessionBusyError, match="paused run cannot move between engines yet"):
-            session.migrate()
-        assert where(cluster)[session.id] == before
-        run.finish()  # the session is intact and, idle now, moves
-        assert session.migrate()["from"] == before
+def test_a_session_migrated_mid_pause_finishes_as_an_unmigrated_run(cluster):
+    """Through the cluster: a session paused at its third pause (edits at two, a step at one) moves to another
+    engine, stands at the same pause there, and finishes with the tokens and logits of a run that stayed."""
+    dj.load("tiny-llama", backend=cluster)
+    vector = torch.full((64,), 0.05)
+    session, run = paused_run(cluster, vector)
+    stay, twin = paused_run(cluster, vector)
+    try:
+        before, shown = where(cluster)[session.id], run.pause.activation
+        target = {"gpu0": "gpu1"}.get(before, "gpu0")
+        info = session.migrate(engine=target)
+        assert (info["from"], info["to"], info["paused_run"]) == (before, target, run.id)
+        assert where(cluster)[session.id] == target and session.status()["state"] == "paused"
+        assert torch.equal(run.pause.activation, shown) and torch.equal(run.pause.original, twin.pause.original)
+        with pytest.raises(SessionBusyError, match="changed since it began"):
+            session.steer(3, vector) and session.migrate()
+        session.unsteer(session.steering[-1]["id"])
+        run.finish()
+        twin.finish()
+        assert run.tokens == twin.tokens and torch.equal(run.logits, twin.logits)
+        assert session.status()["history_tokens"] == stay.status()["history_tokens"]
         with pytest.raises(InvalidArgumentError, match="gpu7"):
             session.migrate(engine="gpu7")
+    finally:
+        session.close()
+        stay.close()
 
 
 def test_the_daemon_serves_the_cluster_backend_as_an_engine(cluster):

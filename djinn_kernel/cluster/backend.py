@@ -373,8 +373,8 @@ class ClusterBackend:
 
     # migration -------------------------------------------------------------------------------------------
     def migrate(self, sid: int, engine: int | str | None = None) -> dict[str, object]:
-        """Move an idle session to another engine, exactly: its KV and history, breakpoints, steering,
-        recordings and SAEs (migration.py). The state goes from the source engine to the target through Ray's
+        """Move an idle or paused session to another engine, exactly: its KV and history, breakpoints, steering,
+        recordings and SAEs, and a paused run, which runs again there to the same pause (migration.py). The state goes from the source engine to the target through Ray's
         object store. ``engine``: an index or a name (``"gpu1"``); None lets placement pick among the others.
         The session keeps its id; on any failure it stays where it was."""
         with self._lock:
@@ -413,7 +413,9 @@ class ClusterBackend:
         except EngineLostError:
             pass  # the source died after the state left it: the session lives on, on the target
         with self._lock:
-            placed.engine, placed.local, placed.moved_from = target, local, source.name
+            # An idle session's last run stays behind; a paused one moved along and is the session's run there.
+            placed.engine, placed.local = target, local
+            placed.moved_from = source.name if moved["paused_run"] is None else None
             self._sessions[sid] = placed
             self._lost.pop(sid, None)
         return {"id": sid, "from": source.name, "to": target.name, **moved, "seconds": time.monotonic() - started}

@@ -59,12 +59,14 @@ class EngineWorker:
         return _host(getattr(self.engine, op)(*args, **kwargs))
 
     def export(self, sid: int) -> tuple[dict[str, int], dict[str, Any]]:
-        """An idle session's state (``Engine.export_session``) and, apart, its size: the caller, which called this
-        with two returns, reads the small one (or the export's error) without fetching the state itself."""
+        """A session's state (``Engine.export_session``: idle, or its run paused) and, apart, its size and whether
+        a paused run moves with it: the caller, which called this with two returns, reads the small one (or the
+        export's error) without fetching the state itself."""
         from ..migration import state_bytes
 
         state = self.engine.export_session(sid)
-        return {"bytes": state_bytes(state), "history_tokens": len(state["history"])}, state
+        return {"bytes": state_bytes(state), "history_tokens": len(state["history"]),
+                "paused_run": None if state["run"] is None else state["run"]["id"]}, state
 
     def load(self) -> dict[str, Any]:
         """What placement needs (placement.EngineLoad): the budget, each session's device bytes, the models."""
