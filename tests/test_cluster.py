@@ -331,8 +331,11 @@ def test_the_daemon_serves_the_cluster_backend_as_an_engine(cluster):
         daemon._ctx.term()
 
 
-def test_a_dead_engine_fails_only_its_own_sessions(cluster):
-    """Last: it kills an engine. Its sessions raise EngineLostError naming it; the others go on, unchanged."""
+def test_a_dead_engine_fails_only_its_own_sessions_and_ray_restarts_it(cluster):
+    """Last: it kills an engine's process. Its sessions raise EngineLostError naming it; the others go on,
+    unchanged; Ray restarts the engine, which comes back empty and takes sessions again. Removed for good
+    (no restart), it stays dead and new sessions go to the engines left."""
+    ray = pytest.importorskip("ray")
     model = dj.load("tiny-llama", backend=cluster)
     kept, doomed = model.session(), model.session()
     kept.generate("Hello, world", 4)
@@ -345,7 +348,8 @@ def test_a_dead_engine_fails_only_its_own_sessions(cluster):
     expected = twin.generate(" more", 4, fresh=False, keep_logits=True)
 
     engines = {e["name"]: e for e in cluster.status()["engines"]}
-    os.kill(engines[doomed_engine]["pid"], signal.SIGKILL)
+    old_pid = engines[doomed_engine]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
 
     with pytest.raises(EngineLostError, match=f"engine {doomed_engine} .* died; its sessions \\[{doomed.id}\\]") as lost:
         doomed.generate(" more", 4, fresh=False)
@@ -355,16 +359,27 @@ def test_a_dead_engine_fails_only_its_own_sessions(cluster):
     after = kept.generate(" more", 4, fresh=False, keep_logits=True)
     assert after.tokens == expected.tokens and torch.equal(after.logits, expected.logits)
 
+    cluster.wait_for_restarts(timeout=120)
     status = cluster.status()
-    dead = {e["name"]: e for e in status["engines"]}[doomed_engine]
-    assert not dead["alive"] and "died" in dead["error"] and dead["sessions"] == []
+    back = {e["name"]: e for e in status["engines"]}[doomed_engine]
+    assert back["alive"] and back["pid"] not in (None, old_pid) and back["sessions"] == [] and back["models"] == []
     assert {s["id"]: s["state"] for s in status["sessions"]}[doomed.id] == "lost"
     doomed.close()  # a lost session closes without error, and is then forgotten
     assert doomed.id not in {s["id"] for s in cluster.sessions()}
+    moved = kept.migrate(engine=doomed_engine)  # the restarted engine loads the model and takes the session
+    assert moved["to"] == doomed_engine and where(cluster)[kept.id] == doomed_engine
+    again = kept.generate(" more", 4, fresh=False, keep_logits=True)
+    assert again.tokens == twin.generate(" more", 4, fresh=False, keep_logits=True).tokens
+
+    ray.kill(cluster._engines[int(doomed_engine[3:])].actor, no_restart=True)
+    with pytest.raises(EngineLostError, match=f"engine {doomed_engine} .* died; its sessions \\[{kept.id}\\]"):
+        kept.generate(" more", 4, fresh=False)
+    dead = {e["name"]: e for e in cluster.status()["engines"]}[doomed_engine]
+    assert not dead["alive"] and "will not restart it" in dead["error"] and dead["sessions"] == []
     with model.session() as fresh:  # new sessions go to the engines left
         assert where(cluster)[fresh.id] != doomed_engine
         assert fresh.generate("Hello, world", 4).finished
     with pytest.raises(EngineLostError, match=doomed_engine):
-        kept.migrate(engine=doomed_engine)
+        twin.migrate(engine=doomed_engine)
     twin.close()
     kept.close()

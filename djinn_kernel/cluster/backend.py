@@ -12,9 +12,13 @@ Invariants:
   target), so two sessions opened at once are not both placed on the same view of the engines' loads.
 - A session call counts itself in flight (``_Placed.calls``) for its duration. A migration starts only with none
   in flight and refuses new calls until it is done, so no call reaches the source engine after the state left it.
-- An engine that dies (its actor's process ends: ``ActorDiedError``) is marked dead once, and every session it
-  held is marked lost with a message naming the engine and the sessions; those sessions raise ``EngineLostError``
-  on any use but ``close``. Sessions on other engines never see it: a failure is confined to its engine's sessions.
+- An engine is identified by its process (``_Engine.pid``). When a call to it fails because the actor went away
+  (Ray's ``ActorDiedError`` or ``ActorUnavailableError``), the backend asks the actor for its pid: the same pid is
+  a call lost in transit (an error, nothing lost); another pid, or none, is a death. A death is handled once per
+  process: every session it held is marked lost with a message naming the engine and the sessions, and those
+  sessions raise ``EngineLostError`` on any use but ``close``. Ray restarts the actor (``max_restarts``): the
+  engine comes back empty under the same name and takes new sessions; out of restarts, it stays dead. Sessions
+  on other engines never see it: a failure is confined to its engine's sessions.
 - Errors an engine raises on purpose reach the caller as the same ``DjinnError`` subclass (unwrapped from Ray's
   ``RayTaskError``).
 """
@@ -59,7 +63,9 @@ class _Engine:
     pid: int | None = None
     node: str | None = None
     device: str | None = None
-    lost: str | None = None  # why it is dead, once it died
+    lost: str | None = None  # why it is dead, while it is (Ray may be restarting it: ``back``)
+    back: Any = None  # a describe call to the restarting actor, answered once it is up again
+    deaths: dict[int, str] = field(default_factory=dict)  # by the pid that died: what its sessions were told
 
     @property
     def name(self) -> str:
@@ -107,15 +113,17 @@ class ClusterBackend:
 
     def __init__(self, ray: Any, actors: list[Any], *, session_tokens: int = DEFAULT_SESSION_TOKENS,
                  owns_ray: bool = False, start_timeout: float = 300.0) -> None:
-        """``actors``: ``EngineWorker`` actors, in engine order, waited for up to ``start_timeout`` seconds.
-        ``session_tokens``: placement counts a session as taking the KV of this many positions. ``owns_ray``:
-        ``shutdown`` also stops Ray (it was started for this backend)."""
+        """``actors``: ``EngineWorker`` actors, in engine order, waited for up to ``start_timeout`` seconds (and
+        as long for one that Ray restarts, at the call that finds it gone). ``session_tokens``: placement counts
+        a session as taking the KV of this many positions. ``owns_ray``: ``shutdown`` also stops Ray (it was
+        started for this backend)."""
         if isinstance(session_tokens, bool) or not isinstance(session_tokens, int) or session_tokens < 1:
             raise InvalidArgumentError(f"session_tokens must be a positive integer, not {session_tokens!r}")
         self._ray = ray
-        from ray.exceptions import ActorDiedError, GetTimeoutError, RayTaskError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
 
-        self._died, self._task_error = ActorDiedError, RayTaskError
+        self._died, self._gone, self._task_error = ActorDiedError, (ActorDiedError, ActorUnavailableError), RayTaskError
+        self._timeout_error, self._start_timeout = GetTimeoutError, start_timeout
         self.session_tokens = session_tokens
         self._owns_ray = owns_ray
         self._engines = [_Engine(i, actor) for i, actor in enumerate(actors)]
@@ -141,12 +149,13 @@ class ClusterBackend:
 
     # calls to engines ------------------------------------------------------------------------------------
     def _get(self, engine: _Engine, ref: Any) -> Any:
-        """The result of a call made to ``engine``: its own DjinnError re-raised as is, its death turned into
-        ``EngineLostError`` (after marking it and its sessions lost)."""
+        """The result of a call made to ``engine``: its own DjinnError re-raised as is, the actor's going away
+        turned into ``EngineLostError`` (``_failed``)."""
+        pid = engine.pid  # the process the call went to
         try:
             return self._ray.get(ref)
-        except self._died as exc:
-            raise self._engine_died(engine, exc) from None
+        except self._gone as exc:
+            raise self._failed(engine, pid, exc) from None
         except self._task_error as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, DjinnError):
@@ -158,21 +167,81 @@ class ClusterBackend:
             raise EngineLostError(engine.lost)
         return self._get(engine, engine.actor.call.remote(op, *args, **kwargs))
 
-    def _engine_died(self, engine: _Engine, exc: BaseException) -> EngineLostError:
+    def _failed(self, engine: _Engine, pid: int | None, exc: BaseException) -> DjinnError:
+        """A call to process ``pid`` of ``engine`` found the actor gone: a death (handled once per process) or a
+        call lost in transit (the same process answers again)."""
+        if engine.pid != pid:  # another call already found this process dead
+            return EngineLostError(engine.deaths.get(pid, f"engine {engine.name} restarted during this call"))
+        info = None
+        if not isinstance(exc, self._died):  # restarting, or unreachable for a moment: who answers now?
+            try:
+                info = self._ray.get(engine.actor.describe.remote(), timeout=self._start_timeout)
+            except (*self._gone, self._timeout_error):
+                pass
         with self._lock:
-            if engine.lost is None:
-                lost = sorted(gid for gid, p in self._sessions.items() if p.engine is engine)
-                engine.lost = (
-                    f"engine {engine.name} (pid {engine.pid}, {engine.device}) died; its sessions "
-                    f"{lost or '(none)'} were lost with their KV, runs and breakpoints. Close them and open new "
-                    f"sessions: they are placed on the engines left"
+            if engine.pid != pid:
+                return EngineLostError(engine.deaths.get(pid, f"engine {engine.name} restarted during this call"))
+            if info is not None and info["pid"] == pid:
+                return DjinnError(
+                    f"engine {engine.name} did not answer a call ({type(exc).__name__}), which may or may not have "
+                    f"run; the engine and its sessions are intact: check the session's state and call again"
                 )
-                for gid in lost:
-                    self._lost[gid] = f"session {gid} was on {engine.name}, which died: " + engine.lost.split("; ", 1)[1]
-                    del self._sessions[gid]
-            return EngineLostError(engine.lost)
+            lost = sorted(gid for gid, p in self._sessions.items() if p.engine is engine)
+            death = (
+                f"engine {engine.name} (pid {pid}, {engine.device}) died; its sessions {lost or '(none)'} were lost "
+                f"with their KV, runs and breakpoints. Close them and open new sessions"
+            )
+            for gid in lost:
+                self._lost[gid] = f"session {gid} was on {engine.name}, which died: " + death.split("; ", 1)[1]
+                del self._sessions[gid]
+            engine.deaths[pid] = death
+            engine.pid = None
+            if info is not None:  # Ray has restarted it already: up again, empty
+                self._revived(engine, info)
+            elif isinstance(exc, self._died):
+                engine.lost = death + "; Ray will not restart it (its restarts are used up, or it was removed)"
+            else:
+                engine.lost = death + "; Ray is restarting it"
+                engine.back = engine.actor.describe.remote()
+            return EngineLostError(death)
+
+    def _revived(self, engine: _Engine, info: dict[str, Any]) -> None:
+        """``engine``'s actor answers again from a new process (call with ``_lock`` held)."""
+        engine.pid, engine.node, engine.device = info["pid"], info["node"], info["device"]
+        engine.lost, engine.back = None, None
+
+    def wait_for_restarts(self, timeout: float = 0.0) -> list[str]:
+        """Engines that Ray was restarting and that answer again within ``timeout`` seconds (0: those up by now),
+        by name; they take new sessions from now on. Placement and ``status`` look without waiting."""
+        deadline = time.monotonic() + timeout
+        revived: list[str] = []
+        while True:
+            with self._lock:
+                pending = {e.back: e for e in self._engines if e.back is not None}
+            if not pending:
+                return revived
+            left = max(0.0, deadline - time.monotonic())
+            ready, _ = self._ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:
+                return revived
+            engine = pending[ready[0]]
+            try:
+                info, again = self._ray.get(ready[0]), None
+            except self._died:
+                info, again = None, None
+            except self._gone:  # asked as it went down: ask the restarted process again
+                info, again = None, engine.actor.describe.remote()
+            with self._lock:
+                if info is not None:
+                    self._revived(engine, info)
+                    revived.append(engine.name)
+                else:
+                    engine.back = again
+                    if again is None:
+                        engine.lost = engine.lost.replace("Ray is restarting it", "Ray did not restart it")
 
     def _live(self) -> list[_Engine]:
+        self.wait_for_restarts()
         with self._lock:
             return [e for e in self._engines if e.lost is None]
 
@@ -183,7 +252,7 @@ class ClusterBackend:
         for engine, ref in refs:
             try:
                 info = self._get(engine, ref)
-            except EngineLostError:
+            except DjinnError:  # died (or did not answer): no session goes there now
                 loads.append(EngineLoad(engine.index, 0, alive=False))
                 continue
             loads.append(EngineLoad(engine.index, info["budget"], tuple(info["sessions"].values()),
@@ -452,6 +521,7 @@ class ClusterBackend:
     # the cluster -----------------------------------------------------------------------------------------
     def engines(self) -> list[dict[str, object]]:
         """Each engine (GPU): where it runs, whether it is alive, its resident models, its sessions and memory."""
+        self.wait_for_restarts()
         with self._lock:
             by_engine = {e.index: sorted(g for g, p in self._sessions.items() if p.engine is e) for e in self._engines}
         out = []
@@ -532,6 +602,7 @@ def connect_cluster(
     engine_options: dict[str, Any] | None = None,
     session_tokens: int = DEFAULT_SESSION_TOKENS,
     max_concurrency: int = 64,
+    max_restarts: int = 3,
     ray_options: dict[str, Any] | None = None,
     start_timeout: float = 300.0,
 ) -> ClusterBackend:
@@ -539,7 +610,9 @@ def connect_cluster(
     (None), and start one engine actor per GPU: ``engines`` of them, default as many as the cluster has of
     ``resource``. ``resource``: ``"GPU"`` (each engine takes one GPU), or a custom resource name that stands for
     GPUs (the CPU test cluster). ``engine_options``: each ``Engine``'s keyword arguments, plus ``gpu_memory`` and
-    ``host_memory`` (worker.py). ``ray_options``: more arguments for ``ray.init`` when it is called here.
+    ``host_memory`` (worker.py). ``max_restarts``: how many times Ray restarts an engine whose process died (it
+    comes back empty; its sessions are lost). ``ray_options``: more arguments for ``ray.init`` when it is called
+    here.
 
     Pass the result as ``backend=`` (``djinn_kernel.load("tiny-llama", backend=cluster)``); ``shutdown()`` stops
     the engines (and Ray, if started here)."""
@@ -552,7 +625,9 @@ def connect_cluster(
     have = int(ray.cluster_resources().get(resource, 0))
     count = have if engines is None else engines
     refusal = None
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        refusal = f"max_restarts must be an integer >= 0, not {max_restarts!r}"
+    elif isinstance(count, bool) or not isinstance(count, int) or count < 1:
         refusal = f"the cluster has {have} {resource}; ask for a positive number of engines (one per {resource})"
     elif owns and count > have:  # a local Ray started here gets no more: the engines would wait start_timeout
         refusal = f"{count} engines need {count} {resource}, and the local Ray cluster has {have}"
@@ -564,7 +639,7 @@ def connect_cluster(
     # unscheduled on a machine with fewer cores than GPUs).
     placement = {"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}
     actor_class = ray.remote(EngineWorker).options(
-        max_concurrency=max_concurrency, max_restarts=0, num_cpus=0, **placement
+        max_concurrency=max_concurrency, max_restarts=max_restarts, max_task_retries=0, num_cpus=0, **placement
     )
     actors = [actor_class.remote(index, dict(engine_options or {})) for index in range(count)]
     return ClusterBackend(ray, actors, session_tokens=session_tokens, owns_ray=owns, start_timeout=start_timeout)
