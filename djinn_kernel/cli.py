@@ -108,12 +108,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# What a cluster's engines do not take yet: each engine's memory manager is built in its actor (cluster/worker.py)
-# with no host reserve and no disk tier; --policy is passed on, --page-on-pause (a policy object) is not.
-_NOT_WITH_RAY = (
-    ("spill_dir", "--spill-dir"), ("spill_memory", "--spill-memory"), ("host_reserve", "--host-reserve"),
-    ("page_on_pause", "--page-on-pause"),
-)
 CPU_ENGINE = "djinn_cpu_engine"  # the Ray resource a CPU engine takes, standing in for a GPU (--device cpu)
 
 
@@ -122,9 +116,10 @@ def _cluster(args: argparse.Namespace):
     with serve's per-engine options. ``--device cpu`` makes CPU engines standing in for GPUs, on a local Ray."""
     from .errors import InvalidArgumentError
 
-    for name, flag in _NOT_WITH_RAY:
-        if getattr(args, name):
-            raise InvalidArgumentError(f"{flag} is not available with --ray yet (engines page to host memory only)")
+    if args.spill_memory and not args.spill_dir:
+        raise InvalidArgumentError("--spill-memory needs --spill-dir (the folder to spill to)")
+    if args.page_on_pause and args.policy != "lru":
+        raise InvalidArgumentError(f"--page-on-pause is a mode of the lru policy, not of {args.policy}")
     if args.engines is not None and args.engines < 1:
         raise InvalidArgumentError(f"--engines must be at least 1, not {args.engines}")
     from .cluster.backend import import_ray
@@ -152,6 +147,12 @@ def _cluster(args: argparse.Namespace):
         "policy": args.policy,
         "gpu_memory": args.gpu_memory,
         "host_memory": args.host_memory,
+        "host_reserve": args.host_reserve,
+        "page_on_pause": args.page_on_pause,
+        "spill_dir": args.spill_dir and os.path.abspath(args.spill_dir),  # each engine spills to <dir>/gpu<index>
+        "spill_memory": args.spill_memory,
+        "spill_threads": args.spill_threads,
+        "spill_block": args.spill_block,
     }
     count = f"{args.engines} engines" if args.engines else "one engine per GPU"
     _progress(f"starting {count} on Ray ({address or 'a local Ray cluster'})")

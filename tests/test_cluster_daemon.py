@@ -3,7 +3,10 @@ GPUs), used through the ordinary client API: placement over the engines, an exac
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -19,8 +22,10 @@ def test_serve_ray_refuses_what_it_cannot_do_yet_and_says_how_to_get_ray(monkeyp
     monkeypatch.setenv("DJINN_RUNTIME_DIR", str(tmp_path))
     assert cli.main(["serve", "--engines", "2"]) == 2
     assert "--engines is an option of --ray" in capsys.readouterr().err
-    assert cli.main(["serve", "--ray", "--spill-dir", str(tmp_path)]) == 2
-    assert "--spill-dir is not available with --ray yet" in capsys.readouterr().err
+    assert cli.main(["serve", "--ray", "--spill-memory", "1GiB"]) == 2
+    assert "--spill-memory needs --spill-dir" in capsys.readouterr().err
+    assert cli.main(["serve", "--ray", "--page-on-pause", "--policy", "signal"]) == 2
+    assert "--page-on-pause is a mode of the lru policy" in capsys.readouterr().err
     assert cli.main(["serve", "--ray", "--engines", "0"]) == 2
     assert "--engines must be at least 1" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
@@ -35,9 +40,14 @@ def daemon():
     # --gpu-memory: room for one session per engine (4096 positions of tiny-llama's KV, 1 KiB each, counted
     # per session), so the second session is placed on the other engine. --device cpu: CPU engines, also where
     # the test suite runs on a GPU (the last --device wins).
-    d = DaemonProcess("--ray", "--engines", "2", "--device", "cpu", "--gpu-memory", "6MiB")
+    # --spill-dir, --host-reserve, --page-on-pause: serve's memory options reach every engine (a folder each).
+    spill = tempfile.mkdtemp(prefix="djt-spill-", dir="/tmp")
+    d = DaemonProcess("--ray", "--engines", "2", "--device", "cpu", "--gpu-memory", "6MiB", "--spill-dir", spill,
+                      "--spill-memory", "256MiB", "--host-reserve", "1MiB", "--page-on-pause")
+    d.spill = spill
     yield d
     d.stop()
+    shutil.rmtree(spill, ignore_errors=True)
 
 
 def engines_of(status: dict) -> dict[int, str]:
@@ -63,6 +73,8 @@ def test_a_ray_daemon_places_sessions_on_two_engines_and_migrates_one_exactly(da
 
     status = client.status()
     assert [(e["name"], e["alive"]) for e in status["engines"]] == [("gpu0", True), ("gpu1", True)]
+    assert [(e["memory"]["spill"]["folder"], e["memory"]["spill"]["capacity"]) for e in status["engines"]] == [
+        (os.path.join(daemon.spill, name), 256 << 20) for name in ("gpu0", "gpu1")]
     now = engines_of(status)
     assert now[moved.id] == now[other.id] == where[other.id] and now[twin.id] == where[moved.id]
     assert {s["id"] for s in status["sessions"] if s["mine"]} == {moved.id, other.id, twin.id}

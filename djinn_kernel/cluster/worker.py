@@ -37,17 +37,30 @@ class EngineWorker:
     """An ``Engine`` behind one GPU, with the calls the cluster backend makes to it."""
 
     def __init__(self, index: int, options: dict[str, Any]) -> None:
-        """``options``: the Engine's keyword arguments, plus ``gpu_memory`` and ``host_memory`` (bytes or sizes
-        such as ``"8GiB"``) for its memory manager, as ``djinn serve`` takes them."""
+        """``options``: the Engine's keyword arguments, plus the memory manager's as ``djinn serve`` takes them:
+        ``gpu_memory``, ``host_memory`` and ``host_reserve`` (bytes or sizes such as ``"8GiB"``), ``page_on_pause``,
+        and the disk tier's ``spill_dir`` (each engine spills to its own folder in it, ``gpu<index>``),
+        ``spill_memory``, ``spill_threads`` and ``spill_block``."""
         from ..engine import Engine, default_device, default_memory
-        from ..memory import parse_bytes
+        from ..memory import LRUPolicy, parse_bytes
+        from ..spill import SpillStore
 
         options = dict(options)
-        budget, host = options.pop("gpu_memory", None), options.pop("host_memory", None)
+
+        def size(name: str, default: str | None = None) -> int | None:
+            value = options.pop(name, None) or default
+            return None if value is None else parse_bytes(value)
+
+        budget, host, reserve = size("gpu_memory"), size("host_memory"), size("host_reserve")
+        spill_dir, spill_memory = options.pop("spill_dir", None), size("spill_memory", "64GiB")
+        threads, block = options.pop("spill_threads", 4), size("spill_block", "16MiB")
+        spill = SpillStore(os.path.join(spill_dir, f"gpu{index}"), spill_memory, threads, block) if spill_dir else None
         device = torch.device(options.pop("device", None) or default_device())
-        memory = default_memory(
-            device, None if budget is None else parse_bytes(budget), None if host is None else parse_bytes(host)
-        )
+        memory = default_memory(device, budget, host, spill=spill)
+        if options.pop("page_on_pause", False):
+            options["policy"] = LRUPolicy(eager=True)
+        if reserve:
+            memory.pool.reserve(reserve)
         self.index = index
         self.engine = Engine(device=device, memory=memory, **options)
 
