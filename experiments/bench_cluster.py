@@ -13,10 +13,14 @@ One process, one Ray runtime (started here), measures, in this order:
    warm-up round (one session per engine, 4 tokens) precedes the timed ones for each engine count.
    ``scaling_2gpu`` / ``scaling_4gpu``: the aggregate at 2 / 4 engines over this run's 1-engine figure, at the
    largest session count (32 by default; targets >= 1.9 and >= 3.7);
-2. migration (needs 2 engines): an IDLE session with ``--context`` tokens of context (a ``--context - 1``-token
-   prompt and one generated token) is migrated engine 0 -> 1 (``session.migrate(engine=1)``), wall time of the
-   call. A paused session cannot migrate yet (backend.py refuses it), so the issue's paused-session figure is the
-   idle one here. ``migration_floor_s`` = the state bytes the migration reports / a host-mediated bandwidth
+2. migration (needs 2 engines): a PAUSED session with ``--context`` tokens of context is migrated engine 0 -> 1
+   (``session.migrate(engine=1)``), wall time of the call: its history is a ``--context - 2``-token prompt and one
+   generated token, then a continuation run of one token pauses at the middle layer of its token step 1, and
+   moves (migration.py: the KV of the ``--context - 2`` tokens the session holds travels; the run is replayed on
+   the target to the same pause: a prefill of its two tokens, the generated one and the new one, and the next
+   step's layers up to the pause); the run then finishes there. The same session idle
+   (after that run) is migrated back, 1 -> 0, for comparison (``migration_idle``).
+   ``migration_floor_s`` = the state bytes the migration reports / a host-mediated bandwidth
    measured in the same run, the path a migration's state takes: a tensor of those bytes is copied device 0 ->
    host (on GPU), ``ray.put`` into the object store and fetched by a Ray task in another process (which returns
    only its size), then host -> device 1 (on GPU); the sum of the three, median of 3 after one warm-up, is the
@@ -226,8 +230,9 @@ def main() -> None:
             "aggregate_tokens_per_s": "keyed by engine (GPU) count, then session count: all sessions' new tokens "
                                       "/ wall seconds from the common start to the last run's end (prefill included)",
             "scaling": "aggregate at 2 (4) engines / at 1 engine, largest session count, same run",
-            "migration": "an IDLE session (paused-session migration is not built): wall time of session.migrate"
-                         "(engine=1); floor = its state bytes / the host-mediated transfer measured here",
+            "migration": "a PAUSED session (replayed to its pause on the target): wall time of session.migrate"
+                         "(engine=1); floor = its state bytes / the host-mediated transfer measured here; "
+                         "migration_idle: the same session idle, moved back",
         },
     }
     write(args.out, result)
@@ -272,17 +277,27 @@ def main() -> None:
             if n >= 2 and result["migration"] is None:
                 session = model.session()
                 session.migrate(engine=0)
-                session.generate(prompt(rng, vocab, context - 1), 1)
+                session.generate(prompt(rng, vocab, context - 2), 1)
+                layer = shape["num_hidden_layers"] // 2
+                session.break_at(layer, tokens=1)
+                run = session.generate(prompt(rng, vocab, 1), 2, fresh=False)
+                assert run.paused and run.pause.layer == layer, run
                 moved = session.migrate(engine=1)
+                run.finish()
+                session.delete()
+                idle = session.migrate(engine=0)
                 session.close()
                 floor = transfer_floor(ray, int(moved["bytes"]), torch.cuda.device_count() if not small else 0)
-                result["migration"] = {**moved, "context_tokens": context, "state": "idle", "floor": floor}
+                result["migration"] = {**moved, "context_tokens": context, "state": "paused", "pause_layer": layer,
+                                       "floor": floor}
+                result["migration_idle"] = idle
                 result["migration_s"] = moved["seconds"]
                 result["migration_floor_s"] = floor["seconds"]
                 result["migration_ratio"] = moved["seconds"] / floor["seconds"]
-                log(f"migration of {moved['bytes'] / 2**20:.1f} MiB ({moved['history_tokens']} tokens): "
+                log(f"paused migration of {moved['bytes'] / 2**20:.1f} MiB ({moved['history_tokens']} tokens): "
                     f"{moved['seconds'] * 1e3:.1f} ms; floor {floor['seconds'] * 1e3:.1f} ms "
-                    f"({floor['gb_s']:.2f} GB/s) -> {result['migration_ratio']:.2f}x")
+                    f"({floor['gb_s']:.2f} GB/s) -> {result['migration_ratio']:.2f}x; idle, moved back: "
+                    f"{idle['seconds'] * 1e3:.1f} ms")
                 write(args.out, result)
         finally:
             backend.shutdown()

@@ -52,7 +52,10 @@ def test_bench_cluster_small_measures_throughput_on_one_and_two_engines_and_a_mi
     assert result["throughput_runs"]["2"]["2"]["tokens"] == 2 * result["new_tokens"]
     assert result["scaling_2gpu"] > 0 and result["scaling_4gpu"] is None
     assert result["migration"]["from"] == "gpu0" and result["migration"]["to"] == "gpu1"
-    assert result["migration"]["history_tokens"] >= 64 and result["migration"]["bytes"] > 0
+    assert result["migration"]["state"] == "paused" and result["migration"]["paused_run"] == 2
+    # --context 64: a 62-token prompt and one generated token, whose KV the paused run computes with its own token
+    assert result["migration"]["history_tokens"] == 62 and result["migration"]["bytes"] > 0
+    assert (result["migration_idle"]["from"], result["migration_idle"]["paused_run"]) == ("gpu1", None)
     assert result["migration_s"] > 0 and result["migration_floor_s"] > 0 and result["migration_ratio"] > 0
     assert result["split70b_ms_per_token"] is None and result["split70b_reason"] == "layer split not built"
     assert {"device", "gpu_count", "torch", "ray"} <= result["environment"].keys()
