@@ -39,7 +39,7 @@ from .errors import (
 _LAZY = {
     **dict.fromkeys(
         ("Model", "Pause", "Progress", "Run", "RunInterrupted", "Session", "connect", "default_backend", "load",
-         "local_engine"),
+         "local_engine", "status"),
         "api",
     ),
     **dict.fromkeys(("Ablate", "AddVector", "Edit", "Replace", "Scale", "SetPositions", "SetPromptRows"),
@@ -108,4 +108,5 @@ __all__ = [
     "SetPromptRows",
     "load",
     "local_engine",
+    "status",
 ]

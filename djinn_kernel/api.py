@@ -86,6 +86,12 @@ def default_backend() -> Any:
     return local_engine()
 
 
+def status(backend: Any = None) -> dict[str, Any]:
+    """The device (on a cluster: each engine, its GPU, resident models and sessions), the models and every
+    session, of ``backend`` or the default one (``%djinn status`` prints it)."""
+    return (backend if backend is not None else default_backend()).status()
+
+
 def load(name: str, *, dtype: str = "auto", backend: Any = None) -> Model:
     """Load a model by built-in name, folder or cached hub id, once per backend, and return a handle to it."""
     backend = backend if backend is not None else default_backend()

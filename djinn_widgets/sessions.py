@@ -1,4 +1,6 @@
-"""``SessionTable``: every session the backend reports, with where its memory is, and totals.
+"""``SessionTable``: every session the backend reports, with where its memory is, and totals; on a cluster
+(``djinn serve --ray``, ``connect_cluster``) the engine (GPU) each session is on, and a line per engine above it:
+its device, whether it is alive, its resident models and its sessions.
 
 Through a daemon, ``status()`` already reduces other clients' sessions to id, owner, model, state and memory
 (plus ``"mine": False``); the table shows what it is given and never asks for more. The "where" column (the
@@ -23,6 +25,7 @@ class SessionTable(TextFallback, W.VBox):
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.sessions: list[dict[str, Any]] = []
+        self.engines: list[dict[str, Any]] = []  # a cluster's, as its status gives them
         self.names: dict[str, str] = {}  # a daemon's client labels and the names the clients gave
         self.error: str | None = None
         self.html = W.HTML()
@@ -35,18 +38,35 @@ class SessionTable(TextFallback, W.VBox):
         try:
             status = self.backend.status()
             self.sessions = list(status["sessions"])
+            self.engines = list(status.get("engines", []))
             self.names = {c["label"]: c["name"] for c in status.get("clients", []) if c.get("name") not in (None, "?")}
         except DjinnError as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             self.html.value = f"<b style='color:#b00'>{html.escape(self.error)}</b>"
             return
         self.error = None
-        self.html.value = html_table(self.headers, self.rows, foot=self.totals)
+        self.html.value = "".join(
+            f"<div>{html.escape(line)}</div>" for line in self.engine_lines
+        ) + html_table(self.headers, self.rows, foot=self.totals)
+
+    @property
+    def engine_lines(self) -> list[str]:
+        """One line per engine of a cluster (none on one engine)."""
+        return [
+            f"{e['name']} on {e['device']}: {'alive' if e['alive'] else 'dead'}, models "
+            f"{', '.join(map(str, e['models'])) or 'none'}, {len(e['sessions'])} session(s)"
+            for e in self.engines
+        ]
 
     @property
     def headers(self) -> list[str]:
         mine = ["mine"] if any("mine" in s for s in self.sessions) else []
-        return ["id", "owner", "model", "state", "context", "GPU MiB", "host MiB", "paged", *mine, "where"]
+        engine = ["engine"] if self._clustered else []
+        return ["id", "owner", "model", *engine, "state", "context", "GPU MiB", "host MiB", "paged", *mine, "where"]
+
+    @property
+    def _clustered(self) -> bool:
+        return bool(self.engines) or any("engine" in s for s in self.sessions)
 
     @property
     def rows(self) -> list[list[Any]]:
@@ -56,8 +76,9 @@ class SessionTable(TextFallback, W.VBox):
             memory = s.get("memory", {})
             row = [
                 s["id"],
-                self.owner(s["owner"]),
+                self.owner(s["owner"] or "—"),  # a cluster's lost sessions have none
                 s["model"],
+                *([s.get("engine", "—")] if self._clustered else []),
                 s["state"],
                 s.get("history_tokens", "—"),  # tokens of the conversation it keeps (own sessions only)
                 mib(memory.get("gpu_bytes")),
@@ -79,13 +100,15 @@ class SessionTable(TextFallback, W.VBox):
         gpu = sum(s.get("memory", {}).get("gpu_bytes", 0) for s in self.sessions)
         host = sum(s.get("memory", {}).get("host_bytes", 0) for s in self.sessions)
         paged = sum(bool(s.get("memory", {}).get("paged")) for s in self.sessions)
-        total = [f"{len(self.sessions)} session(s)", "", "", "", "", mib(gpu), mib(host), f"{paged} paged"]
+        total = [f"{len(self.sessions)} session(s)", "", "", *([""] if self._clustered else []), "", "", mib(gpu),
+                 mib(host), f"{paged} paged"]
         return total + [""] * (len(self.headers) - len(total))
 
     def __repr__(self) -> str:
         if self.error:
             return f"<SessionTable: {self.error}>"
-        return f"<SessionTable\n{text_table(self.headers, [*self.rows, self.totals])}>"
+        lines = "".join(f"{line}\n" for line in self.engine_lines)
+        return f"<SessionTable\n{lines}{text_table(self.headers, [*self.rows, self.totals])}>"
 
 
 def _where(run: dict[str, Any] | None) -> str:

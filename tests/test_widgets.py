@@ -381,6 +381,40 @@ def test_session_table_redacted_rows():
     assert plain_text(table) == text
 
 
+class FakeCluster:
+    """A cluster's status as ClusterBackend gives it: engines, and sessions with their engine (one lost)."""
+
+    def status(self):
+        engine = {"node": "n1", "memory": None, "error": None}
+        return {
+            "engines": [
+                {**engine, "name": "gpu0", "device": "cuda", "alive": True, "models": ["tiny-llama"], "sessions": [1]},
+                {**engine, "name": "gpu1", "device": "cuda", "alive": False, "models": [], "sessions": []},
+            ],
+            "sessions": [
+                {"id": 1, "owner": "local", "model": "tiny-llama", "state": "idle", "engine": "gpu0",
+                 "memory": {"gpu_bytes": 1 << 20, "host_bytes": 0, "paged": False}},
+                {"id": 2, "owner": None, "model": None, "state": "lost", "memory": {}, "error": "gpu1 died"},
+            ],
+        }
+
+
+def test_session_table_on_a_cluster_shows_each_sessions_engine_and_the_engines():
+    table = SessionTable(FakeCluster())
+    assert table.headers[:5] == ["id", "owner", "model", "engine", "state"]
+    assert [row[:5] for row in table.rows] == [[1, "local", "tiny-llama", "gpu0", "idle"], [2, "—", None, "—", "lost"]]
+    assert len(table.totals) == len(table.headers) and table.totals[6] == "1.00"
+    assert table.engine_lines == ["gpu0 on cuda: alive, models tiny-llama, 1 session(s)",
+                                  "gpu1 on cuda: dead, models none, 0 session(s)"]
+    assert "gpu1 on cuda: dead" in table.html.value and "gpu1 on cuda: dead" in repr(table)
+
+
+def test_dj_status_is_the_backends_status():
+    import djinn_kernel as dj
+
+    assert dj.status(FakeCluster()) == FakeCluster().status()
+
+
 def test_lens_for_every_position_survives_the_run_moving_on():
     import djinn_kernel as dj
     from djinn_kernel.engine import Engine
