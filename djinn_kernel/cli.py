@@ -122,6 +122,8 @@ def _cluster(args: argparse.Namespace):
         raise InvalidArgumentError(f"--page-on-pause is a mode of the lru policy, not of {args.policy}")
     if args.engines is not None and args.engines < 1:
         raise InvalidArgumentError(f"--engines must be at least 1, not {args.engines}")
+    if not 0 <= args.rebalance < float("inf"):
+        raise InvalidArgumentError(f"--rebalance must be 0 (never) or a number of seconds, not {args.rebalance:g}")
     from .cluster.backend import import_ray
 
     import_ray()  # before anything starts: Ray missing is said plainly, with the pip command
@@ -159,7 +161,7 @@ def _cluster(args: argparse.Namespace):
     try:
         return connect_cluster(
             address, args.engines, resource=CPU_ENGINE if cpu else "GPU", engine_options=options,
-            ray_options=ray_options, start_timeout=args.engine_timeout,
+            ray_options=ray_options, start_timeout=args.engine_timeout, rebalance_s=args.rebalance or None,
         )
     except InvalidArgumentError as exc:
         if cpu:
@@ -297,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "apply to each engine")
     serve.add_argument("--engine-timeout", type=float, default=300.0, metavar="SECONDS",
                        help="with --ray: how long the engines may take to start (default: 300)")
+    serve.add_argument("--rebalance", type=float, default=5.0, metavar="SECONDS",
+                       help="with --ray: how often sessions move off an engine whose sessions hold more than its "
+                            "budget, to one with room (default: 5; 0: never)")
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="tokens for other users of this daemon (`token add NAME` prints one)")

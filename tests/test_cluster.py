@@ -12,7 +12,7 @@ import torch
 
 import djinn_kernel as dj
 from djinn_kernel.edits import AddVector, Scale
-from djinn_kernel.cluster.placement import EngineLoad, NoEngineError, place
+from djinn_kernel.cluster.placement import EngineLoad, NoEngineError, SessionLoad, place, rebalance
 from djinn_kernel.engine import Engine
 from djinn_kernel.errors import EngineLostError, InvalidArgumentError, SessionBusyError, SessionLostError
 
@@ -78,6 +78,20 @@ def test_dead_engines_never_get_a_session():
     assert place("m", engines, NEED).engine == 1
     with pytest.raises(NoEngineError):
         place("m", [load(0, alive=False)], NEED)
+
+
+def test_rebalancing_moves_the_largest_movable_sessions_off_an_engine_over_its_budget():
+    engines = [load(0), load(1, sessions=(100,)), load(2, budget=500)]
+    sessions = [SessionLoad(1, 0, 600, True), SessionLoad(2, 0, 300, True), SessionLoad(3, 0, 200, False),
+                SessionLoad(4, 1, 100, True)]
+    assert rebalance(engines, sessions) == [(1, 1)], "600 bytes to the engine with the most room; 500 left: done"
+    # The largest does not fit anywhere: the next does; a session that cannot move (running) stays.
+    big = [SessionLoad(1, 0, 950, True), SessionLoad(2, 0, 300, True), SessionLoad(3, 0, 200, False)]
+    assert rebalance([load(0), load(1, budget=400)], big) == [(2, 1)]
+    assert rebalance([load(0), load(1, budget=100)], big) == [], "nothing fits elsewhere"
+    # Within budget, nothing moves; a dead engine neither gives nor takes.
+    assert rebalance(engines, [SessionLoad(1, 0, 1000, True)]) == []
+    assert rebalance([load(0), load(1, alive=False)], [SessionLoad(1, 0, 1500, True)]) == []
 
 
 # a session's state between engines, in-process ---------------------------------------------------------------
@@ -215,6 +229,7 @@ def cluster():
         resource="djinn_gpu",
         engine_options={"device": "cpu", "deterministic": True, "gpu_memory": BUDGET, "host_memory": "64MiB"},
         session_tokens=SESSION_TOKENS,
+        rebalance_s=None,  # by hand only: a timer could move the other tests' sessions under them
         ray_options={"num_cpus": 2, "resources": {"djinn_gpu": ENGINES}, "configure_logging": False},
         start_timeout=120,
     )
@@ -304,6 +319,38 @@ def test_a_session_migrated_mid_pause_finishes_as_an_unmigrated_run(cluster):
     finally:
         session.close()
         stay.close()
+
+
+def test_sessions_leave_an_engine_over_its_budget_for_one_with_room_exactly(cluster):
+    """Three sessions of ~64 tokens (64 KiB each: short prompts, 60 new tokens, so that a run's reservation fits
+    the budget) on one engine of a 160 KiB budget: one rebalancing pass moves what is over to the emptier engines,
+    and every session goes on as it would have where it was (twins run afresh on the cluster give the reference:
+    engines in Ray workers and this process differ in float32 rounding)."""
+    model = dj.load("tiny-llama", backend=cluster)
+    prompts = ["Hello", "Hi there", "Good day"]
+    sessions = [model.session() for _ in prompts]
+    try:
+        for session in sessions:
+            session.migrate(engine="gpu0")
+        for session, text in zip(sessions, prompts):
+            session.generate(text, 60)
+        held = sum(s["memory"]["gpu_bytes"] + s["memory"]["host_bytes"] for s in cluster.sessions()
+                   if s["id"] in {x.id for x in sessions})
+        assert held > BUDGET, "the three sessions do not put gpu0 over its budget"
+        moved = cluster.rebalance()
+        assert moved and all(m["from"] == "gpu0" and m["to"] != "gpu0" for m in moved)
+        assert cluster.rebalance() == [], "one pass relieved it"
+        placed = where(cluster)
+        assert sum(placed[s.id] == "gpu0" for s in sessions) == len(sessions) - len(moved)
+        for session, text in zip(sessions, prompts):
+            after = session.generate(" more", 4, fresh=False, keep_logits=True)
+            with model.session() as twin:
+                twin.generate(text, 60)
+                expected = twin.generate(" more", 4, fresh=False, keep_logits=True)
+                assert after.tokens == expected.tokens and torch.equal(after.logits, expected.logits)
+    finally:
+        for session in sessions:
+            session.close()
 
 
 def test_the_daemon_serves_the_cluster_backend_as_an_engine(cluster):

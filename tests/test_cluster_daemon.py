@@ -28,6 +28,8 @@ def test_serve_ray_refuses_what_it_cannot_do_yet_and_says_how_to_get_ray(monkeyp
     assert "--page-on-pause is a mode of the lru policy" in capsys.readouterr().err
     assert cli.main(["serve", "--ray", "--engines", "0"]) == 2
     assert "--engines must be at least 1" in capsys.readouterr().err
+    assert cli.main(["serve", "--ray", "--rebalance", "-1"]) == 2
+    assert "--rebalance must be 0 (never) or a number of seconds" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     assert cli.main(["serve", "--ray", "--device", "cpu", "--engines", "2"]) == 2
     assert "pip install 'djinn-kernel[ray]'" in capsys.readouterr().err

@@ -41,7 +41,7 @@ from ..errors import (
     SessionBusyError,
     SessionClosedError,
 )
-from .placement import EngineLoad, NoEngineError, place
+from .placement import EngineLoad, NoEngineError, SessionLoad, place, rebalance
 from .worker import EngineWorker
 
 INSTALL_HINT = "pip install 'djinn-kernel[ray]'"
@@ -112,13 +112,16 @@ class ClusterBackend:
     """The engine's methods over several engines (Ray actors, one per GPU); see the module docstring."""
 
     def __init__(self, ray: Any, actors: list[Any], *, session_tokens: int = DEFAULT_SESSION_TOKENS,
-                 owns_ray: bool = False, start_timeout: float = 300.0) -> None:
+                 owns_ray: bool = False, start_timeout: float = 300.0, rebalance_s: float | None = None) -> None:
         """``actors``: ``EngineWorker`` actors, in engine order, waited for up to ``start_timeout`` seconds (and
         as long for one that Ray restarts, at the call that finds it gone). ``session_tokens``: placement counts
         a session as taking the KV of this many positions. ``owns_ray``: ``shutdown`` also stops Ray (it was
-        started for this backend)."""
+        started for this backend). ``rebalance_s``: a ``rebalance`` pass every this many seconds, on a thread of
+        its own (None: by hand only)."""
         if isinstance(session_tokens, bool) or not isinstance(session_tokens, int) or session_tokens < 1:
             raise InvalidArgumentError(f"session_tokens must be a positive integer, not {session_tokens!r}")
+        if _bad_interval(rebalance_s):
+            raise InvalidArgumentError(_bad_interval(rebalance_s))
         self._ray = ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
 
@@ -146,6 +149,10 @@ class ClusterBackend:
         self._lock = threading.RLock()
         self._place_lock = threading.Lock()
         self.closed = False
+        self._stop = threading.Event()
+        if rebalance_s is not None:
+            threading.Thread(target=self._rebalance_every, args=(rebalance_s,), name="djinn-rebalance",
+                             daemon=True).start()
 
     # calls to engines ------------------------------------------------------------------------------------
     def _get(self, engine: _Engine, ref: Any) -> Any:
@@ -518,6 +525,43 @@ class ClusterBackend:
             self._load_on(chosen, spec)
         return chosen
 
+    # rebalancing -----------------------------------------------------------------------------------------
+    def rebalance(self) -> list[dict[str, object]]:
+        """One pass of placement.rebalance: sessions that can move (idle or paused, no call in flight) leave an
+        engine whose sessions hold more than its budget for one with room (``migrate``, exact). The moves made;
+        a session that became busy meanwhile is skipped. ``connect_cluster(rebalance_s=...)`` runs it on a timer."""
+        live = self._live()
+        refs = [(e, e.actor.load.remote()) for e in live]
+        engines, sessions = [], []
+        for engine, ref in refs:
+            try:
+                info = self._get(engine, ref)
+            except DjinnError:
+                continue  # died or did not answer: it neither gives nor takes sessions in this pass
+            engines.append(EngineLoad(engine.index, info["budget"]))
+            with self._lock:
+                mine = {(p.local): (gid, p) for gid, p in self._sessions.items() if p.engine is engine}
+            for local, held in info["held"].items():
+                if local in mine:
+                    gid, placed = mine[local]
+                    movable = info["states"][local] in ("idle", "paused", "paged") and not placed.calls
+                    sessions.append(SessionLoad(gid, engine.index, held, movable))
+        moved = []
+        for gid, target in rebalance(engines, sessions):
+            try:
+                moved.append(self.migrate(gid, engine=target))
+            except (SessionBusyError, SessionClosedError, EngineLostError):
+                continue  # busy, closed or lost since the loads were read
+        return moved
+
+    def _rebalance_every(self, seconds: float) -> None:
+        """The timer behind ``rebalance_s``: a pass every ``seconds`` until ``shutdown``."""
+        while not self._stop.wait(seconds):
+            try:
+                self.rebalance()
+            except DjinnError:
+                continue  # e.g. every engine died: the next pass tries again
+
     # the cluster -----------------------------------------------------------------------------------------
     def engines(self) -> list[dict[str, object]]:
         """Each engine (GPU): where it runs, whether it is alive, its resident models, its sessions and memory."""
@@ -556,6 +600,7 @@ class ClusterBackend:
         if self.closed:
             return
         self.closed = True
+        self._stop.set()
         refs = [(e, e.actor.call.remote("shutdown")) for e in self._live()]
         for engine, ref in refs:
             try:
@@ -570,6 +615,14 @@ class ClusterBackend:
     def __repr__(self) -> str:
         alive = len(self._live())
         return f"<djinn ClusterBackend: {alive}/{len(self._engines)} engines alive, {len(self._sessions)} sessions>"
+
+
+def _bad_interval(rebalance_s: object) -> str | None:
+    """Why ``rebalance_s`` is refused, or None when it is fine (None: no timer)."""
+    if rebalance_s is None or (isinstance(rebalance_s, (int, float)) and not isinstance(rebalance_s, bool)
+                               and 0 < rebalance_s < float("inf")):
+        return None
+    return f"rebalance_s must be None or a positive number of seconds, not {rebalance_s!r}"
 
 
 def _session_op(op: str) -> Any:
@@ -603,6 +656,7 @@ def connect_cluster(
     session_tokens: int = DEFAULT_SESSION_TOKENS,
     max_concurrency: int = 64,
     max_restarts: int = 3,
+    rebalance_s: float | None = 5.0,
     ray_options: dict[str, Any] | None = None,
     start_timeout: float = 300.0,
 ) -> ClusterBackend:
@@ -611,7 +665,9 @@ def connect_cluster(
     ``resource``. ``resource``: ``"GPU"`` (each engine takes one GPU), or a custom resource name that stands for
     GPUs (the CPU test cluster). ``engine_options``: each ``Engine``'s keyword arguments, plus ``gpu_memory`` and
     ``host_memory`` (worker.py). ``max_restarts``: how many times Ray restarts an engine whose process died (it
-    comes back empty; its sessions are lost). ``ray_options``: more arguments for ``ray.init`` when it is called
+    comes back empty; its sessions are lost). ``rebalance_s``: how often sessions are moved off an engine whose
+    sessions hold more than its budget to one with room (``ClusterBackend.rebalance``; None: by hand only).
+    ``ray_options``: more arguments for ``ray.init`` when it is called
     here.
 
     Pass the result as ``backend=`` (``djinn_kernel.load("tiny-llama", backend=cluster)``); ``shutdown()`` stops
@@ -627,6 +683,8 @@ def connect_cluster(
     refusal = None
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         refusal = f"max_restarts must be an integer >= 0, not {max_restarts!r}"
+    elif _bad_interval(rebalance_s):
+        refusal = _bad_interval(rebalance_s)
     elif isinstance(count, bool) or not isinstance(count, int) or count < 1:
         refusal = f"the cluster has {have} {resource}; ask for a positive number of engines (one per {resource})"
     elif owns and count > have:  # a local Ray started here gets no more: the engines would wait start_timeout
@@ -642,4 +700,5 @@ def connect_cluster(
         max_concurrency=max_concurrency, max_restarts=max_restarts, max_task_retries=0, num_cpus=0, **placement
     )
     actors = [actor_class.remote(index, dict(engine_options or {})) for index in range(count)]
-    return ClusterBackend(ray, actors, session_tokens=session_tokens, owns_ray=owns, start_timeout=start_timeout)
+    return ClusterBackend(ray, actors, session_tokens=session_tokens, owns_ray=owns, start_timeout=start_timeout,
+                          rebalance_s=rebalance_s)

@@ -11,6 +11,12 @@ The policy (``place``), in order:
    headroom is asked to load it, and reports its own error when it cannot.
 Ties go to the engine with fewer sessions, then to the lower index. Dead engines never receive a session.
 
+Rebalancing (``rebalance``): an engine is under pressure when its sessions hold more bytes in all (on the device,
+paged to the host or spilled to disk: all of it comes back to the device to run) than its budget, so its memory
+manager pages them in and out. Sessions that can move (idle or paused, no call in flight) go from the engine most
+over its budget, largest first (fewest moves), to the engine with the most room left where they fit without
+putting it over, until the engine is within its budget or nothing fits elsewhere.
+
 Headroom counts every session at least ``need`` bytes (what one session is expected to take, e.g. its KV for a
 full context), or at what it holds on the device if that is more: a session opened but not yet run still takes
 its room, so a burst of new sessions spreads over the engines instead of piling onto one that looks empty.
@@ -76,3 +82,39 @@ def place(model: str, engines: Sequence[EngineLoad], need: int, weight_bytes: in
     if resident:
         return Placement(best(resident).index, load=False, rule=3)
     return Placement(best(others).index, load=True, rule=4)
+
+
+@dataclass(frozen=True)
+class SessionLoad:
+    """What rebalancing knows of one session: its engine, the bytes it holds in all, whether it can move now."""
+
+    sid: int
+    engine: int
+    held: int
+    movable: bool
+
+
+def rebalance(engines: Sequence[EngineLoad], sessions: Sequence[SessionLoad]) -> list[tuple[int, int]]:
+    """The moves, (session, target engine) in order, that relieve engines under pressure (module docstring).
+    ``engines``' budgets are the yardstick; their loads are recounted from ``sessions``' ``held`` bytes."""
+    live = {e.index: e for e in engines if e.alive}
+    held = {index: 0 for index in live}
+    for s in sessions:
+        if s.engine in held:
+            held[s.engine] += s.held
+    moves: list[tuple[int, int]] = []
+    for source in sorted(live, key=lambda i: live[i].budget - held[i]):
+        if held[source] <= live[source].budget:
+            break  # the rest are within their budgets
+        for s in sorted((s for s in sessions if s.engine == source and s.movable), key=lambda s: (-s.held, s.sid)):
+            if held[source] <= live[source].budget:
+                break
+            room = {i: live[i].budget - held[i] for i in live if i != source}
+            fits = [i for i, left in room.items() if left >= s.held]
+            if not fits:
+                continue
+            target = min(fits, key=lambda i: (-room[i], i))
+            moves.append((s.sid, target))
+            held[source] -= s.held
+            held[target] += s.held
+    return moves

@@ -82,12 +82,17 @@ class EngineWorker:
                 "paused_run": None if state["run"] is None else state["run"]["id"]}, state
 
     def load(self) -> dict[str, Any]:
-        """What placement needs (placement.EngineLoad): the budget, each session's device bytes, the models."""
+        """What placement needs (placement.EngineLoad): the budget, each session's device bytes, the models; and
+        what rebalancing needs (placement.SessionLoad): each session's bytes in all tiers and its state."""
         memory = self.engine.memory
+        sessions = self.engine.sessions()
         return {
             "budget": memory.budget,
             "weights_in_budget": memory.budget_from_free_memory,
-            "sessions": {s["id"]: max(s["memory"]["gpu_bytes"], s["memory"]["reserved"]) for s in self.engine.sessions()},
+            "sessions": {s["id"]: max(s["memory"]["gpu_bytes"], s["memory"]["reserved"]) for s in sessions},
+            "held": {s["id"]: sum(s["memory"].get(k, 0) for k in ("gpu_bytes", "host_bytes", "disk_bytes"))
+                     for s in sessions},
+            "states": {s["id"]: s["state"] for s in sessions},
             "models": [m["id"] for m in self.engine.models()],
         }
 
