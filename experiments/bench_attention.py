@@ -1,5 +1,8 @@
 """The decode attention kernel alone (kernels.attend) on long contexts: how fast it reads the KV cache against
-the HBM bandwidth, by batch rows, context length and split count, to choose ``split_count``.
+the HBM bandwidth, by batch rows, context length and split count, to choose ``split_count``; then the prefill
+attention kernel (kernels.attend_prompt) on three packed prompts, by blocks per iteration (``prompt_cells``:
+microseconds per layer and TFLOP/s of its causal attention, 4 x head_dim x heads multiply-adds per query and key
+it sees; compute-bound, so no bandwidth floor).
 
 Llama-2-7B attention shape (32 query and KV heads, head dim 128, bf16, 32-token blocks). Each cell captures 20
 calls of one layer's attention in a CUDA graph (as a decode step runs it) and replays it; the bytes are the K
@@ -20,6 +23,7 @@ import torch
 
 from djinn_kernel import kernels
 from djinn_kernel.kv_blocks import BlockKV, KVShape
+from djinn_kernel.runner import PROMPT_TILE
 
 HEADS, HEAD_DIM, LAYERS, LAYER = 32, 128, 4, 2
 CALLS = 20
@@ -39,24 +43,9 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * a.numel() * 10 / (time.perf_counter() - start)
 
 
-def cell(rows: int, context: int, splits: int, pages: int, device: torch.device) -> dict[str, float]:
-    shape = KVShape(LAYERS, HEADS, HEAD_DIM, torch.bfloat16, device)
-    kvs = []
-    for _ in range(rows):
-        kv = BlockKV(shape)
-        kv.ensure(context)
-        for block in kv.blocks:
-            block.normal_()
-        kv.length = context
-        kvs.append(kv)
-    width = max(len(kv.blocks) for kv in kvs)
-    ptrs = torch.zeros((rows, width), dtype=torch.long)
-    for r, kv in enumerate(kvs):
-        ptrs[r, : len(kv.blocks)] = torch.tensor(kv.pointers())
-    ptrs = ptrs.to(device)
-    lens = torch.full((rows,), context, dtype=torch.long, device=device)
-    q = torch.randn((rows, HEADS, HEAD_DIM), dtype=torch.bfloat16, device=device)
-    run = lambda: kernels.attend(q, ptrs, lens, LAYER, HEADS, shape.block_tokens, splits, pages)  # noqa: E731
+def graphed(run, device: torch.device) -> float:
+    """Seconds per call of ``run``: ``CALLS`` calls captured in a CUDA graph (as a step runs them), replayed; the
+    median of 5 replays after a warm one."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -74,10 +63,53 @@ def cell(rows: int, context: int, splits: int, pages: int, device: torch.device)
         graph.replay()
         torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) / CALLS)
-    seconds = sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2]
+
+
+def random_rows(lengths: list[int], device: torch.device) -> tuple[list[BlockKV], torch.Tensor]:
+    """Rows of random K/V of these lengths and their block table (keep the rows alive while it is used)."""
+    shape = KVShape(LAYERS, HEADS, HEAD_DIM, torch.bfloat16, device)
+    kvs = []
+    for length in lengths:
+        kv = BlockKV(shape)
+        kv.ensure(length)
+        for block in kv.blocks:
+            block.normal_()
+        kv.length = length
+        kvs.append(kv)
+    ptrs = torch.zeros((len(kvs), max(len(kv.blocks) for kv in kvs)), dtype=torch.long)
+    for r, kv in enumerate(kvs):
+        ptrs[r, : len(kv.blocks)] = torch.tensor(kv.pointers())
+    return kvs, ptrs.to(device)
+
+
+def cell(rows: int, context: int, splits: int, pages: int, device: torch.device) -> dict[str, float]:
+    kvs, ptrs = random_rows([context] * rows, device)
+    block = kvs[0].shape.block_tokens
+    lens = torch.full((rows,), context, dtype=torch.long, device=device)
+    q = torch.randn((rows, HEADS, HEAD_DIM), dtype=torch.bfloat16, device=device)
+    seconds = graphed(lambda: kernels.attend(q, ptrs, lens, LAYER, HEADS, block, splits, pages), device)
     nbytes = rows * context * 2 * HEADS * HEAD_DIM * 2
     return {"rows": rows, "context": context, "splits": splits, "pages": pages, "us": seconds * 1e6, "bytes": nbytes,
             "gb_s": nbytes / seconds / 1e9}
+
+
+PROMPTS = {  # name: the rows' (tokens held before, new tokens), packed into one prefill
+    "one 2,048-token prompt": [(0, 2048)],
+    "four rows of 512 new tokens after 1,000-1,700 held": [(1536, 512), (1400, 512), (1700, 512), (1000, 512)],
+    "eight 256-token prompts": [(0, 256)] * 8,
+}
+
+
+def prompt_cell(name: str, rows: list[tuple[int, int]], pages: int, device: torch.device) -> dict[str, object]:
+    kvs, ptrs = random_rows([start + count for start, count in rows], device)
+    starts, counts = [s for s, _ in rows], [c for _, c in rows]
+    tiles = torch.tensor(kernels.prompt_tiles(starts, counts, PROMPT_TILE), device=device)
+    q = torch.randn((1, HEADS, sum(counts), HEAD_DIM), dtype=torch.bfloat16, device=device)
+    block = kvs[0].shape.block_tokens
+    seconds = graphed(lambda: kernels.attend_prompt(q, ptrs, tiles, LAYER, HEADS, block, PROMPT_TILE, pages), device)
+    flops = sum(4 * HEAD_DIM * HEADS * (count * start + count * (count + 1) // 2) for start, count in rows)
+    return {"prompt": name, "rows": rows, "pages": pages, "us": seconds * 1e6, "tflop_s": flops / seconds / 1e12}
 
 
 def main() -> int:
@@ -87,6 +119,7 @@ def main() -> int:
     parser.add_argument("--contexts", default="256,2048")
     parser.add_argument("--splits", default="1,2,4,8,16")
     parser.add_argument("--pages", default="1,2,4")
+    parser.add_argument("--prompt-pages", default="1,2,4", help="blocks per iteration of the prefill cells")
     args = parser.parse_args()
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
@@ -102,10 +135,17 @@ def main() -> int:
                 print(f"rows {rows:>2} context {context:>5} splits {splits:>2} pages {pages}: {c['us']:7.1f} us "
                       f"{c['gb_s']:6.0f} GB/s {c['x_floor']:.2f}x floor", flush=True)
                 torch.cuda.empty_cache()
+    prompt_cells = []
+    for (name, rows), pages in itertools.product(PROMPTS.items(), map(int, args.prompt_pages.split(","))):
+        c = prompt_cell(name, rows, pages, device)
+        prompt_cells.append(c)
+        print(f"prefill {name}, pages {pages}: {c['us']:7.1f} us {c['tflop_s']:6.1f} TFLOP/s", flush=True)
+        torch.cuda.empty_cache()
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "copy_bandwidth_gb_s": bandwidth / 1e9,
               "shape": {"heads": HEADS, "kv_heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
-                        "block_tokens": 32}, "calls_per_graph": CALLS, "cells": cells}
+                        "block_tokens": 32}, "calls_per_graph": CALLS, "cells": cells,
+              "prompt_tile": PROMPT_TILE, "prompt_cells": prompt_cells}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
