@@ -637,7 +637,7 @@ class Engine(PauseOps):
         """Run the moved run again to the pause it stood at (executor.Replay); call with the session's lock held."""
         session._run_ids = itertools.count(moved["id"])
         answers = deque((Command(command), edited) for command, edited in moved["answers"])
-        replay = Replay(answers, PauseState(**moved["pause"]))
+        replay = Replay(answers, PauseState(**moved["pause"]), list(moved["kv_edits"]))
         try:
             self._launch(session, list(moved["prompt_ids"]), context.cached_length(session.cache),
                          moved["max_new_tokens"], Sampling(**moved["sampling"]), moved["keep_logits"], replay)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import context
 from .breakpoints import Breakpoint
 from .conditions import Probe, fires, lens_top1
 from .decode import Sampling, decode
@@ -105,14 +106,31 @@ Answer = tuple[Command, "torch.Tensor | None"]  # how a pause was resumed, and i
 
 
 @dataclass
+class KVEdit:
+    """A KV write made at a pause (inspection.edit_kv), journaled for a replay (CPU copies; None: not written):
+    the new keys/values at ``positions`` of ``layer``, and what they replaced (a move exports the K/V as it was
+    when the run began)."""
+
+    pause: int
+    layer: int
+    positions: list[int]
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
+    old_keys: torch.Tensor | None
+    old_values: torch.Tensor | None
+
+
+@dataclass
 class Replay:
     """How a paused run moved from another engine gets back to its pause (migration.py): it runs again from its
     start and, instead of stopping, answers its earlier pauses as the user did there (``answers``: the same
-    commands, the same edited activations), then stops at the pause it stood at (``at``), showing that pause's
-    activations as they were there, edits included."""
+    commands, the same edited activations; ``kv_edits``: the same KV writes, at the pause they were made), then
+    stops at the pause it stood at (``at``), showing that pause's activations as they were there, edits included,
+    and its KV as edited there."""
 
     answers: deque[Answer]
     at: PauseState
+    kv_edits: list[KVEdit]
 
     def arrive(self, pause: PauseState) -> PauseState:
         """The pause the replay reached, checked against the one it must reach, with the source's activations."""
@@ -214,7 +232,7 @@ class Run:
         self.answers: list[Answer] = []  # every pause's answer so far: what a migration replays (Replay)
         self.replay: Replay | None = None  # set on a run moved here paused, until it stands at that pause again
         self.started: tuple[object, dict[int, int]] | None = None  # migration.start_of(session) when it began
-        self.kv_edited = False  # a pause wrote this run's KV (inspection.edit_kv): no replay can repeat it
+        self.kv_edits: list[KVEdit] = []  # KV writes made at its pauses (inspection.edit_kv): a replay repeats them
         self._pauses = itertools.count(1)
         self._tops: dict[int, int | None] = {}  # breakpoint id -> the lens's top token there at the last step
         self._stepping = False
@@ -319,6 +337,7 @@ class Run:
         pause = PauseState(next(self._pauses), path, layer, side, self.token_step, reason, ids, value, value)
         replay = self.replay
         if replay is not None and replay.answers:  # a pause passed before the move: answered as it was there
+            self._write_kv(replay, pause.number)
             command, edited = replay.answers.popleft()
             if edited is not None:
                 pause.current, pause.edits = edited.to(value.device), 1
@@ -326,6 +345,7 @@ class Run:
             if replay is not None:
                 self.replay = None
                 pause = replay.arrive(pause)
+                self._write_kv(replay, pause.number)
             command = self.handoff.pause(pause)
         if command is Command.ABORT:
             raise Aborted
@@ -333,6 +353,15 @@ class Run:
         self._stepping = command is Command.STEP
         self._finishing = command is Command.FINISH
         return pause.current if pause.edits else None
+
+    def _write_kv(self, replay: Replay, number: int) -> None:
+        """Repeat the KV writes made at pause ``number`` before the move (and journal them here in turn)."""
+        for edit in [e for e in replay.kv_edits if e.pause == number]:
+            device = context.kv_shape(self.cache, edit.layer)[3]
+            keys, values = (None if t is None else t.to(device) for t in (edit.keys, edit.values))
+            with torch.inference_mode():
+                context.write_kv(self.cache, edit.layer, edit.positions, keys, values)
+            self.kv_edits.append(edit)
 
     # driver side -----------------------------------------------------------------------------------------
     def move(self, to: RunState, pause: PauseState | None = None, error: BaseException | None = None) -> None:

@@ -17,6 +17,7 @@ from . import context
 from .attention import attention_weights
 from .edits import Edit, check_positions, check_tensor
 from .errors import InvalidArgumentError, InvalidTargetError
+from .executor import KVEdit
 
 if TYPE_CHECKING:
     from .executor import PauseState, Run
@@ -93,9 +94,13 @@ class PauseOps:
                 name: None if t is None else check_tensor(t, like=like, what=name)
                 for name, t in (("keys", keys), ("values", values))
             }
+            old_keys, old_values = (t[:, where].to("cpu", copy=True) for t in context.read_kv(
+                run.cache, index, held, session.model.model.config))
             with torch.inference_mode():
                 context.write_kv(run.cache, index, where, checked["keys"], checked["values"])
-            run.kv_edited = True
+            host = {name: None if t is None else t.detach().to("cpu", copy=True) for name, t in checked.items()}
+            run.kv_edits.append(KVEdit(pause.number, index, list(where), host["keys"], host["values"],
+                                       old_keys if keys is not None else None, old_values if values is not None else None))
             return {"layer": index, "positions": where, "keys": keys is not None, "values": values is not None}
 
     def attention(self, sid: int) -> torch.Tensor:

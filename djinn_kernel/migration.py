@@ -82,11 +82,6 @@ def export_state(session: SessionState, run: Run | None = None) -> dict[str, Any
                 f"changed since it began, and a replay of it elsewhere would not pass where it passed here; finish "
                 f"or cancel the run, then migrate"
             )
-        if run.kv_edited:
-            raise SessionBusyError(
-                f"run {run.id} cannot move while paused: a pause edited its KV, which a replay of it elsewhere "
-                f"would compute afresh; finish or cancel the run, then migrate"
-            )
     cache = session.cache
     length = context.cached_length(cache) if run is None else run.context_length
     layers = len(context.layer_lengths(cache))
@@ -102,6 +97,12 @@ def export_state(session: SessionState, run: Run | None = None) -> dict[str, Any
             k, v = context.read_kv(cache, layer, length, session.model.model.config)
             keys.append(k if k.device.type == "cpu" else _host(k))
             values.append(v if v.device.type == "cpu" else _host(v))
+        for edit in reversed([] if run is None else run.kv_edits):  # the K/V as it was when the run began
+            for i, position in enumerate(edit.positions):
+                if position < length:
+                    for held, old in ((keys, edit.old_keys), (values, edit.old_values)):
+                        if old is not None:
+                            held[edit.layer][:, position] = old[:, i]
         kv = {"kind": "blocks" if isinstance(cache, BlockKV) else "module", "length": length, "keys": keys,
               "values": values}
     return {
@@ -129,6 +130,7 @@ def _run_state(run: Run) -> dict[str, Any]:
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "seed": sampling.seed},
         "keep_logits": run.keep_logits,
         "answers": [(command.value, edited) for command, edited in run.answers],
+        "kv_edits": list(run.kv_edits),
         "pause": {
             "number": pause.number, "path": pause.path, "layer": pause.layer, "side": pause.side,
             "token_step": pause.token_step, "reason": pause.reason, "breakpoint_ids": list(pause.breakpoint_ids),

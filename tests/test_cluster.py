@@ -190,17 +190,45 @@ def test_what_a_replay_could_not_repeat_is_refused_and_the_session_stays():
         session.steer(1, vector)
         with pytest.raises(SessionBusyError, match="changed since it began"):
             engine.export_session(session.id)  # the same edit again, but a new steering
-        run.finish()
-        session.unsteer()
-        session.break_at(2, tokens=0)
-        run = session.generate(" more", 3, fresh=False)
-        keys, _ = run.pause.kv(1)
-        run.pause.edit_kv(1, [0], keys=torch.zeros_like(keys[:, :1]))
-        with pytest.raises(SessionBusyError, match="a pause edited its KV"):
-            engine.export_session(session.id)
         assert run.finish().finished
     finally:
         engine.shutdown()
+
+
+def kv_edited_run(engine: Engine):
+    """A paused run whose KV was written at its first pause (a key zeroed) and at the one it stands at (a value)."""
+    session = dj.load("tiny-llama", backend=engine).session()
+    session.generate("Hello, world", 4)
+    session.break_at(1, tokens=1)
+    session.break_at(2, tokens=2)
+    run = session.generate(" and then", 5, fresh=False, keep_logits=True)
+    keys, _ = run.pause.kv(0)
+    run.pause.edit_kv(0, [0], keys=torch.zeros_like(keys[:, :1]))
+    run.resume()
+    assert (run.pause.layer, run.pause.token_step) == (2, 2)
+    _, values = run.pause.kv(1)
+    run.pause.edit_kv(1, [1], values=torch.zeros_like(values[:, :1]))
+    return session, run
+
+
+def test_kv_writes_made_at_pauses_move_with_the_run():
+    engines = [Engine(device="cpu", deterministic=True) for _ in range(3)]
+    source, target, alone = engines
+    try:
+        session, run = kv_edited_run(source)
+        _, twin = kv_edited_run(alone)
+        dj.load("tiny-llama", backend=target)
+        moved = target.import_session("tiny-llama", source.export_session(session.id))
+        assert torch.equal(target.kv(moved, 1)["values"], twin.pause.kv(1)[1])  # the write at this pause, too
+        assert torch.equal(target.kv(moved, 0)["keys"], twin.pause.kv(0)[0])
+        finished = target.resume(moved, "finish")
+        twin.finish()
+        assert finished["tokens"] == twin.tokens and torch.equal(target.run_logits(moved), twin.logits)
+        run.finish()  # the export left the source's KV as it was
+        assert run.tokens == twin.tokens and torch.equal(run.logits, twin.logits)
+    finally:
+        for engine in engines:
+            engine.shutdown()
 
 
 def test_migrate_on_a_single_engine_says_it_needs_a_cluster():
