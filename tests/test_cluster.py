@@ -94,6 +94,83 @@ def test_rebalancing_moves_the_largest_movable_sessions_off_an_engine_over_its_b
     assert rebalance([load(0), load(1, alive=False)], [SessionLoad(1, 0, 1500, True)]) == []
 
 
+# an engine's failures, with Ray stood in for (the Ray test below kills a real one) ---------------------------------
+class _Ref:
+    def __init__(self, answer):
+        self.answer = answer
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        return _Ref(lambda: self.fn(*args, **kwargs))
+
+
+class _FakeRay:
+    """ray.get / wait / kill over _Refs, answered at once."""
+
+    def get(self, ref, timeout=None):
+        return [r.answer() for r in ref] if isinstance(ref, list) else ref.answer()
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def kill(self, actor):
+        pass
+
+
+class _FakeActor:
+    """An engine actor whose next call fails with ``fail``; ``pid`` is its process (a restart changes it)."""
+
+    def __init__(self, index: int):
+        self.pid, self.fail = 100 + index, None
+        self.describe = _Method(lambda: {"index": index, "pid": self.pid, "node": "n", "device": "cpu"})
+        self.call = _Method(self._call)
+
+    def _call(self, op, *args, **kwargs):
+        if self.fail is not None:
+            exc, self.fail = self.fail, None
+            raise exc
+        return {"op": op}
+
+
+def test_a_call_lost_in_transit_is_an_error_a_restart_loses_the_sessions_and_a_death_is_for_good():
+    pytest.importorskip("ray")
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from djinn_kernel.cluster.backend import ClusterBackend, _Placed
+    from djinn_kernel.errors import DjinnError
+
+    actors = [_FakeActor(0), _FakeActor(1)]
+    backend = ClusterBackend(_FakeRay(), actors, rebalance_s=None)
+    gpu0, gpu1 = backend._engines
+    backend._sessions.update({1: _Placed(gpu0, 1, "m", "me"), 2: _Placed(gpu1, 1, "m", "me")})
+    gone = ActorUnavailableError("the actor is restarting", None)
+
+    actors[0].fail = gone  # the same process answers afterwards: nothing was lost
+    with pytest.raises(DjinnError, match="did not answer a call .* may or may not have run; .* intact") as transient:
+        backend._call(gpu0, "status")
+    assert not isinstance(transient.value, EngineLostError) and set(backend._sessions) == {1, 2}
+
+    actors[0].fail, actors[0].pid = gone, 200  # Ray restarted it: a new process, empty
+    with pytest.raises(EngineLostError, match=r"engine gpu0 \(pid 100, cpu\) died; its sessions \[1\]"):
+        backend._call(gpu0, "status")
+    assert gpu0.lost is None and gpu0.pid == 200 and set(backend._sessions) == {2}
+    with pytest.raises(EngineLostError, match="session 1 was on gpu0, which died"):
+        backend.describe_session(1)
+    assert backend._failed(gpu0, 100, gone).args[0].startswith("engine gpu0 (pid 100"), "a late failure of pid 100"
+    assert backend._call(gpu0, "status") == {"op": "status"}, "the restarted engine takes calls"
+
+    actors[1].fail = ActorDiedError()  # out of restarts: dead for good, its session lost
+    with pytest.raises(EngineLostError, match=r"engine gpu1 .* died; its sessions \[2\]"):
+        backend._call(gpu1, "status")
+    assert "Ray will not restart it" in gpu1.lost and backend._live() == [gpu0]
+    with pytest.raises(EngineLostError, match="will not restart"):
+        backend._call(gpu1, "status")
+
+
 # a session's state between engines, in-process ---------------------------------------------------------------
 FAST = pytest.mark.parametrize("fast", [False, True], ids=["module-path", "fast-path"])
 
