@@ -244,15 +244,21 @@ def test_a_paused_run_moves_and_finishes_bitwise_as_the_unmoved_one(fast):
         assert torch.equal(target.activation(moved), run.pause.activation)
         assert torch.equal(target.activation(moved, original=True), twin.pause.original)
         assert [bp["hits"] for bp in target.describe_session(moved)["breakpoints"]] == [1, 1]
-        finished = target.resume(moved, "finish")
-        twin.finish()
-        assert finished["tokens"] == twin.tokens and torch.equal(target.run_logits(moved), twin.logits)
+        finish_alike(target, moved, run, twin)
         assert target.describe_session(moved)["history_tokens"] == unmoved.status()["history_tokens"]
-        run.finish()  # the source's own run goes on as if nothing had happened
-        assert run.tokens == twin.tokens and torch.equal(run.logits, twin.logits)
     finally:
         for engine in engines:
             engine.shutdown()
+
+
+def finish_alike(target: Engine, moved: int, run, twin) -> None:
+    """The moved run (session ``moved`` on ``target``), its unmoved twin and the source's own run finish with the
+    same tokens and logits (the export left the source as it was)."""
+    finished = target.resume(moved, "finish")
+    twin.finish()
+    assert finished["tokens"] == twin.tokens and torch.equal(target.run_logits(moved), twin.logits)
+    run.finish()
+    assert run.tokens == twin.tokens and torch.equal(run.logits, twin.logits)
 
 
 def test_what_a_replay_could_not_repeat_is_refused_and_the_session_stays():
@@ -298,11 +304,7 @@ def test_kv_writes_made_at_pauses_move_with_the_run():
         moved = target.import_session("tiny-llama", source.export_session(session.id))
         assert torch.equal(target.kv(moved, 1)["values"], twin.pause.kv(1)[1])  # the write at this pause, too
         assert torch.equal(target.kv(moved, 0)["keys"], twin.pause.kv(0)[0])
-        finished = target.resume(moved, "finish")
-        twin.finish()
-        assert finished["tokens"] == twin.tokens and torch.equal(target.run_logits(moved), twin.logits)
-        run.finish()  # the export left the source's KV as it was
-        assert run.tokens == twin.tokens and torch.equal(run.logits, twin.logits)
+        finish_alike(target, moved, run, twin)
     finally:
         for engine in engines:
             engine.shutdown()

@@ -120,8 +120,9 @@ class ClusterBackend:
         its own (None: by hand only)."""
         if isinstance(session_tokens, bool) or not isinstance(session_tokens, int) or session_tokens < 1:
             raise InvalidArgumentError(f"session_tokens must be a positive integer, not {session_tokens!r}")
-        if _bad_interval(rebalance_s):
-            raise InvalidArgumentError(_bad_interval(rebalance_s))
+        refusal = _bad_interval(rebalance_s)
+        if refusal:
+            raise InvalidArgumentError(refusal)
         self._ray = ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
 
@@ -178,7 +179,7 @@ class ClusterBackend:
         """A call to process ``pid`` of ``engine`` found the actor gone: a death (handled once per process) or a
         call lost in transit (the same process answers again)."""
         if engine.pid != pid:  # another call already found this process dead
-            return EngineLostError(engine.deaths.get(pid, f"engine {engine.name} restarted during this call"))
+            return self._told(engine, pid)
         info = None
         if not isinstance(exc, self._died):  # restarting, or unreachable for a moment: who answers now?
             try:
@@ -187,7 +188,7 @@ class ClusterBackend:
                 pass
         with self._lock:
             if engine.pid != pid:
-                return EngineLostError(engine.deaths.get(pid, f"engine {engine.name} restarted during this call"))
+                return self._told(engine, pid)
             if info is not None and info["pid"] == pid:
                 return DjinnError(
                     f"engine {engine.name} did not answer a call ({type(exc).__name__}), which may or may not have "
@@ -211,6 +212,11 @@ class ClusterBackend:
                 engine.lost = death + "; Ray is restarting it"
                 engine.back = engine.actor.describe.remote()
             return EngineLostError(death)
+
+    @staticmethod
+    def _told(engine: _Engine, pid: int | None) -> EngineLostError:
+        """What the sessions of ``engine``'s process ``pid`` were told when it died."""
+        return EngineLostError(engine.deaths.get(pid, f"engine {engine.name} restarted during this call"))
 
     def _revived(self, engine: _Engine, info: dict[str, Any]) -> None:
         """``engine``'s actor answers again from a new process (call with ``_lock`` held)."""
@@ -252,19 +258,26 @@ class ClusterBackend:
         with self._lock:
             return [e for e in self._engines if e.lost is None]
 
-    def _loads(self, engines: list[_Engine]) -> list[EngineLoad]:
-        """Each live engine's load, from the engines themselves (one that died meanwhile is marked so)."""
+    def _load_infos(self, engines: list[_Engine]) -> list[tuple[_Engine, dict[str, Any] | None]]:
+        """Each engine's ``EngineWorker.load()``, asked of all at once; None for one that died or did not answer."""
         refs = [(e, e.actor.load.remote()) for e in engines]
-        loads = []
+        infos = []
         for engine, ref in refs:
             try:
-                info = self._get(engine, ref)
-            except DjinnError:  # died (or did not answer): no session goes there now
-                loads.append(EngineLoad(engine.index, 0, alive=False))
-                continue
-            loads.append(EngineLoad(engine.index, info["budget"], tuple(info["sessions"].values()),
-                                    frozenset(info["models"]), weights_in_budget=info["weights_in_budget"]))
-        return loads
+                infos.append((engine, self._get(engine, ref)))
+            except DjinnError:
+                infos.append((engine, None))
+        return infos
+
+    def _loads(self, engines: list[_Engine]) -> list[EngineLoad]:
+        """Each live engine's load, from the engines themselves (one that died meanwhile is marked so: no session
+        goes there now)."""
+        return [
+            EngineLoad(engine.index, 0, alive=False) if info is None else
+            EngineLoad(engine.index, info["budget"], tuple(info["sessions"].values()), frozenset(info["models"]),
+                       weights_in_budget=info["weights_in_budget"])
+            for engine, info in self._load_infos(engines)
+        ]
 
     # sessions: routing -------------------------------------------------------------------------------------
     def _enter(self, sid: object) -> _Placed:
@@ -530,17 +543,13 @@ class ClusterBackend:
         """One pass of placement.rebalance: sessions that can move (idle or paused, no call in flight) leave an
         engine whose sessions hold more than its budget for one with room (``migrate``, exact). The moves made;
         a session that became busy meanwhile is skipped. ``connect_cluster(rebalance_s=...)`` runs it on a timer."""
-        live = self._live()
-        refs = [(e, e.actor.load.remote()) for e in live]
         engines, sessions = [], []
-        for engine, ref in refs:
-            try:
-                info = self._get(engine, ref)
-            except DjinnError:
+        for engine, info in self._load_infos(self._live()):
+            if info is None:
                 continue  # died or did not answer: it neither gives nor takes sessions in this pass
             engines.append(EngineLoad(engine.index, info["budget"]))
             with self._lock:
-                mine = {(p.local): (gid, p) for gid, p in self._sessions.items() if p.engine is engine}
+                mine = {p.local: (gid, p) for gid, p in self._sessions.items() if p.engine is engine}
             for local, held in info["held"].items():
                 if local in mine:
                     gid, placed = mine[local]
@@ -680,11 +689,11 @@ def connect_cluster(
         owns = address is None
     have = int(ray.cluster_resources().get(resource, 0))
     count = have if engines is None else engines
-    refusal = None
+    refusal, interval = None, _bad_interval(rebalance_s)
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         refusal = f"max_restarts must be an integer >= 0, not {max_restarts!r}"
-    elif _bad_interval(rebalance_s):
-        refusal = _bad_interval(rebalance_s)
+    elif interval:
+        refusal = interval
     elif isinstance(count, bool) or not isinstance(count, int) or count < 1:
         refusal = f"the cluster has {have} {resource}; ask for a positive number of engines (one per {resource})"
     elif owns and count > have:  # a local Ray started here gets no more: the engines would wait start_timeout
