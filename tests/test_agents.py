@@ -259,14 +259,30 @@ def test_cli_takes_a_policy():
     assert build_parser().parse_args(["serve"]).policy == "lru"
 
 
-def test_experiment_1_small_runs_on_the_cpu(tmp_path):
+def test_experiment_1_small_runs_on_the_cpu_in_two_parts(tmp_path):
+    """The sweep stops after a count and a second process finishes it (the device tool's calls are 10 minutes):
+    one target, every count's cells from one process, the exactness check at the end; other options are refused."""
     out = tmp_path / "exp1_small.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "experiments")])}
-    done = subprocess.run([sys.executable, str(ROOT / "experiments/exp1_agents/run.py"), "--small", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "experiments/exp1_agents/run.py"), "--small", *args],
+                              env=env, capture_output=True, text=True, timeout=240)
+
+    first = run("--out", str(out), "--until", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    opened = json.loads(out.read_text())
+    assert not opened["complete"] and opened["counts_done"] == [1, 2] and "exactness_check" not in opened
+    refused = run("--resume", str(out), "--arrival-rate", "3")
+    assert refused.returncode != 0 and "other options (arrival_rate" in refused.stderr
+    second = run("--resume", str(out))
+    assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["complete"] and set(result["max_agents_at_target"]) == {"hold", "lru", "signal", "signal-keep-short"}
+    assert result["complete"] and result["counts_done"] == [1, 2, 4] and result["target_s"] == opened["target_s"]
+    assert [part["counts"] for part in result["parts"]] == [[1, 2], [4]] and "uncontended" in result["parts"][1]
+    assert {c["agents"] for c in result["cells"]} == {1, 2, 4}
+    assert set(result["max_agents_at_target"]) == {"hold", "lru", "signal", "signal-keep-short"}
     assert result["corrupted_rounds"] == 0 and result["failed_rounds"] == 0
     assert {"density_ratio_vs_hold", "density_ratio_vs_lru", "rounds", "counts"} <= set(result)
     assert all(c["repeats"] == 1 for c in result["counts"])
+    assert "nothing to resume" in run("--resume", str(out)).stderr

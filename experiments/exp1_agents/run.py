@@ -26,7 +26,9 @@ Tool waits are uniform 1-10 s (the issue's example is 2-20 s; halved so that the
 call), with three rounds per agent; the JSON says so. With waits ten times shorter (0.2-2 s) the sweep measured
 compute contention rather than memory: agents spent most of their time generating, so holding their KV cost little.
 Progress goes to stdout with timestamps, and the JSON at ``--out`` is rewritten after every cell (``complete``
-is false until the end).
+is false until the end). A sweep longer than one call of the device tool (10 minutes) runs in parts: ``--until N``
+stops after count N and leaves the run open; ``--resume JSON`` continues it in a new process, with the same
+model, agents, budget and target, and its own uncontended pass recorded beside the first's.
 
     PYTHONPATH=$PWD:$PWD/experiments python3 experiments/exp1_agents/run.py --out $OUT/exp1_h200.json   # GPU
     PYTHONPATH=$PWD:$PWD/experiments python3 experiments/exp1_agents/run.py --small --out /tmp/exp1.json  # CPU
@@ -406,17 +408,25 @@ def uncontended(engine: Engine, model: Model, agent_scripts: list[AgentScript], 
 
 
 def sweep(engine: Engine, model: Model, cfg: Config, seed: int, vocab: int, target_s: float, results: Results,
-          cuda: bool) -> None:
+          cuda: bool, until: int | None) -> bool:
+    """The counts not yet done (a resumed run did some), up to ``until``; True when no count is left."""
+    cells, rows, done = results.data["cells"], results.data["rounds"], results.data["counts_done"]
     misses = {p: 0 for p in POLICIES}
-    cells, rows = results.data["cells"], results.data["rounds"]
+    for entry in sorted(results.data["counts"], key=lambda c: c["agents"]):
+        misses[entry["policy"]] = 0 if entry["meets_target"] else misses[entry["policy"]] + 1
     pool = scripts(seed, max(cfg.counts), vocab, cfg.prompt_tokens, rounds=cfg.rounds, new_tokens=cfg.new_tokens,
                    tool_s=cfg.tool_s, result_tokens=cfg.result_tokens)
     for count in cfg.counts:
+        if count in done:
+            continue
+        if until is not None and count > until:
+            log(f"left open before {count} agents (--until {until}): continue with --resume")
+            return False
         for repeat in range(cfg.repeats):
             if time.monotonic() - START > cfg.deadline_s:
                 results.data["sweep_cut_off"] = f"deadline {cfg.deadline_s:.0f} s reached before {count} agents"
                 log(results.data["sweep_cut_off"])
-                return
+                return True
             offsets = poisson_offsets(random.Random(seed + count + 1000 * repeat), count, count / cfg.arrival_rate)
             for policy in POLICIES:
                 if misses[policy] < 2:
@@ -428,7 +438,10 @@ def sweep(engine: Engine, model: Model, cfg: Config, seed: int, vocab: int, targ
                 entry = pooled(cells, rows, policy, count, target_s)
                 results.data["counts"].append(entry)
                 misses[policy] = 0 if entry["meets_target"] else misses[policy] + 1
+        done.append(count)
+        results.data["parts"][-1]["counts"].append(count)
         results.write()
+    return True
 
 
 def cell(engine: Engine, model: Model, agents: list[AgentScript], offsets: list[float], policy: str, repeat: int,
@@ -550,6 +563,32 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def resumed(path: str, out: str, base: dict) -> Results:
+    """The open run in ``path``, to continue. Its mode, seed and config must be this run's (the counts too: the
+    budget is counted from the largest agent); cells of a count it did not finish are dropped, and that count runs
+    again, so every count's cells come from one process."""
+    data = json.loads(Path(path).read_text())
+    if data.get("complete"):
+        raise SystemExit(f"{path} is a complete run: nothing to resume")
+    if "counts_done" not in data or "target_s" not in data:
+        raise SystemExit(f"{path} cannot be resumed (written before its target was measured, or by an older "
+                         f"script): start a new run")
+
+    def comparable(config: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "deadline_s"}
+
+    differs = sorted(k for k in {"mode", "seed"} if data.get(k) != base[k])
+    mine, theirs = comparable(base["config"]), comparable(data["config"])
+    differs += sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if differs:
+        raise SystemExit(f"{path} was run with other options ({', '.join(differs)}): resume with the same ones")
+    done = set(data["counts_done"])
+    data["cells"] = [c for c in data["cells"] if c["agents"] in done]
+    data["rounds"] = [r for r in data["rounds"] if r["agents"] in done]
+    log(f"resuming {path}: counts done {sorted(done)}, target {data['target_s']:.3f} s")
+    return Results(out, data)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="result JSON (rewritten as the run goes)")
@@ -561,6 +600,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-control", action="store_true",
                     help=f"skip the {CONTROL} cell at each count (hold with room for every agent: compute alone)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds of script time after which no cell starts")
+    ap.add_argument("--until", type=int, default=None,
+                    help="sweep the counts up to this one, then leave the run open (no exactness check) for --resume")
+    ap.add_argument("--resume", default=None, metavar="JSON",
+                    help="continue the open run in JSON (same options): its target, the counts it has not done, "
+                         "then the exactness check; --out defaults to JSON")
     return ap.parse_args()
 
 
@@ -585,7 +629,7 @@ def main() -> int:
         cfg = replace(cfg, control=False)
     import transformers
 
-    results = Results(args.out, {
+    header = {
         "experiment": "issue 10, experiment 1: agent density at a latency target (experiments/exp1_agents/run.py)",
         "mode": "small" if small else "full",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -615,9 +659,13 @@ def main() -> int:
                                                "(lru's); per policy in density_ratios",
             "corrupted_rounds": "rounds whose tokens differ from the same agent run alone (deterministic engine)",
             "failed_rounds": "rounds that raised or did not finish, in the sweep and in the exactness check",
+            "parts": "the processes that ran the sweep (one, or more with --until and --resume): each one's date, "
+                     "machine, counts, and (after the first) its own uncontended pass; the target is the first's",
         },
-        "cells": [], "rounds": [], "counts": [],
-    })
+        "seed": args.seed, "cells": [], "rounds": [], "counts": [], "counts_done": [], "parts": [],
+    }
+    results = resumed(args.resume, args.out or args.resume, header) if args.resume else Results(args.out, header)
+    results.data["parts"].append({"date_utc": header["date_utc"], "environment": header["environment"], "counts": []})
     results.write()
 
     net, shape = build_model(small, device, args.seed, dtype=torch.float32 if small else torch.bfloat16)
@@ -640,28 +688,39 @@ def main() -> int:
     prompt_room = admission_room(engine, MODEL, pool, fast=True)
     budget = engine.memory.budget = budget + prompt_room
     log(f"plus {prompt_room / GiB:.3f} GiB: the activations of the longest prompt, which admission reserves with its KV")
-    results.data["memory"] = {"session_budget_bytes": budget, "agent_peak_kv_bytes": agent_peak,
-                              "prompt_activation_bytes": prompt_room,
-                              "kv_bytes_per_token": model.info["kv_bytes_per_token"],
-                              "hold_capacity_agents": cfg.budget_agents, "fast_path": model.info["fast_path"]}
+    memory = {"session_budget_bytes": budget, "agent_peak_kv_bytes": agent_peak, "prompt_activation_bytes": prompt_room,
+              "kv_bytes_per_token": model.info["kv_bytes_per_token"], "hold_capacity_agents": cfg.budget_agents,
+              "fast_path": model.info["fast_path"]}
+    if args.resume and memory != results.data["memory"]:
+        raise SystemExit(f"the memory set-up differs from the resumed run's ({memory} against "
+                         f"{results.data['memory']}): resume with the same options, on the same kind of GPU")
+    results.data["memory"] = memory
     log(f"registered (fast path {model.info['fast_path']}); warming up with one agent")
     run_agents(engine, model, [without_waits(pool[0])], [0.0], cfg.cell_timeout_s)
 
     alone = [without_waits(s) for s in pool[: cfg.uncontended_agents]]
     cold = uncontended(engine, model, alone, cfg)
     base = uncontended(engine, model, alone, cfg)
-    target_s = 2 * base["p99_s"]
-    results.data.update(uncontended_cold=cold, uncontended=base, target_s=target_s)
     log(f"uncontended, first pass (new prompt lengths compile kernels): {cold}")
-    log(f"uncontended: {base}; target p99 <= {target_s:.3f} s")
+    if args.resume:
+        target_s = results.data["target_s"]
+        results.data["parts"][-1].update(uncontended_cold=cold, uncontended=base)
+        log(f"uncontended here: {base}; the resumed run's target {target_s:.3f} s (its uncontended p99 "
+            f"{results.data['uncontended']['p99_s']:.3f} s against {base['p99_s']:.3f} s here)")
+    else:
+        target_s = 2 * base["p99_s"]
+        results.data.update(uncontended_cold=cold, uncontended=base, target_s=target_s)
+        log(f"uncontended: {base}; target p99 <= {target_s:.3f} s")
     results.write()
 
-    sweep(engine, model, cfg, args.seed, vocab, target_s, results, cuda)
+    finished = sweep(engine, model, cfg, args.seed, vocab, target_s, results, cuda, args.until)
     engine.shutdown()
     del engine, model, net
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+    if not finished:
+        return 0
 
     exactness(device, cfg, args.seed, small, results)
 
