@@ -122,6 +122,15 @@ def resolve_target(model: nn.Module, anatomy: Anatomy, target: int | str) -> str
     if target.isdigit() or (target.startswith("-") and target[1:].isdigit()):
         return resolve_target(model, anatomy, int(target))
     if _get(model, target) is None or target == "":
+        parts = target.split(".")
+        for depth in range(1, len(parts)):
+            outer = ".".join(parts[:depth])
+            where = getattr(_get(model, outer), "runs_elsewhere", None)  # e.g. split.RemoteLayer
+            if where:
+                raise InvalidTargetError(
+                    f"module path {target!r} is inside {outer}, which runs on {where}: break, steer or record at "
+                    f"{outer} itself (its input or output)"
+                )
         hint = _closest_paths(model, target)
         raise InvalidTargetError(
             f"module path {target!r} does not exist in this model"

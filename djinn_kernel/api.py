@@ -92,10 +92,22 @@ def status(backend: Any = None) -> dict[str, Any]:
     return (backend if backend is not None else default_backend()).status()
 
 
-def load(name: str, *, dtype: str = "auto", backend: Any = None) -> Model:
-    """Load a model by built-in name, folder or cached hub id, once per backend, and return a handle to it."""
+def load(name: str, *, dtype: str = "auto", split_at: int | None = None, backend: Any = None) -> Model:
+    """Load a model by built-in name, folder or cached hub id, once per backend, and return a handle to it.
+
+    ``split_at``: on a cluster, split the model by layer over two engines (GPUs), for a model larger than one
+    GPU: decoder layers ``0 .. split_at - 1`` on one, the rest and the sessions on the other (docs/cluster.md).
+    Breakpoints, edits, steering and recordings at any decoder layer's input or output work as on a whole model."""
     backend = backend if backend is not None else default_backend()
-    return Model(backend, backend.load_model(name, dtype=dtype))
+    if split_at is None:
+        return Model(backend, backend.load_model(name, dtype=dtype))
+    if not callable(getattr(type(backend), "load_split", None)):
+        raise InvalidArgumentError(
+            "this backend runs one engine in process, so no other can serve part of the layers; splitting a model "
+            "by layer needs a cluster backend (djinn_kernel.cluster.connect_cluster(), or a daemon started with "
+            "djinn serve --ray --engines 2 or more)"
+        )
+    return Model(backend, backend.load_split(name, split_at, dtype))
 
 
 POLL_INTERVAL = 0.05  # how often a streaming call reads the run's tokens (seconds)

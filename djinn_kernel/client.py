@@ -156,6 +156,11 @@ class DaemonClient:
         the backend's class, since only a cluster has it in process."""
         return self.call("migrate", sid, engine)
 
+    def load_split(self, name: str, split_at: int, dtype: str = "auto") -> Any:
+        """Load a model split by layer over two engines of a cluster daemon; a daemon serving one engine refuses
+        it. A method of its own for the same reason as ``migrate``."""
+        return self.call("load_split", name, split_at, dtype)
+
     def call(self, op: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Send one request and wait for its reply; a Djinn error in the daemon is raised here, same type."""
         header = {"op": op, "args": bind_args(op, args, kwargs)}

@@ -1,6 +1,6 @@
 """The GPU-owning daemon: one engine, many clients over ZeroMQ. The engine is an ``Engine``, or with `djinn serve
 --ray` a cluster backend (djinn_kernel/cluster) with the same methods, one engine per GPU behind it; the ops only
-a cluster has (``CLUSTER_OPS``: ``migrate``) are refused by name when the engine lacks them.
+a cluster has (``CLUSTER_OPS``: ``migrate``, ``load_split``) are refused by name when the engine lacks them.
 
 Threads:
 - The IO thread owns the sockets: one ROUTER for the local ``ipc://`` endpoint and one, CURVE-encrypted, for
@@ -315,7 +315,8 @@ class Daemon:
         if method is None:
             if op in CLUSTER_OPS:
                 raise InvalidArgumentError(
-                    f"{op}: this daemon serves one engine; migration needs a daemon started with djinn serve --ray"
+                    f"{op}: this daemon serves one engine; {CLUSTER_OPS[op]} needs a daemon started with djinn serve "
+                    f"--ray"
                 )
             raise InvalidArgumentError(f"this daemon's engine has no operation {op!r}")
         return method(**args)

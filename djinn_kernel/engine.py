@@ -35,7 +35,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import conditions, context, migration, models, prefill
+from . import conditions, context, hooks, migration, models, prefill, split
 from .anatomy import resolve_target
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
@@ -185,16 +185,64 @@ class Engine(PauseOps):
 
         Without a tokenizer, prompts must be token-id lists and runs report no text.
         """
+        return self._register_new(name, models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code"))
+
+    def register_split(
+        self, name: str, model: nn.Module, remote: range, stage: split.Stage, tokenizer: object = None,
+        eos_ids: tuple[int, ...] = (),
+    ) -> dict[str, object]:
+        """Serve ``model`` with its decoder layers in ``remote`` run by ``stage``, another engine that serves
+        them (``register_stage`` there): sessions live here, and those layers' weights and KV live there
+        (split.py). Runs take the module path."""
+        split.cut_for_host(model, remote)
+        source = models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code, split")
+        return self._register_new(name, source, stage=stage)
+
+    def register_stage(self, name: str, model: nn.Module, served: range) -> dict[str, object]:
+        """Serve the decoder layers in ``served`` of ``model`` for a split model's host (``register_split`` on
+        the engine that holds its sessions); the other layers' weights are dropped here."""
+        split.cut_for_stage(model, served)
+        return self._register_new(name, models.ModelSource(model.eval(), None, False, (), "in code, stage"), fast=False)
+
+    def serve_split(self, name: str, split_at: int, stage: split.Stage, dtype: str = "auto") -> dict[str, object]:
+        """Load ``name`` as the host of a split: its first ``split_at`` decoder layers run on ``stage``, which
+        serves them (``serve_stage`` there, same arguments). Its id is ``split.host_id(name, split_at)``."""
+        model_id = split.host_id(name, split_at)
+        with self._lock:
+            if model_id in self._models:
+                return self._models[model_id].describe()
+        source = models.resolve(name, dtype=models.parse_dtype(dtype), progress=self._progress)
+        split.cut_for_host(source.model, range(0, split.check_at(source.model, split_at)))
+        return self._register_new(model_id, replace(source, source=f"{source.source}, split"), stage=stage)
+
+    def serve_stage(self, name: str, split_at: int, dtype: str = "auto") -> dict[str, object]:
+        """Load the first ``split_at`` decoder layers of ``name`` for a split's host (``serve_split``); its id is
+        ``split.stage_id(name, split_at)``."""
+        model_id = split.stage_id(name, split_at)
+        with self._lock:
+            if model_id in self._models:
+                return self._models[model_id].describe()
+        source = models.resolve(name, dtype=models.parse_dtype(dtype), progress=self._progress)
+        split.cut_for_stage(source.model, range(0, split.check_at(source.model, split_at)))
+        return self._register_new(model_id, replace(source, source=f"{source.source}, stage"), fast=False)
+
+    def _register_new(
+        self, name: str, source: models.ModelSource, fast: bool | None = None, stage: split.Stage | None = None
+    ) -> dict[str, object]:
+        """Serve ``source`` as ``name``, which must be new; a split's host or stage takes the module path."""
         with self._load_lock:
             if name in self._models:
                 raise InvalidArgumentError(f"a model named {name!r} is already loaded; pick another name")
-            return self._register(name, models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code"))
+            return self._register(name, source, fast=False if stage is not None else fast, stage=stage)
 
-    def _register(self, name: str, source: models.ModelSource) -> dict[str, object]:
+    def _register(
+        self, name: str, source: models.ModelSource, fast: bool | None = None, stage: split.Stage | None = None
+    ) -> dict[str, object]:
         loaded = prepare(
-            name, source, self.device, fast=self.fast, weight_budget=self.weight_memory, ring_slots=self.ring_slots,
-            prefill_chunk=self.prefill_chunk,
+            name, source, self.device, fast=self.fast if fast is None else fast, weight_budget=self.weight_memory,
+            ring_slots=self.ring_slots, prefill_chunk=self.prefill_chunk,
         )
+        loaded.stage = stage
         if loaded.ring is not None and self._progress is not None:
             plan = loaded.ring.plan
             self._progress(
@@ -248,9 +296,10 @@ class Engine(PauseOps):
     # sessions -------------------------------------------------------------------------------------------
     def open_session(self, model_id: str, owner: str = "local") -> int:
         loaded = self._model(model_id)
+        stage = None if loaded.stage is None else loaded.stage.open()
         with self._lock:
             sid = next(self._session_ids)
-            session = SessionState(sid, owner, loaded, self.memory)
+            session = SessionState(sid, owner, loaded, self.memory, stage=stage)
             self._sessions[sid] = session
             self.memory.register(sid, session.gpu_tensors)
         return sid
@@ -279,6 +328,11 @@ class Engine(PauseOps):
                 self._sessions.pop(sid, None)
             self.memory.release(sid)
         session.worker.close()
+        if session.stage is not None:
+            try:
+                session.model.stage.close(session.stage)
+            except SessionClosedError:
+                pass  # the stage closed it already (its engine shut down first)
 
     def sessions(self, owner: str | None = None) -> list[dict[str, object]]:
         with self._lock:
@@ -551,6 +605,8 @@ class Engine(PauseOps):
             session.cache = context.for_fast_path(session.cache, loaded.scheduler.runner.shape)
         else:
             session.cache = context.for_module_path(session.cache, loaded.model.config)
+            if session.stage is not None:
+                split.attach(session.cache, loaded.stage, session.stage)
         if session.run is not None and session.run.recorder is not None:
             session.run.recorder.free()
         recordings = list(session.recordings.values())
@@ -590,6 +646,7 @@ class Engine(PauseOps):
         """A new session of the same client with a copy of this one's history and KV (no breakpoints, no
         steering: it is free to differ). The source must not have a live run."""
         source = self._session(sid)
+        self._unsplit(source, "forked")
         with source.lock:
             self._idle(source, "fork it")
             with self.memory.resident(sid):
@@ -605,6 +662,7 @@ class Engine(PauseOps):
         session itself is left as it was. An idle session or one whose run is paused (the run moves along and is
         replayed there to the same pause); a running run is refused."""
         session = self._session(sid)
+        self._unsplit(session, "moved to another engine")
         with session.lock:
             self._sync(session)
             run = session.run
@@ -667,6 +725,37 @@ class Engine(PauseOps):
                     context.trim(session.cache, min(tokens, context.cached_length(session.cache)))
                 session.history = session.history[:tokens]
             return self.describe_session(sid)
+
+    @staticmethod
+    def _unsplit(session: SessionState, what: str) -> None:
+        if session.stage is not None:
+            raise InvalidArgumentError(
+                f"session {session.id} is of a model split across engines, whose sessions cannot be {what} yet "
+                f"(its KV is in two places); open another session and run it again there"
+            )
+
+    def run_layers(
+        self, sid: int, layer: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+        position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Decoder layer ``layer`` of a stage session (``register_stage``) on a host's hidden state, after
+        ``past`` tokens of its KV: the new hidden state, on this engine's device (split.py)."""
+        session = self._session(sid)
+        loaded, device = session.model, session.model.device
+        # A host in this process calls from its run's thread, in inference mode, which the page-in's views must
+        # not be made in (its copies run on another thread); and that run's own hooks at these layers' paths see
+        # them, so the stage's hooks must not fire for it a second time (unbound).
+        with torch.inference_mode(False), session.lock, self.memory.resident(sid), torch.inference_mode(), \
+                hooks.bind(None):
+            if session.cache is None:
+                session.cache = context.for_module_path(None, loaded.model.config)
+            out = split.layer_forward(
+                split.layer_list(loaded.model), layer, loaded.forward_call.cache_arg, session.cache, past,
+                hidden.to(device), None if mask is None else mask.to(device), position_ids.to(device),
+                tuple(t.to(device) for t in position_embeddings),
+            )
+        self.memory.on_growth(sid)
+        return out
 
     def _idle(self, session: SessionState, what: str) -> None:
         self._sync(session)

@@ -28,8 +28,8 @@ class ActivationSink(Protocol):
 
 
 @contextlib.contextmanager
-def bind(sink: ActivationSink) -> Iterator[None]:
-    """Route hook calls made on this thread to ``sink`` while the block runs."""
+def bind(sink: ActivationSink | None) -> Iterator[None]:
+    """Route hook calls made on this thread to ``sink`` while the block runs (None: to no run)."""
     previous = getattr(_current, "sink", None)
     _current.sink = sink
     try:

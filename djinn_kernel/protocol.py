@@ -263,6 +263,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "goodbye": (),
     "hello": ("name", "pid"),
     "load_model": ("name", "dtype"),
+    "load_split": ("name", "split_at", "dtype"),
     "models": (),
     "module_paths": ("model_id",),
     "token_strings": ("model_id", "token_ids"),
@@ -309,9 +310,9 @@ OPS: dict[str, tuple[str, ...]] = {
 # or reconfigure the daemon for every user. A `djinn token add` user gets ``PermissionDeniedError``.
 OWNER_OPS = frozenset({"shutdown"})
 
-# Operations only a cluster backend has (`djinn serve --ray`, djinn_kernel/cluster): a daemon serving one
-# ``Engine`` refuses them with ``InvalidArgumentError`` saying so.
-CLUSTER_OPS = frozenset({"migrate"})
+# Operations only a cluster backend has (`djinn serve --ray`, djinn_kernel/cluster), with what they do: a daemon
+# serving one ``Engine`` refuses them with ``InvalidArgumentError`` saying so.
+CLUSTER_OPS = {"migrate": "migration", "load_split": "splitting a model by layer"}
 
 
 def bind_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

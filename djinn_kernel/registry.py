@@ -17,6 +17,7 @@ from .hooks import HookDispatcher
 from .prefill import DEFAULT_CHUNK, ActivationCost
 from .runner import Runner, fuse_layers, unsupported_reason
 from .scheduler import Scheduler
+from .split import Stage
 from .streaming import WeightRing, plan_for, stream_model
 
 
@@ -48,6 +49,7 @@ class LoadedModel:
     scheduler: Scheduler | None = None  # the fast path's step loop; None when runs take the module path only
     fast_path: str = "off"  # "on", "off", or why the model cannot have it
     ring: WeightRing | None = None  # the streamed layers' ring when the weights exceed the weight budget
+    stage: Stage | None = None  # the engine that runs the layers of a model split across engines (split.py)
 
     def prefill_bytes(self, new: int, context: int, fast: bool) -> int:
         """Device bytes the activations of a forward feeding ``new`` tokens up to ``context`` take, on the fast

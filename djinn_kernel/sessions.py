@@ -32,6 +32,7 @@ class SessionState:
     history: list[int] = field(default_factory=list)  # the conversation's tokens; see context.py
     cache: object | None = None  # K/V of the history, kept across runs
     closed: bool = False
+    stage: int | None = None  # its session on the stage that runs the rest of a split model's layers (split.py)
     lock: threading.RLock = field(default_factory=threading.RLock)
     worker: Worker = field(init=False)  # the session's executor thread
     _steer_ids: itertools.count = field(default_factory=lambda: itertools.count(1))

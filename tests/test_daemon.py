@@ -228,6 +228,8 @@ def test_migrate_through_a_one_engine_daemon_says_it_needs_ray(daemon):
         with pytest.raises(dj.InvalidArgumentError, match="migration needs a daemon started with djinn serve --ray"):
             session.migrate()
         assert session.generate("Hello", 2).finished, "the refusal left the session as it was"
+    with pytest.raises(dj.InvalidArgumentError, match="splitting a model by layer needs a daemon started with djinn"):
+        dj.load("tiny-llama", split_at=2, backend=client)
 
 
 def test_one_client_many_threads(daemon):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine
+from ..split import host_id as split_id
 from ..errors import (
     DjinnError,
     EngineLostError,
@@ -41,7 +42,8 @@ from ..errors import (
     SessionBusyError,
     SessionClosedError,
 )
-from .placement import EngineLoad, NoEngineError, SessionLoad, place, rebalance
+from .placement import EngineLoad, NoEngineError, SessionLoad, place, rebalance, split_pair
+from .stage import ActorStage
 from .worker import EngineWorker
 
 INSTALL_HINT = "pip install 'djinn-kernel[ray]'"
@@ -93,6 +95,7 @@ class _ModelSpec:
     dtype: str = "auto"
     registered: tuple[Any, ...] | None = None  # (model, tokenizer, eos_ids) of register_model
     info: dict[str, Any] = field(default_factory=dict)
+    host: int | None = None  # a split model's host engine (load_split): its sessions open there and stay
 
 
 # Session operations routed as they are: the engine's own signature, the session id first.
@@ -395,8 +398,35 @@ class ClusterBackend:
                 self._sessions[sid] = _Placed(chosen, local, model_id, owner)
             return sid
 
+    def load_split(self, name: str, split_at: int, dtype: str = "auto") -> dict[str, object]:
+        """Load ``name`` split by layer over two engines (split.py): its first ``split_at`` decoder layers, their
+        weights and KV, on one (the stage), the rest and the sessions on another (the host); the two with the most
+        room (placement.split_pair). Sessions of the returned model open on the host and stay there."""
+        model_id = split_id(name, split_at)
+        with self._place_lock:
+            with self._lock:
+                if model_id in self._models:
+                    return self._models[model_id].info
+            try:
+                host, stage = (self._engines[i] for i in split_pair(self._loads(self._live()), need=0))
+            except NoEngineError as exc:
+                raise InvalidArgumentError(f"{exc}: start the cluster with more engines (--engines)") from None
+            staged = self._call(stage, "serve_stage", name, split_at, dtype)
+            info = self._call(host, "serve_split", name, split_at, ActorStage(stage.actor, staged["id"], stage.name),
+                              dtype)
+            info = {**info, "split": {"at": split_at, "host": host.name, "stage": stage.name}}
+            with self._lock:
+                self._models[model_id] = _ModelSpec(model_id, dtype, info=info, host=host.index)
+            return info
+
     def _place(self, spec: _ModelSpec, loads: list[EngineLoad]) -> _Engine:
         """The engine for a new session of ``spec``'s model, with the model loaded there."""
+        if spec.host is not None:
+            engine = self._engines[spec.host]
+            if engine.lost is not None:
+                raise EngineLostError(f"{spec.name} is split with its sessions on {engine.name}, which is gone "
+                                      f"({engine.lost}); load it again")
+            return engine
         per_token = int(spec.info.get("kv_bytes_per_token") or 0)
         try:
             placement = place(spec.name, loads, need=per_token * self.session_tokens,
@@ -553,7 +583,8 @@ class ClusterBackend:
             for local, held in info["held"].items():
                 if local in mine:
                     gid, placed = mine[local]
-                    movable = info["states"][local] in ("idle", "paused", "paged") and not placed.calls
+                    movable = (info["states"][local] in ("idle", "paused", "paged") and not placed.calls
+                               and self._spec(placed.model).host is None)
                     sessions.append(SessionLoad(gid, engine.index, held, movable))
         moved = []
         for gid, target in rebalance(engines, sessions):

@@ -118,3 +118,12 @@ def rebalance(engines: Sequence[EngineLoad], sessions: Sequence[SessionLoad]) ->
             held[source] -= s.held
             held[target] += s.held
     return moves
+
+
+def split_pair(engines: Sequence[EngineLoad], need: int) -> tuple[int, int]:
+    """The engines for a model split in two by layer: the host (sessions, the later layers) and the stage (the
+    first layers): the two live engines with the most headroom, the host first. ``NoEngineError`` with fewer."""
+    live = sorted((e for e in engines if e.alive), key=lambda e: (-e.headroom(need), len(e.session_bytes), e.index))
+    if len(live) < 2:
+        raise NoEngineError(f"a split needs two live engines; {len(live)} {'is' if len(live) == 1 else 'are'} alive")
+    return live[0].index, live[1].index
