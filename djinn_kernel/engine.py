@@ -207,24 +207,27 @@ class Engine(PauseOps):
     def serve_split(self, name: str, split_at: int, stage: split.Stage, dtype: str = "auto") -> dict[str, object]:
         """Load ``name`` as the host of a split: its first ``split_at`` decoder layers run on ``stage``, which
         serves them (``serve_stage`` there, same arguments). Its id is ``split.host_id(name, split_at)``."""
-        model_id = split.host_id(name, split_at)
-        with self._lock:
-            if model_id in self._models:
-                return self._models[model_id].describe()
-        source = models.resolve(name, dtype=models.parse_dtype(dtype), progress=self._progress)
-        split.cut_for_host(source.model, range(0, split.check_at(source.model, split_at)))
-        return self._register_new(model_id, replace(source, source=f"{source.source}, split"), stage=stage)
+        return self._serve_part(name, split_at, dtype, stage)
 
     def serve_stage(self, name: str, split_at: int, dtype: str = "auto") -> dict[str, object]:
         """Load the first ``split_at`` decoder layers of ``name`` for a split's host (``serve_split``); its id is
         ``split.stage_id(name, split_at)``."""
-        model_id = split.stage_id(name, split_at)
+        return self._serve_part(name, split_at, dtype, None)
+
+    def _serve_part(self, name: str, split_at: int, dtype: str, stage: split.Stage | None) -> dict[str, object]:
+        """One side of a split of ``name``, loaded by name: the host when ``stage`` is given, else the stage."""
+        model_id = split.stage_id(name, split_at) if stage is None else split.host_id(name, split_at)
         with self._lock:
             if model_id in self._models:
                 return self._models[model_id].describe()
         source = models.resolve(name, dtype=models.parse_dtype(dtype), progress=self._progress)
-        split.cut_for_stage(source.model, range(0, split.check_at(source.model, split_at)))
-        return self._register_new(model_id, replace(source, source=f"{source.source}, stage"), fast=False)
+        layers = range(0, split.check_at(source.model, split_at))
+        if stage is None:
+            split.cut_for_stage(source.model, layers)
+        else:
+            split.cut_for_host(source.model, layers)
+        role = "stage" if stage is None else "split"
+        return self._register_new(model_id, replace(source, source=f"{source.source}, {role}"), fast=False, stage=stage)
 
     def _register_new(
         self, name: str, source: models.ModelSource, fast: bool | None = None, stage: split.Stage | None = None

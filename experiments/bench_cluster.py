@@ -25,7 +25,13 @@ One process, one Ray runtime (started here), measures, in this order:
    host (on GPU), ``ray.put`` into the object store and fetched by a Ray task in another process (which returns
    only its size), then host -> device 1 (on GPU); the sum of the three, median of 3 after one warm-up, is the
    floor; ``migration_ratio`` = migration_s / migration_floor_s (target <= 1.3);
-3. the 70B-shape model split over 2 GPUs: not measured, layer split is not built (written as null with the reason).
+3. the layer split (split.py, needs 2 engines): Llama-2-70B's shape, bf16, split in two halves of 40 layers over
+   two engines (``ClusterBackend.register_split``; each half, with the embeddings and head, built on its own GPU
+   from a recipe that builds only that half: 70B does not fit one GPU). ``split70b_ms_per_token``: one session's
+   decode at batch 1, the time of a 32-token run less a 1-token run, over 31; ``split70b_floor_ms``: the weight
+   bytes of both halves / the HBM bandwidth of a device-to-device copy measured in this process (at batch 1 the
+   halves run one after the other, so every token reads every weight once); a run paused at layer 60 (the host's
+   half) at token step 1 and resumed, its tokens against the unpaused run's.
 
 The model: Llama-2-7B's shape, bf16, random weights (seed 0), built on each engine's GPU. No built-in name asks an
 engine for a random 7B shape (builtin.py has tiny-llama, tiny-gpt2, smollm2-135m), so the backend's
@@ -58,23 +64,45 @@ from bench_paging import LLAMA_SHAPES, environment, log
 SMALL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=256)
 MODEL = "llama2-7b-shape-random"
+SPLIT_MODEL = "llama2-70b-shape-random"
 PROMPT_TOKENS = 16
 RESOURCE_SMALL = "djinn_gpu"
 
 
-def _build_random_llama(shape: dict, dtype: str, seed: int, max_positions: int) -> torch.nn.Module:
+def _build_random_llama(shape: dict, dtype: str, seed: int, max_positions: int,
+                        layers: tuple[int, int] | None = None) -> torch.nn.Module:
     """A seeded random Llama of ``shape`` built in the calling process, on its GPU if it has one (an engine's
-    process sees only its own GPU), else on the CPU."""
+    process sees only its own GPU), else on the CPU. ``layers``: build only decoder layers ``first .. end - 1``
+    (and the embeddings, norm and head), the others empty modules, for one side of a split too large for one GPU;
+    weights then come from a normal(0, initializer_range) draw of their own, not those of the whole model."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = LlamaConfig(**shape, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
                          pad_token_id=0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
     try:
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            return LlamaForCausalLM(config).eval()
+        if layers is None:
+            with device:
+                return LlamaForCausalLM(config).eval()
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        for i in range(config.num_hidden_layers):
+            if not layers[0] <= i < layers[1]:
+                model.model.layers[i] = torch.nn.Module()
+        model = model.to_empty(device=device)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, config.initializer_range)
+        with device:
+            model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers were left empty
+        return model.eval()
     finally:
         torch.set_default_dtype(previous)
 
@@ -83,8 +111,9 @@ class RandomLlama:
     """What the driver hands ``register_model``: pickles to (``_build_random_llama``, its arguments), so the
     model is built where it is unpickled, in the engine's process."""
 
-    def __init__(self, shape: dict, dtype: str, seed: int, max_positions: int) -> None:
-        self.args = (dict(shape), dtype, seed, max_positions)
+    def __init__(self, shape: dict, dtype: str, seed: int, max_positions: int,
+                 layers: tuple[int, int] | None = None) -> None:
+        self.args = (dict(shape), dtype, seed, max_positions, layers)
 
     def __reduce__(self) -> tuple[Any, tuple]:
         return _build_random_llama, self.args
@@ -171,6 +200,52 @@ def transfer_floor(ray: Any, nbytes: int, cuda_devices: int) -> dict[str, Any]:
                     "process receiving it, host -> cuda:1 copy (device legs only with 2 GPUs visible to the driver)"}
 
 
+def hbm_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB on this process's GPU (read + write), bytes per second: the HBM yardstick."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (time.perf_counter() - start)
+
+
+def split_decode(backend: Any, shape: dict, dtype: str, seed: int, max_positions: int, rng: random.Random,
+                 tokens: int, pause_layer: int) -> dict[str, Any]:
+    """The model split in two halves over the backend's two engines (``register_split``, each half built on its
+    own GPU): ms per decoded token at batch 1 (a run of ``tokens`` less a run of 1, same prompt, over the
+    difference), and a run paused at ``pause_layer`` at token step 1, resumed, against the same run unpaused."""
+    from djinn_kernel.api import Model
+
+    layers = shape["num_hidden_layers"]
+    at = layers // 2
+    info = backend.register_split(SPLIT_MODEL, RandomLlama(shape, dtype, seed, max_positions, (at, layers)), at,
+                                  stage_model=RandomLlama(shape, dtype, seed, max_positions, (0, at)))
+    session = Model(backend, info).session()
+    words = prompt(rng, shape["vocab_size"], PROMPT_TOKENS)
+    session.generate(words, 4)  # warm-up
+    t0 = time.perf_counter()
+    session.generate(words, 1)
+    one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain = session.generate(words, tokens)
+    many = time.perf_counter() - t0
+    session.break_at(pause_layer, tokens=1)
+    run = session.generate(words, tokens)
+    paused_at = (run.pause.layer, run.pause.token_step) if run.paused else None
+    run.finish()
+    session.close()
+    weight_bytes = info["weight_bytes"] + info["split"]["stage_weight_bytes"]
+    return {"split_at": at, "host": info["split"]["host"], "stage": info["split"]["stage"],
+            "weight_bytes": weight_bytes, "ms_per_token": 1e3 * (many - one) / (tokens - 1),
+            "run_1_token_s": one, f"run_{tokens}_tokens_s": many, "paused_at": paused_at,
+            "paused_run_tokens_equal": run.tokens == plain.tokens}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny model on CPU engines: a smoke test")
@@ -225,7 +300,7 @@ def main() -> None:
         "scaling_2gpu": None, "scaling_4gpu": None,
         "migration_s": None, "migration_floor_s": None, "migration_ratio": None, "migration": None,
         "split70b_ms_per_token": None, "split70b_floor_ms": None,
-        "split70b_reason": "layer split not built",
+        "split70b_reason": "not run yet",
         "notes": {
             "aggregate_tokens_per_s": "keyed by engine (GPU) count, then session count: all sessions' new tokens "
                                       "/ wall seconds from the common start to the last run's end (prefill included)",
@@ -304,9 +379,32 @@ def main() -> None:
     if result["migration"] is None:
         result["migration_reason"] = "needs 2 engines; fewer were run"
     write(args.out, result)
+
+    if have >= 2:
+        split_shape = SMALL_SHAPE if small else LLAMA_SHAPES["70b"]
+        pause_layer = 3 if small else 60
+        hbm = None if small else hbm_bandwidth()
+        log(f"split: {'tiny' if small else '70B'} shape over 2 engines, pause at layer {pause_layer}")
+        backend = connect_cluster(engines=2, resource=resource, engine_options=engine_options, start_timeout=900)
+        try:
+            split = split_decode(backend, split_shape, dtype, args.seed, max_positions, rng, 8 if small else 32,
+                                 pause_layer)
+        finally:
+            backend.shutdown()
+        split.update(shape=split_shape, hbm_bandwidth_gb_s=None if hbm is None else hbm / 1e9)
+        result["split70b"] = split
+        result["split70b_ms_per_token"] = split["ms_per_token"]
+        result["split70b_floor_ms"] = None if hbm is None else 1e3 * split["weight_bytes"] / hbm
+        result["split70b_reason"] = None
+        log(f"split: {split['ms_per_token']:.2f} ms per token, floor {result['split70b_floor_ms']} ms; paused at "
+            f"{split['paused_at']}, tokens equal to the unpaused run: {split['paused_run_tokens_equal']}")
+    else:
+        result["split70b_reason"] = "needs 2 engines (GPUs); fewer were available"
+    write(args.out, result)
     ray.shutdown()
     log("done: " + json.dumps({k: result[k] for k in ("aggregate_tokens_per_s", "scaling_2gpu", "scaling_4gpu",
-                                                        "migration_s", "migration_floor_s", "migration_ratio")}))
+                                                        "migration_s", "migration_floor_s", "migration_ratio",
+                                                        "split70b_ms_per_token", "split70b_floor_ms")}))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,8 @@ LLAMA_SHAPES = {
                num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5),
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                 num_key_value_heads=40, vocab_size=32000, rms_norm_eps=1e-5),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5),
 }
 
 

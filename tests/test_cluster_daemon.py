@@ -14,6 +14,7 @@ import torch
 import djinn_kernel as dj
 from daemon_util import DaemonProcess
 from djinn_kernel import cli
+from djinn_kernel.edits import Scale
 from djinn_kernel.runtime import read_info
 
 
@@ -85,4 +86,36 @@ def test_a_ray_daemon_places_sessions_on_two_engines_and_migrates_one_exactly(da
     out = capsys.readouterr().out
     assert "on a Ray cluster: 2 engines, 2 alive" in out and "engine gpu1 on cpu" in out and "session budget" in out
     for session in (moved, other, twin):
+        session.close()
+
+
+def test_a_model_split_over_the_two_engines_runs_as_the_whole_model(daemon):
+    """``split_at``: the first layers on one engine actor, the rest and the session on the other; pauses at a
+    layer of each side with edits there give the whole model's activations, tokens and logits, bitwise."""
+    client = daemon.client()
+    whole = dj.load("tiny-llama", backend=client)
+    split = dj.load("tiny-llama", split_at=2, backend=client)
+    assert split.info["id"] == "tiny-llama:split2" and split.info["split"]["host"] != split.info["split"]["stage"]
+    sessions = [whole.session(), split.session()]
+    first = [s.generate("Hello, world", 5, keep_logits=True) for s in sessions]
+    assert first[0].tokens == first[1].tokens and torch.equal(first[0].logits, first[1].logits)
+    for s in sessions:
+        s.break_at(1, tokens=1)  # a layer of the stage engine
+        s.break_at(3, tokens=0)  # a layer of the host engine
+    runs = [s.generate(" and then", 4, fresh=False, keep_logits=True) for s in sessions]
+    seen = []
+    while runs[0].state == "paused":
+        assert runs[1].state == "paused" and runs[0].pause.info == runs[1].pause.info
+        assert torch.equal(runs[0].pause.activation, runs[1].pause.activation)
+        seen.append(runs[0].pause.layer)
+        for run in runs:
+            run.pause.apply(Scale(1.5))
+            run.resume()
+    assert seen == [3, 1] and runs[1].state == "finished"
+    assert runs[0].tokens == runs[1].tokens and torch.equal(runs[0].logits, runs[1].logits)
+    status = client.status()
+    host = next(e for e in status["engines"] if e["name"] == split.info["split"]["host"])
+    stage = next(e for e in status["engines"] if e["name"] == split.info["split"]["stage"])
+    assert sessions[1].id in host["sessions"] and "tiny-llama:layers0-1" in stage["models"]
+    for session in sessions:
         session.close()

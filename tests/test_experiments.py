@@ -57,5 +57,8 @@ def test_bench_cluster_small_measures_throughput_on_one_and_two_engines_and_a_mi
     assert result["migration"]["history_tokens"] == 62 and result["migration"]["bytes"] > 0
     assert (result["migration_idle"]["from"], result["migration_idle"]["paused_run"]) == ("gpu1", None)
     assert result["migration_s"] > 0 and result["migration_floor_s"] > 0 and result["migration_ratio"] > 0
-    assert result["split70b_ms_per_token"] is None and result["split70b_reason"] == "layer split not built"
+    split = result["split70b"]  # the tiny shape split 2 + 2 over the two engines
+    assert result["split70b_ms_per_token"] > 0 and result["split70b_floor_ms"] is None  # no HBM on CPU engines
+    assert split["split_at"] == 2 and split["host"] != split["stage"] and split["weight_bytes"] > 0
+    assert split["paused_at"] == [3, 1] and split["paused_run_tokens_equal"]
     assert {"device", "gpu_count", "torch", "ray"} <= result["environment"].keys()

@@ -29,11 +29,12 @@ import functools
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine
-from ..split import host_id as split_id
+from ..split import host_id as split_id, stage_id
 from ..errors import (
     DjinnError,
     EngineLostError,
@@ -402,7 +403,22 @@ class ClusterBackend:
         """Load ``name`` split by layer over two engines (split.py): its first ``split_at`` decoder layers, their
         weights and KV, on one (the stage), the rest and the sessions on another (the host); the two with the most
         room (placement.split_pair). Sessions of the returned model open on the host and stay there."""
-        model_id = split_id(name, split_at)
+        return self._split(split_id(name, split_at), split_at, dtype, ("serve_stage", name, split_at, dtype),
+                           lambda stage: ("serve_split", name, split_at, stage, dtype))
+
+    def register_split(self, name: str, model: Any, split_at: int, tokenizer: object = None,
+                       eos_ids: tuple[int, ...] = (), stage_model: Any = None) -> dict[str, object]:
+        """``load_split`` for a model built in code (pickled to both engines, as ``register_model``'s is);
+        ``stage_model``: what the stage gets instead (e.g. a recipe that builds only the first layers there)."""
+        layers, model_id = range(0, split_at), split_id(name, split_at)
+        return self._split(model_id, split_at, "auto", ("register_stage", stage_id(name, split_at),
+                                              model if stage_model is None else stage_model, layers),
+                           lambda stage: ("register_split", model_id, model, layers, stage, tokenizer, tuple(eos_ids)))
+
+    def _split(self, model_id: str, split_at: int, dtype: str, on_stage: tuple,
+               on_host: Callable[[ActorStage], tuple]) -> dict[str, object]:
+        """Load one side of a split on each of the two engines with the most room: ``on_stage`` is the stage's
+        call, ``on_host(stage)`` the host's, given the stage it calls."""
         with self._place_lock:
             with self._lock:
                 if model_id in self._models:
@@ -411,10 +427,10 @@ class ClusterBackend:
                 host, stage = (self._engines[i] for i in split_pair(self._loads(self._live()), need=0))
             except NoEngineError as exc:
                 raise InvalidArgumentError(f"{exc}: start the cluster with more engines (--engines)") from None
-            staged = self._call(stage, "serve_stage", name, split_at, dtype)
-            info = self._call(host, "serve_split", name, split_at, ActorStage(stage.actor, staged["id"], stage.name),
-                              dtype)
-            info = {**info, "split": {"at": split_at, "host": host.name, "stage": stage.name}}
+            staged = self._call(stage, *on_stage)
+            info = self._call(host, *on_host(ActorStage(stage.actor, staged["id"], stage.name)))
+            info = {**info, "split": {"at": split_at, "host": host.name, "stage": stage.name,
+                                      "stage_weight_bytes": staged["weight_bytes"]}}
             with self._lock:
                 self._models[model_id] = _ModelSpec(model_id, dtype, info=info, host=host.index)
             return info
