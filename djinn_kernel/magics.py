@@ -154,6 +154,8 @@ def _parser() -> _Parser:
     p = add("load", "load MODEL (built-in name, folder or cached hub id) and open a session on it")
     p.add_argument("model")
     p.add_argument("--daemon", action="store_true", help="run it in the shared daemon (started if needed)")
+    p.add_argument("--split-at", type=int, metavar="K",
+                   help="on a cluster daemon: layers 0..K-1 on one engine, the rest and the session on another")
     p = add("break", "pause at decoder layer LAYER or module PATH")
     p.add_argument("target")
     p.add_argument("--once", action="store_true")
@@ -287,7 +289,7 @@ class DjinnMagics(Magics):
                 self.session.close()
         self._close_monitor()
         with ticker(f"loading {args.model}"):
-            self.model = api.load(args.model)
+            self.model = api.load(args.model, split_at=args.split_at)
         self.session, self.run = self.model.session(), None
         return self.model
 

@@ -12,7 +12,7 @@ import torch
 
 import djinn_kernel as dj
 from djinn_kernel.edits import AddVector, Scale
-from djinn_kernel.cluster.placement import EngineLoad, NoEngineError, SessionLoad, place, rebalance
+from djinn_kernel.cluster.placement import EngineLoad, NoEngineError, SessionLoad, place, rebalance, split_pair
 from djinn_kernel.engine import Engine
 from djinn_kernel.errors import EngineLostError, InvalidArgumentError, SessionBusyError, SessionLostError
 
@@ -71,6 +71,13 @@ def test_a_model_resident_nowhere_is_loaded_where_there_is_most_room():
     assert (chosen.engine, chosen.load, chosen.rule) == (1, True, 2)
     chosen = place("m", [load(0, 50, models=()), load(1, 80, models=())], NEED)
     assert (chosen.engine, chosen.load, chosen.rule) == (1, True, 4)
+
+
+def test_a_split_goes_to_the_two_live_engines_with_the_most_room_the_host_first():
+    engines = [load(0, sessions=(600,)), load(1, sessions=(100,)), load(2, alive=False), load(3, sessions=(300,))]
+    assert split_pair(engines, need=0) == (1, 3)
+    with pytest.raises(NoEngineError, match="a split needs two live engines; 1 is alive"):
+        split_pair([load(0), load(1, alive=False)], need=0)
 
 
 def test_dead_engines_never_get_a_session():

@@ -117,5 +117,7 @@ def test_a_model_split_over_the_two_engines_runs_as_the_whole_model(daemon):
     host = next(e for e in status["engines"] if e["name"] == split.info["split"]["host"])
     stage = next(e for e in status["engines"] if e["name"] == split.info["split"]["stage"])
     assert sessions[1].id in host["sessions"] and "tiny-llama:layers0-1" in stage["models"]
+    with pytest.raises(dj.InvalidArgumentError, match="a model split across engines, whose sessions cannot be moved"):
+        sessions[1].migrate(engine=split.info["split"]["stage"])
     for session in sessions:
         session.close()

@@ -119,6 +119,11 @@ def test_bad_arguments_are_short_usage_errors(ip, loaded, line, message):
     djinn(ip, "finish")
 
 
+def test_load_split_at_says_it_needs_a_cluster(ip):
+    with pytest.raises(UsageError, match="splitting a model by layer needs a cluster backend"):
+        djinn(ip, "load tiny-llama --split-at 2")
+
+
 def test_commands_that_need_state(ip):
     magics = DjinnMagics(ip)
     for line, message in [("break 1", "no model loaded"), ("continue", "no run yet"), ("inspect", "no run yet")]:

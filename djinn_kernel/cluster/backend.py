@@ -530,6 +530,11 @@ class ClusterBackend:
         started = time.monotonic()
         source = placed.engine
         spec = self._spec(placed.model)
+        if spec.host is not None:
+            raise InvalidArgumentError(
+                f"session {sid} is of {spec.name}, a model split across engines, whose sessions cannot be moved to "
+                f"another engine yet (its KV is in two places); open another session and run it again there"
+            )
         with self._place_lock:
             target = self._target(engine, source, spec)
             if target is source:
