@@ -738,11 +738,11 @@ class Engine(PauseOps):
             )
 
     def run_layers(
-        self, sid: int, layer: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+        self, sid: int, first: int, last: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
         position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """Decoder layer ``layer`` of a stage session (``register_stage``) on a host's hidden state, after
-        ``past`` tokens of its KV: the new hidden state, on this engine's device (split.py)."""
+        """Decoder layers ``first .. last`` of a stage session (``register_stage``) on a host's hidden state,
+        after ``past`` tokens of its KV: the hidden state after ``last``, on this engine's device (split.py)."""
         session = self._session(sid)
         loaded, device = session.model, session.model.device
         # A host in this process calls from its run's thread, in inference mode, which the page-in's views must
@@ -752,8 +752,8 @@ class Engine(PauseOps):
                 hooks.bind(None):
             if session.cache is None:
                 session.cache = context.for_module_path(None, loaded.model.config)
-            out = split.layer_forward(
-                split.layer_list(loaded.model), layer, loaded.forward_call.cache_arg, session.cache, past,
+            out = split.layers_forward(
+                split.layer_list(loaded.model), first, last, loaded.forward_call.cache_arg, session.cache, past,
                 hidden.to(device), None if mask is None else mask.to(device), position_ids.to(device),
                 tuple(t.to(device) for t in position_embeddings),
             )

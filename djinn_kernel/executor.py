@@ -317,6 +317,15 @@ class Run:
             self.recorder.take(path, self.token_step, value)
         return value if changed else None
 
+    def watches(self, path: str, side: str) -> bool:
+        """Whether a report at ``path`` (``side``) in this forward could change the value, pause, or be recorded;
+        when not, a split model's host may run the remote layers around it in one call (split.py)."""
+        if self.session.steering_at(path, side) or (self._stepping and side == "output"):
+            return True
+        if not self._finishing and any(bp.wants(path, side, self.token_step) for bp in self.session.breakpoints):
+            return True
+        return side == "output" and self.recorder is not None and self.recorder.wants(path)
+
     def _holds(self, bp: Breakpoint, value: torch.Tensor, fired: list[str]) -> bool:
         """Evaluate a conditional breakpoint here; a condition that holds adds why to ``fired``."""
         fed = self.tokens[self.token_step - 1] if 0 < self.token_step <= len(self.tokens) else None

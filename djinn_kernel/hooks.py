@@ -27,6 +27,11 @@ class ActivationSink(Protocol):
     def on_activation(self, path: str, side: str, value: torch.Tensor) -> torch.Tensor | None: ...
 
 
+def current() -> ActivationSink | None:
+    """The run bound to this thread, if any."""
+    return getattr(_current, "sink", None)
+
+
 @contextlib.contextmanager
 def bind(sink: ActivationSink | None) -> Iterator[None]:
     """Route hook calls made on this thread to ``sink`` while the block runs (None: to no run)."""

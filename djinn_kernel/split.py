@@ -17,9 +17,9 @@ tokens), which records the layer's length, what transformers reads for positions
 cancelled run on the host leaves both agreeing.
 
 ``Stage`` is what the host calls: ``EngineStage`` for an engine in this process; the cluster backend passes one
-that calls an engine actor (cluster/worker.py). Not yet: the fast path (a split model runs on the module path),
-moving or forking a split session (refused), and one call per remote layer per forward (contiguous layers without a
-breakpoint could share one).
+that calls an engine actor (cluster/worker.py). Consecutive remote layers share one call when the run does nothing
+between them (``RemoteLayer``). Not yet: the fast path (a split model runs on the module path), moving or forking a
+split session (refused), more than one stage.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from . import hooks
 from .errors import InvalidArgumentError, SessionLostError
 
 ATTRIBUTE = "djinn_stage"  # the host's cache carries (stage, stage session id) for its remote layers
+AHEAD = "djinn_stage_ahead"  # and, within a forward, (last layer run, past) of the stretch the stage ran
 
 
 class Stage(Protocol):
@@ -41,9 +43,10 @@ class Stage(Protocol):
     def open(self) -> int:
         """A new session there for one host session's KV of these layers."""
 
-    def run(self, sid: int, layer: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+    def run(self, sid: int, first: int, last: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
             position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Layer ``layer`` on ``hidden``, after ``past`` tokens of the session's KV; the new hidden state."""
+        """Layers ``first .. last`` on ``hidden``, after ``past`` tokens of the session's KV; the hidden state
+        after ``last``."""
 
     def close(self, sid: int) -> None:
         """Forget the session's KV there."""
@@ -58,22 +61,29 @@ class EngineStage:
     def open(self) -> int:
         return self.engine.open_session(self.model_id, owner="split")
 
-    def run(self, sid: int, layer: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+    def run(self, sid: int, first: int, last: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
             position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self.engine.run_layers(sid, layer, past, hidden, mask, position_ids, position_embeddings)
+        return self.engine.run_layers(sid, first, last, past, hidden, mask, position_ids, position_embeddings)
 
     def close(self, sid: int) -> None:
         self.engine.close_session(sid)
 
 
 class RemoteLayer(nn.Module):
-    """A decoder layer that runs on a stage (the host's stand-in at the layer's module path)."""
+    """A decoder layer that runs on a stage (the host's stand-in at the layer's module path).
+
+    Consecutive remote layers share one call to the stage when the run has nothing to do at the activations
+    between them (no breakpoint that could fire in this forward, no steering, no recording, not stepping:
+    ``Run.watches``): the first of them asks the stage for the whole stretch, and the others pass the result on,
+    each still recording its length in the host's cache. Their hooks then see that result, which is harmless
+    because the run does nothing with it."""
 
     runs_elsewhere = "another engine of this split model"  # anatomy.resolve_target says so for paths inside it
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, path: str) -> None:
         super().__init__()
-        self.index = index
+        self.index, self.path = index, path
+        self.following: RemoteLayer | None = None  # the next decoder layer, when it is remote too
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: object = None, past_key_values: object = None,
@@ -87,10 +97,28 @@ class RemoteLayer(nn.Module):
             )
         link, sid = stage
         past = kv.get_seq_length(self.index)
-        out = link.run(sid, self.index, past, hidden_states, attention_mask, position_ids, position_embeddings)
         length = hidden_states.new_zeros((hidden_states.shape[0], 1, hidden_states.shape[1], 1))
+        ahead = getattr(kv, AHEAD, None)
+        if ahead is not None and ahead[1] == past and self.index <= ahead[0]:
+            kv.update(length, length, self.index)  # an earlier layer of this forward ran this one: pass it on
+            return hidden_states
+        last = self._last(hooks.current())
+        out = link.run(sid, self.index, last.index, past, hidden_states, attention_mask, position_ids,
+                       position_embeddings)
+        setattr(kv, AHEAD, (last.index, past))
         kv.update(length, length, self.index)
         return out.to(hidden_states.device)
+
+    def _last(self, run: object) -> RemoteLayer:
+        """The last remote layer this call can run through: up to a boundary the run watches (``Run.watches``;
+        a sink that cannot say is taken to watch everything)."""
+        watches = getattr(run, "watches", None) if run is not None else (lambda path, side: False)
+        last = self
+        while last.following is not None and watches is not None and not (
+            watches(last.path, "output") or watches(last.following.path, "input")
+        ):
+            last = last.following
+        return last
 
 
 class Elsewhere(nn.Module):
@@ -155,8 +183,11 @@ def stage_id(name: str, split_at: int) -> str:
 def cut_for_host(model: nn.Module, remote: range) -> None:
     """Replace the layers in ``remote`` by ``RemoteLayer`` stand-ins (their weights are freed with them)."""
     found = check_range(model, remote)
-    for i in remote:
-        found[i] = RemoteLayer(i)
+    stand_ins = [RemoteLayer(i, f"model.layers.{i}") for i in remote]
+    for layer, after in zip(stand_ins, stand_ins[1:]):
+        layer.following = after
+    for layer in stand_ins:
+        found[layer.index] = layer
 
 
 def cut_for_stage(model: nn.Module, served: range) -> None:
@@ -172,22 +203,24 @@ def attach(cache: object, stage: Stage, sid: int) -> None:
     setattr(cache, ATTRIBUTE, (stage, sid))
 
 
-def layer_forward(layers: nn.ModuleList, index: int, cache_arg: str, kv: object, past: int, hidden: torch.Tensor,
-                  mask: torch.Tensor | None, position_ids: torch.Tensor,
-                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Served layer ``index`` on the stage: its KV cropped to the host's ``past`` tokens first (a fresh run, a
-    rewind or a cancelled run there); holding fewer means the state was lost."""
-    if not 0 <= index < len(layers) or isinstance(layers[index], Elsewhere):
-        raise InvalidArgumentError(f"decoder layer {index} is not served by this stage of the split model")
-    held = kv.get_seq_length(index)
-    if held < past:
-        raise SessionLostError(
-            f"the stage holds {held} tokens of decoder layer {index}'s KV where the session has {past}; close the "
-            f"session and open a new one"
-        )
-    if held > past:
-        entry = kv.layers[index]
-        entry.keys, entry.values = entry.keys[..., :past, :], entry.values[..., :past, :]
-    out = layers[index](hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings,
-                        use_cache=True, **{cache_arg: kv})
-    return out[0] if isinstance(out, tuple) else out
+def layers_forward(layers: nn.ModuleList, first: int, last: int, cache_arg: str, kv: object, past: int,
+                   hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor,
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Served layers ``first .. last`` on the stage, each with its KV cropped to the host's ``past`` tokens first
+    (a fresh run, a rewind or a cancelled run there); holding fewer means the state was lost."""
+    if not 0 <= first <= last < len(layers) or any(isinstance(layers[i], Elsewhere) for i in range(first, last + 1)):
+        raise InvalidArgumentError(f"decoder layers {first}-{last} are not all served by this stage of the split model")
+    for index in range(first, last + 1):
+        held = kv.get_seq_length(index)
+        if held < past:
+            raise SessionLostError(
+                f"the stage holds {held} tokens of decoder layer {index}'s KV where the session has {past}; close "
+                f"the session and open a new one"
+            )
+        if held > past:
+            entry = kv.layers[index]
+            entry.keys, entry.values = entry.keys[..., :past, :], entry.values[..., :past, :]
+        out = layers[index](hidden, attention_mask=mask, position_ids=position_ids,
+                            position_embeddings=position_embeddings, use_cache=True, **{cache_arg: kv})
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden

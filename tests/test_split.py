@@ -76,6 +76,40 @@ def test_a_split_model_gives_the_whole_models_tokens_logits_and_paused_activatio
     assert fresh[0].tokens == fresh[1].tokens and torch.equal(fresh[0].logits, fresh[1].logits)
 
 
+class CountingStage(EngineStage):
+    """The in-process stage, with the layer stretches each call ran."""
+
+    def __init__(self, engine: Engine, model_id: str) -> None:
+        super().__init__(engine, model_id)
+        self.calls: list[tuple[int, int]] = []
+
+    def run(self, sid, first, last, *args):
+        self.calls.append((first, last))
+        return super().run(sid, first, last, *args)
+
+
+def test_remote_layers_share_one_call_unless_the_run_watches_between_them(engines):
+    """Layers 0-1 on the stage: one call per forward, except where a breakpoint could fire at layer 0's output
+    (token step 1 here), which needs layer 0's own output, so that forward calls once per layer; tokens as the
+    whole model's either way."""
+    whole, host, stage = engines
+    plain = dj.load("tiny-llama", backend=whole)
+    stage.serve_stage("tiny-llama", SPLIT_AT)
+    counting = CountingStage(stage, "tiny-llama:layers0-1")
+    split = dj.Model(host, host.serve_split("tiny-llama", SPLIT_AT, counting))
+    sessions = [m.session() for m in (plain, split)]
+    first = [s.generate("Hello", 4) for s in sessions]
+    assert counting.calls == [(0, 1)] * 4 and first[0].tokens == first[1].tokens
+    counting.calls.clear()
+    for s in sessions:
+        s.break_at(0, tokens=1)
+    runs = [s.generate("Hello", 4) for s in sessions]
+    assert torch.equal(runs[0].pause.activation, runs[1].pause.activation)
+    for run in runs:
+        run.finish()
+    assert counting.calls == [(0, 1), (0, 0), (1, 1), (0, 1), (0, 1)] and runs[0].tokens == runs[1].tokens
+
+
 def test_paging_both_halves_out_while_paused_loses_nothing(engines):
     """A paused split session's KV lives on two engines: each pages its own out and back, bit for bit."""
     whole, host, stage = engines

@@ -42,10 +42,10 @@ class ActorStage:
     def open(self) -> int:
         return self._call("open_session", self.model_id, "split")
 
-    def run(self, sid: int, layer: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+    def run(self, sid: int, first: int, last: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
             position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         host = [t.to("cpu") for t in (hidden, position_ids, *position_embeddings)]
-        return self._call("run_layers", sid, layer, past, host[0], None if mask is None else mask.to("cpu"),
+        return self._call("run_layers", sid, first, last, past, host[0], None if mask is None else mask.to("cpu"),
                           host[1], (host[2], host[3]))
 
     def close(self, sid: int) -> None:
