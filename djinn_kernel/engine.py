@@ -42,6 +42,7 @@ from .decode import Sampling
 from .edits import AddVector, Edit, SetPromptRows, check_coefficient, check_tensor
 from .errors import (
     DjinnError,
+    EngineLostError,
     ExecutionError,
     InvalidArgumentError,
     InvalidTargetError,
@@ -299,7 +300,9 @@ class Engine(PauseOps):
     # sessions -------------------------------------------------------------------------------------------
     def open_session(self, model_id: str, owner: str = "local") -> int:
         loaded = self._model(model_id)
-        stage = None if loaded.stage is None else loaded.stage.open()
+        return self._open(loaded, owner, None if loaded.stage is None else loaded.stage.open())
+
+    def _open(self, loaded: LoadedModel, owner: str, stage: int | None) -> int:
         with self._lock:
             sid = next(self._session_ids)
             session = SessionState(sid, owner, loaded, self.memory, stage=stage)
@@ -334,8 +337,8 @@ class Engine(PauseOps):
         if session.stage is not None:
             try:
                 session.model.stage.close(session.stage)
-            except SessionClosedError:
-                pass  # the stage closed it already (its engine shut down first)
+            except (SessionClosedError, EngineLostError):
+                pass  # the stage closed it already (its engine shut down first), or is gone with its engine
 
     def sessions(self, owner: str | None = None) -> list[dict[str, object]]:
         with self._lock:
@@ -649,13 +652,13 @@ class Engine(PauseOps):
         """A new session of the same client with a copy of this one's history and KV (no breakpoints, no
         steering: it is free to differ). The source must not have a live run."""
         source = self._session(sid)
-        self._unsplit(source, "forked")
         with source.lock:
             self._idle(source, "fork it")
             with self.memory.resident(sid):
                 self.memory.make_room(sum(t.untyped_storage().nbytes() for t in source.gpu_tensors()), for_sid=sid)
                 cache = None if source.cache is None else context.clone(source.cache)
-            new = self.open_session(source.model.id, owner=source.owner)
+            stage = None if source.stage is None else source.model.stage.fork(source.stage)  # the stage's KV too
+            new = self._open(source.model, source.owner, stage)
             forked = self._session(new)
             forked.history, forked.cache = list(source.history), cache
             return new
@@ -665,7 +668,11 @@ class Engine(PauseOps):
         session itself is left as it was. An idle session or one whose run is paused (the run moves along and is
         replayed there to the same pause); a running run is refused."""
         session = self._session(sid)
-        self._unsplit(session, "moved to another engine")
+        if session.stage is not None:
+            raise InvalidArgumentError(
+                f"session {sid} is of a model split across engines, whose sessions cannot be moved to another engine "
+                f"yet (its KV is in two places); open another session and run it again there"
+            )
         with session.lock:
             self._sync(session)
             run = session.run
@@ -728,14 +735,6 @@ class Engine(PauseOps):
                     context.trim(session.cache, min(tokens, context.cached_length(session.cache)))
                 session.history = session.history[:tokens]
             return self.describe_session(sid)
-
-    @staticmethod
-    def _unsplit(session: SessionState, what: str) -> None:
-        if session.stage is not None:
-            raise InvalidArgumentError(
-                f"session {session.id} is of a model split across engines, whose sessions cannot be {what} yet "
-                f"(its KV is in two places); open another session and run it again there"
-            )
 
     def run_layers(
         self, sid: int, first: int, last: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,

@@ -18,8 +18,8 @@ cancelled run on the host leaves both agreeing.
 
 ``Stage`` is what the host calls: ``EngineStage`` for an engine in this process; the cluster backend passes one
 that calls an engine actor (cluster/worker.py). Consecutive remote layers share one call when the run does nothing
-between them (``RemoteLayer``). Not yet: the fast path (a split model runs on the module path), moving or forking a
-split session (refused), more than one stage.
+between them (``RemoteLayer``); a fork forks the stage's half too. Not yet: the fast path (a split model runs on the
+module path), moving a split session to another engine (refused), more than one stage.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class Stage(Protocol):
         """Layers ``first .. last`` on ``hidden``, after ``past`` tokens of the session's KV; the hidden state
         after ``last``."""
 
+    def fork(self, sid: int) -> int:
+        """A new session there with a copy of this one's KV (a forked host session's half)."""
+
     def close(self, sid: int) -> None:
         """Forget the session's KV there."""
 
@@ -64,6 +67,9 @@ class EngineStage:
     def run(self, sid: int, first: int, last: int, past: int, hidden: torch.Tensor, mask: torch.Tensor | None,
             position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.engine.run_layers(sid, first, last, past, hidden, mask, position_ids, position_embeddings)
+
+    def fork(self, sid: int) -> int:
+        return self.engine.fork(sid)
 
     def close(self, sid: int) -> None:
         self.engine.close_session(sid)
@@ -198,9 +204,17 @@ def cut_for_stage(model: nn.Module, served: range) -> None:
             found[i] = Elsewhere(i)
 
 
+class StageRef(tuple):
+    """(stage, stage session id) on a host's cache. A copy of the cache (a fork) shares it: the stage is a service,
+    not state, and each run attaches its own session's anyway."""
+
+    def __deepcopy__(self, memo: dict) -> StageRef:
+        return self
+
+
 def attach(cache: object, stage: Stage, sid: int) -> None:
     """Give the host's module-path cache its stage session, which its remote layers call."""
-    setattr(cache, ATTRIBUTE, (stage, sid))
+    setattr(cache, ATTRIBUTE, StageRef((stage, sid)))
 
 
 def layers_forward(layers: nn.ModuleList, first: int, last: int, cache_arg: str, kv: object, past: int,

@@ -119,5 +119,10 @@ def test_a_model_split_over_the_two_engines_runs_as_the_whole_model(daemon):
     assert sessions[1].id in host["sessions"] and "tiny-llama:layers0-1" in stage["models"]
     with pytest.raises(dj.InvalidArgumentError, match="a model split across engines, whose sessions cannot be moved"):
         sessions[1].migrate(engine=split.info["split"]["stage"])
-    for session in sessions:
+    for s in sessions:
+        s.delete()
+    twin = sessions[1].fork()  # its half on the stage is forked too
+    after = [s.generate(" so", 3, fresh=False, keep_logits=True) for s in (*sessions, twin)]
+    assert all(r.tokens == after[0].tokens and torch.equal(r.logits, after[0].logits) for r in after)
+    for session in (*sessions, twin):
         session.close()

@@ -127,6 +127,22 @@ def test_paging_both_halves_out_while_paused_loses_nothing(engines):
     assert runs[0].tokens == runs[1].tokens and torch.equal(runs[0].logits, runs[1].logits)
 
 
+def test_a_fork_of_a_split_session_forks_its_half_on_the_stage(engines):
+    """The fork and the original continue alike, each with its own KV on both engines, as the whole model's."""
+    whole, host, stage = engines
+    plain, split = models(whole, host, stage)
+    originals = [m.session() for m in (plain, split)]
+    for s in originals:
+        s.generate("Hello, world", 4)
+    forks = [s.fork() for s in originals]
+    assert len(stage.sessions()) == 2
+    again = [s.generate(" and", 4, fresh=False, keep_logits=True) for s in (*originals, *forks)]
+    assert all(r.tokens == again[0].tokens and torch.equal(r.logits, again[0].logits) for r in again)
+    forks[1].rewind(3)
+    assert forks[1].generate(" or", 3, fresh=False).tokens == forks[0].rewind(3).generate(" or", 3, fresh=False).tokens
+    assert originals[1].generate(" so", 3, fresh=False).tokens == originals[0].generate(" so", 3, fresh=False).tokens
+
+
 def test_closing_a_split_session_closes_its_half_on_the_stage(engines):
     whole, host, stage = engines
     _, split = models(whole, host, stage)
@@ -142,8 +158,6 @@ def test_what_a_split_cannot_do_yet_is_refused_clearly(engines):
     _, split = models(whole, host, stage)
     session = split.session()
     session.generate("Hello", 3)
-    with pytest.raises(InvalidArgumentError, match="split across engines, whose sessions cannot be forked yet"):
-        session.fork()
     with pytest.raises(InvalidArgumentError, match="cannot be moved to another engine yet"):
         host.export_session(session.id)
     with pytest.raises(InvalidArgumentError, match="no other can serve part of the layers"):

@@ -48,5 +48,8 @@ class ActorStage:
         return self._call("run_layers", sid, first, last, past, host[0], None if mask is None else mask.to("cpu"),
                           host[1], (host[2], host[3]))
 
+    def fork(self, sid: int) -> int:
+        return self._call("fork", sid)
+
     def close(self, sid: int) -> None:
         self._call("close_session", sid)
