@@ -32,6 +32,14 @@ def models(whole: Engine, host: Engine, stage: Engine) -> tuple[dj.Model, dj.Mod
     return plain, dj.Model(host, info)
 
 
+def started(engines) -> list[dj.Session]:
+    """A session of the whole model and one of the split, each after the same first run."""
+    sessions = [m.session() for m in models(*engines)]
+    for s in sessions:
+        s.generate("Hello, world", 4)
+    return sessions
+
+
 def test_the_host_holds_only_its_layers_and_the_stage_only_its_own(engines):
     whole, host, stage = engines
     plain, split = models(whole, host, stage)
@@ -112,11 +120,9 @@ def test_remote_layers_share_one_call_unless_the_run_watches_between_them(engine
 
 def test_paging_both_halves_out_while_paused_loses_nothing(engines):
     """A paused split session's KV lives on two engines: each pages its own out and back, bit for bit."""
-    whole, host, stage = engines
-    plain, split = models(whole, host, stage)
-    sessions = [m.session() for m in (plain, split)]
+    _, host, stage = engines
+    sessions = started(engines)
     for s in sessions:
-        s.generate("Hello, world", 4)
         s.break_at(2, tokens=2)
     runs = [s.generate(" and", 5, fresh=False, keep_logits=True) for s in sessions]
     stage_sid = host._session(sessions[1].id).stage
@@ -129,13 +135,9 @@ def test_paging_both_halves_out_while_paused_loses_nothing(engines):
 
 def test_a_fork_of_a_split_session_forks_its_half_on_the_stage(engines):
     """The fork and the original continue alike, each with its own KV on both engines, as the whole model's."""
-    whole, host, stage = engines
-    plain, split = models(whole, host, stage)
-    originals = [m.session() for m in (plain, split)]
-    for s in originals:
-        s.generate("Hello, world", 4)
+    originals = started(engines)
     forks = [s.fork() for s in originals]
-    assert len(stage.sessions()) == 2
+    assert len(engines[2].sessions()) == 2
     again = [s.generate(" and", 4, fresh=False, keep_logits=True) for s in (*originals, *forks)]
     assert all(r.tokens == again[0].tokens and torch.equal(r.logits, again[0].logits) for r in again)
     forks[1].rewind(3)
