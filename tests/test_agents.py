@@ -273,6 +273,7 @@ def test_experiment_1_small_runs_on_the_cpu_in_two_parts(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     opened = json.loads(out.read_text())
     assert not opened["complete"] and opened["counts_done"] == [1, 2] and "exactness_check" not in opened
+    assert "with hold, lru and at least one of signal" in run("--policies", "hold,signal").stdout
     refused = run("--resume", str(out), "--arrival-rate", "3")
     assert refused.returncode != 0 and "other options (arrival_rate" in refused.stderr
     second = run("--resume", str(out))

@@ -83,6 +83,7 @@ class Config:
     repeats: int  # cells per (count, policy), each with its own arrival times; a count's p99 pools their rounds
     control: bool  # also a CONTROL cell at each count
     check: dict
+    policies: tuple[str, ...] = tuple(POLICIES)  # swept and checked; hold, lru and a signal-driven one at least
 
     @staticmethod
     def make(small: bool) -> Config:
@@ -411,7 +412,7 @@ def sweep(engine: Engine, model: Model, cfg: Config, seed: int, vocab: int, targ
           cuda: bool, until: int | None) -> bool:
     """The counts not yet done (a resumed run did some), up to ``until``; True when no count is left."""
     cells, rows, done = results.data["cells"], results.data["rounds"], results.data["counts_done"]
-    misses = {p: 0 for p in POLICIES}
+    misses = {p: 0 for p in cfg.policies}
     for entry in sorted(results.data["counts"], key=lambda c: c["agents"]):
         misses[entry["policy"]] = 0 if entry["meets_target"] else misses[entry["policy"]] + 1
     pool = scripts(seed, max(cfg.counts), vocab, cfg.prompt_tokens, rounds=cfg.rounds, new_tokens=cfg.new_tokens,
@@ -428,12 +429,12 @@ def sweep(engine: Engine, model: Model, cfg: Config, seed: int, vocab: int, targ
                 log(results.data["sweep_cut_off"])
                 return True
             offsets = poisson_offsets(random.Random(seed + count + 1000 * repeat), count, count / cfg.arrival_rate)
-            for policy in POLICIES:
+            for policy in cfg.policies:
                 if misses[policy] < 2:
                     cell(engine, model, pool[:count], offsets, policy, repeat, target_s, results, cfg, cuda)
             if cfg.control:
                 cell(engine, model, pool[:count], offsets, CONTROL, repeat, target_s, results, cfg, cuda)
-        for policy in POLICIES:
+        for policy in cfg.policies:
             if misses[policy] < 2:
                 entry = pooled(cells, rows, policy, count, target_s)
                 results.data["counts"].append(entry)
@@ -505,11 +506,11 @@ def exactness(device: torch.device, cfg: Config, seed: int, small: bool, results
         reference.append([r.tokens for r in outcome["agents"][0]["records"]])
     peak = per_token * max(script_tokens(s) for s in agent_scripts)
     room = admission_room(engine, MODEL + "-check", agent_scripts, fast=False)
-    budgets = {p: int(1.5 * peak) + room for p in POLICIES}
+    budgets = {p: int(1.5 * peak) + room for p in cfg.policies}
     budgets["hold"] = int((len(agent_scripts) + 1) * peak) + room  # hold never pages: checked for concurrency alone
     check = {"agents": len(agent_scripts), "budget_bytes": budgets, "policies": {}}
     corrupted = failed = checked = 0
-    for policy in POLICIES:
+    for policy in cfg.policies:
         engine.memory.policy = make_policy(policy)
         engine.memory.budget = budgets[policy]
         outs_before = engine.memory.page_outs
@@ -544,7 +545,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for policy in POLICIES:
+    for policy in results["config"]["policies"]:
         counts = sorted((c for c in results["counts"] if c["policy"] == policy and c["p99_s"] is not None),
                         key=lambda c: c["agents"])
         ax.plot([c["agents"] for c in counts], [c["p99_s"] for c in counts], marker="o", label=policy)
@@ -600,6 +601,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-control", action="store_true",
                     help=f"skip the {CONTROL} cell at each count (hold with room for every agent: compute alone)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds of script time after which no cell starts")
+    ap.add_argument("--policies", default=None,
+                    help=f"policies to sweep, e.g. hold,lru,signal (default all: {','.join(POLICIES)}); hold, lru "
+                         f"and a signal-driven one at least, which the density ratios compare")
     ap.add_argument("--until", type=int, default=None,
                     help="sweep the counts up to this one, then leave the run open (no exactness check) for --resume")
     ap.add_argument("--resume", default=None, metavar="JSON",
@@ -627,6 +631,14 @@ def main() -> int:
         cfg = replace(cfg, deadline_s=args.deadline)
     if args.no_control:
         cfg = replace(cfg, control=False)
+    if args.policies:
+        chosen = tuple(p for p in POLICIES if p in args.policies.split(","))
+        unknown = set(args.policies.split(",")) - set(POLICIES)
+        if unknown or not {"hold", "lru"} <= set(chosen) or not set(chosen) & set(SIGNAL_DRIVEN):
+            log(f"--policies {args.policies}: choose among {', '.join(POLICIES)}, with hold, lru and at least one of "
+                f"{', '.join(SIGNAL_DRIVEN)} (the density ratios compare them)")
+            return 2
+        cfg = replace(cfg, policies=chosen)
     import transformers
 
     header = {
@@ -725,17 +737,18 @@ def main() -> int:
     exactness(device, cfg, args.seed, small, results)
 
     data = results.data
-    found = {p: max_at_target(data["counts"], p) for p in POLICIES}
-    best = {p: found[p]["agents"] for p in POLICIES}
-    signal_best = max(best[p] for p in SIGNAL_DRIVEN)
+    found = {p: max_at_target(data["counts"], p) for p in cfg.policies}
+    best = {p: found[p]["agents"] for p in cfg.policies}
+    signal_driven = [p for p in SIGNAL_DRIVEN if p in cfg.policies]
+    signal_best = max(best[p] for p in signal_driven)
     check = data["exactness_check"]
     data.update(
         max_agents_at_target=best,
-        max_agents_bounded_by_sweep={p: found[p]["bounded_by_sweep"] for p in POLICIES},
+        max_agents_bounded_by_sweep={p: found[p]["bounded_by_sweep"] for p in cfg.policies},
         density_ratio_vs_hold=ratio(signal_best, best["hold"]),
         density_ratio_vs_lru=ratio(signal_best, best["lru"]),
         density_ratios={p: {"vs_hold": ratio(best[p], best["hold"]), "vs_lru": ratio(best[p], best["lru"])}
-                        for p in SIGNAL_DRIVEN},
+                        for p in signal_driven},
         corrupted_rounds=check["corrupted_rounds"],
         failed_rounds=check["failed_rounds"] + sum(c["failed_rounds"] for c in data["cells"]),
         hold_queued_or_out_of_memory=[
