@@ -506,9 +506,9 @@ class Session:
         conversation and KV, breakpoints, steering, recordings and SAEs; it keeps its id. ``engine``: an index or
         a name (``"gpu1"``); None lets placement choose. A paused run moves along: it runs again there from its
         start, its earlier pauses answered as you answered them, to the same pause, which shows the same
-        activations (your edits, KV writes included); ``run`` and ``run.pause`` go on working. A running run
-        cannot move (wait for its pause or end), nor a paused one whose breakpoints, steering or recordings
-        changed since it began. An idle session's last run stays behind: read its logits and recordings before."""
+        activations (your edits, KV writes and changes to breakpoints, steering or recordings made at its pauses
+        included); ``run`` and ``run.pause`` go on working. A running run cannot move (wait for its pause or end).
+        An idle session's last run stays behind: read its logits and recordings before."""
         if not callable(getattr(type(self._backend), "migrate", None)):  # a daemon client has it; its daemon may refuse
             raise InvalidArgumentError(
                 "this session's backend runs one engine in process, so there is no other to move it to; migration "

@@ -35,7 +35,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import conditions, context, hooks, migration, models, prefill, split
+from . import conditions, context, hooks, migration, models, prefill, session_config, split
 from .anatomy import resolve_target
 from .breakpoints import SIDES, remove_by_id
 from .decode import Sampling
@@ -630,7 +630,7 @@ class Engine(PauseOps):
             prefill_chunk=chunk,
             kv_bytes=kv,
         )
-        run.started, run.replay = migration.start_of(session), replay
+        run.replay = replay
         session.run = run
         if fast:
             loaded.scheduler.submit(run, input_ids)
@@ -705,7 +705,9 @@ class Engine(PauseOps):
         """Run the moved run again to the pause it stood at (executor.Replay); call with the session's lock held."""
         session._run_ids = itertools.count(moved["id"])
         answers = deque((Command(command), edited) for command, edited in moved["answers"])
-        replay = Replay(answers, PauseState(**moved["pause"]), list(moved["kv_edits"]))
+        device = session.model.device
+        configs = {number: config.moved(device) for number, config in moved["configs"].items()}
+        replay = Replay(answers, PauseState(**moved["pause"]), list(moved["kv_edits"]), configs)
         try:
             self._launch(session, list(moved["prompt_ids"]), context.cached_length(session.cache),
                          moved["max_new_tokens"], Sampling(**moved["sampling"]), moved["keep_logits"], replay)
@@ -718,6 +720,7 @@ class Engine(PauseOps):
             raise ExecutionError(
                 f"the paused run ended ({run.state.value}) before reaching its pause again on this engine"
             )
+        session_config.install(session, moved["config_now"].moved(session.model.device))
 
     def rewind(self, sid: int, tokens: int) -> dict[str, object]:
         """Keep only the first ``tokens`` tokens of the conversation (and their KV): the next ``fresh=False`` run

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import context
+from . import context, session_config
 from .breakpoints import Breakpoint
 from .conditions import Probe, fires, lens_top1
 from .decode import Sampling, decode
@@ -126,11 +126,13 @@ class Replay:
     start and, instead of stopping, answers its earlier pauses as the user did there (``answers``: the same
     commands, the same edited activations; ``kv_edits``: the same KV writes, at the pause they were made), then
     stops at the pause it stood at (``at``), showing that pause's activations as they were there, edits included,
-    and its KV as edited there."""
+    and its KV as edited there; at each pause where the user changed the session's configuration there, the
+    replay takes that configuration on (``configs``)."""
 
     answers: deque[Answer]
     at: PauseState
     kv_edits: list[KVEdit]
+    configs: dict[int, session_config.Config]  # the configuration after each pause where the user changed it
 
     def arrive(self, pause: PauseState) -> PauseState:
         """The pause the replay reached, checked against the one it must reach, with the source's activations."""
@@ -231,7 +233,11 @@ class Run:
         self.error: BaseException | None = None
         self.answers: list[Answer] = []  # every pause's answer so far: what a migration replays (Replay)
         self.replay: Replay | None = None  # set on a run moved here paused, until it stands at that pause again
-        self.started: tuple[object, dict[int, int]] | None = None  # migration.start_of(session) when it began
+        # The session's configuration as the run began and after each pause where the user changed it (by pause
+        # number): what a migration's replay needs (session_config.py). It changes at pauses only: while the run
+        # runs, the call driving it holds the session's lock, which every change takes.
+        self.started = session_config.snapshot(session)
+        self.configs: dict[int, session_config.Config] = {}
         self.kv_edits: list[KVEdit] = []  # KV writes made at its pauses (inspection.edit_kv): a replay repeats them
         self._pauses = itertools.count(1)
         self._tops: dict[int, int | None] = {}  # breakpoint id -> the lens's top token there at the last step
@@ -350,12 +356,19 @@ class Run:
             command, edited = replay.answers.popleft()
             if edited is not None:
                 pause.current, pause.edits = edited.to(value.device), 1
+            config = replay.configs.get(pause.number)
+            if config is not None:  # the user changed the configuration at this pause there
+                session_config.install(self.session, config)
+                self.configs[pause.number] = config
         else:
-            if replay is not None:
+            if replay is not None:  # the engine installs the configuration as it is now there meanwhile
                 self.replay = None
                 pause = replay.arrive(pause)
                 self._write_kv(replay, pause.number)
+            before = session_config.ids(self.session)
             command = self.handoff.pause(pause)
+            if session_config.ids(self.session) != before:
+                self.configs[pause.number] = session_config.snapshot(self.session)
         if command is Command.ABORT:
             raise Aborted
         self.answers.append((command, pause.current.detach().to("cpu", copy=True) if pause.edits else None))

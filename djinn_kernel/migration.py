@@ -9,11 +9,12 @@ Invariants:
 - A paused run cannot be carried as it stands (its executor thread's stack is mid-forward), so it moves as what
   makes it again: the session as it was when the run began (the history and K/V before its prompt, breakpoint hits
   as they were), the run's arguments, the answer given at each of its earlier pauses (command, edited activation)
-  and the paused activations themselves. The importing engine runs it from its start, answers those pauses the
-  same way and stops at the same pause (executor.Replay): in deterministic mode every value it computes is the
-  source's, bit for bit, and the activation shown and resumed is the source's in any mode. What a replay cannot
-  repeat is refused: a run still running, one whose session's breakpoints, steering, recordings or SAEs changed
-  since it began, one whose KV a pause edited.
+  and the paused activations themselves, and the session's configuration (breakpoints, steering, recordings,
+  SAEs) as the run began, after each pause where the user changed it, and now (session_config.py). The importing
+  engine runs it from its start, answers those pauses the same way with the configuration that was in effect
+  there, and stops at the same pause (executor.Replay): in deterministic mode every value it computes is the
+  source's, bit for bit, and the activation shown and resumed is the source's in any mode. A running run cannot
+  move (it has no pause to replay to).
 - ``export_state`` runs with the session's lock held and its state resident (``MemoryManager.resident``); it returns
   CPU copies only, so nothing it returns aliases memory that paging frees, and all of it pickles.
 - ``import_state`` writes the same K/V values into the cache kind the session had (a transformers ``DynamicCache`` on
@@ -27,61 +28,29 @@ Invariants:
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from . import context
-from .breakpoints import BreakpointTable
-from .errors import InvalidArgumentError, SessionBusyError
-from .executor import Run, Steering
+from . import context, session_config
+from .errors import InvalidArgumentError
+from .executor import Run
 from .kv_blocks import BlockKV
 from .sessions import SessionState
 
-FORMAT = 1  # bumped when the state's layout changes; an engine refuses a state of another format
+FORMAT = 2  # bumped when the state's layout changes; an engine refuses a state of another format
 _COUNTERS = ("_steer_ids", "_record_ids", "_run_ids")
-
-
-def _next_id(holder: object, name: str) -> int:
-    """The id ``holder.name`` (an ``itertools.count``) gives next, leaving the counter where it was."""
-    value = next(getattr(holder, name))
-    setattr(holder, name, itertools.count(value))
-    return value
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def _edit_to(edit: Any, device: torch.device | str) -> Any:
-    return replace(edit, **{name: t.detach().to(device, copy=True) for name, t in edit.tensors().items()})
-
-
-def start_of(session: SessionState) -> tuple[object, dict[int, int]]:
-    """What a run's replay needs of the session as the run begins: its configuration (which breakpoints,
-    steering, recordings and SAEs: ids are never reused) and its breakpoints' hit counts."""
-    config = (
-        tuple(bp.id for bp in session.breakpoints),
-        tuple(session.steering),
-        tuple(session.recordings),
-        tuple((path, id(sae)) for path, sae in session.saes.items()),
-    )
-    return config, {bp.id: bp.hits for bp in session.breakpoints}
-
-
 def export_state(session: SessionState, run: Run | None = None) -> dict[str, Any]:
     """The resident ``session`` (idle, or with ``run`` paused) as plain data and CPU tensors (call with its lock
-    held)."""
-    hits: dict[int, int] = {}
-    if run is not None:
-        config, hits = run.started
-        if config != start_of(session)[0]:
-            raise SessionBusyError(
-                f"run {run.id} cannot move while paused: its session's breakpoints, steering, recordings or SAEs "
-                f"changed since it began, and a replay of it elsewhere would not pass where it passed here; finish "
-                f"or cancel the run, then migrate"
-            )
+    held). A paused run's session goes with the configuration the run began with, and the run with the
+    configuration as it was after each pause where the user changed it, and as it is now (session_config.py)."""
+    config = (session_config.snapshot(session) if run is None else run.started).moved("cpu")
     cache = session.cache
     length = context.cached_length(cache) if run is None else run.context_length
     layers = len(context.layer_lengths(cache))
@@ -110,17 +79,13 @@ def export_state(session: SessionState, run: Run | None = None) -> dict[str, Any
         "model": session.model.id,
         "history": list(session.history if run is None else session.history[: run.context_length]),
         "kv": kv,
-        "breakpoints": [replace(bp, hits=hits.get(bp.id, bp.hits)) for bp in session.breakpoints],
-        "next_breakpoint": _next_id(session.breakpoints, "_ids"),
-        "steering": [Steering(s.id, s.path, s.layer, s.side, _edit_to(s.edit, "cpu")) for s in session.steering.values()],
-        "recordings": [replace(r) for r in session.recordings.values()],
-        "saes": {path: sae.to(torch.device("cpu")) for path, sae in session.saes.items()},
-        "counters": {name: _next_id(session, name) for name in _COUNTERS},
-        "run": None if run is None else _run_state(run),
+        "config": config,
+        "counters": {name: session_config.next_id(session, name) for name in _COUNTERS},
+        "run": None if run is None else _run_state(run, session_config.snapshot(session)),
     }
 
 
-def _run_state(run: Run) -> dict[str, Any]:
+def _run_state(run: Run, now: session_config.Config) -> dict[str, Any]:
     pause = run.pause
     sampling = run.sampling
     return {
@@ -131,6 +96,8 @@ def _run_state(run: Run) -> dict[str, Any]:
         "keep_logits": run.keep_logits,
         "answers": [(command.value, edited) for command, edited in run.answers],
         "kv_edits": list(run.kv_edits),
+        "configs": {number: config.moved("cpu") for number, config in run.configs.items()},
+        "config_now": now.moved("cpu"),
         "pause": {
             "number": pause.number, "path": pause.path, "layer": pause.layer, "side": pause.side,
             "token_step": pause.token_step, "reason": pause.reason, "breakpoint_ids": list(pause.breakpoint_ids),
@@ -160,16 +127,7 @@ def import_state(session: SessionState, state: dict[str, Any]) -> None:
     device = loaded.device
     session.history = list(state["history"])
     session.cache = _cache(loaded, state["kv"], device)
-    session.breakpoints = BreakpointTable(
-        {bp.id: replace(bp) for bp in state["breakpoints"]}, itertools.count(state["next_breakpoint"])
-    )
-    session.steering = {s.id: Steering(s.id, s.path, s.layer, s.side, _edit_to(s.edit, device)) for s in state["steering"]}
-    session.recordings = {r.id: replace(r) for r in state["recordings"]}
-    session.saes = {path: sae.to(device) for path, sae in state["saes"].items()}
-    hooked = [*(bp.path for bp in session.breakpoints), *(s.path for s in session.steering.values()),
-              *(r.path for r in session.recordings.values()), *session.saes]
-    for path in dict.fromkeys(hooked):  # the hooks the source engine put on these modules when they were added
-        loaded.dispatcher.ensure(path)
+    session_config.install(session, state["config"].moved(device))
     for name, value in state["counters"].items():
         setattr(session, name, itertools.count(value))
 

@@ -14,7 +14,7 @@ import djinn_kernel as dj
 from djinn_kernel.edits import AddVector, Scale
 from djinn_kernel.cluster.placement import EngineLoad, NoEngineError, SessionLoad, place, rebalance, split_pair
 from djinn_kernel.engine import Engine
-from djinn_kernel.errors import EngineLostError, InvalidArgumentError, SessionBusyError, SessionLostError
+from djinn_kernel.errors import EngineLostError, InvalidArgumentError, SessionLostError
 
 NEED = 100  # bytes placement counts per session in the policy tests
 
@@ -268,21 +268,44 @@ def finish_alike(target: Engine, moved: int, run, twin) -> None:
     assert run.tokens == twin.tokens and torch.equal(run.logits, twin.logits)
 
 
-def test_what_a_replay_could_not_repeat_is_refused_and_the_session_stays():
-    engine = Engine(device="cpu", deterministic=True)
+def reconfigured_run(engine: Engine, vector: torch.Tensor):
+    """A paused run whose session's configuration the user changed at each of its three pauses: steering and a
+    breakpoint added at the first, the steering removed and another breakpoint added at the second, steering
+    added at the third, where it stands (layer 0, token step 3)."""
+    session = dj.load("tiny-llama", backend=engine).session()
+    session.generate("Hello, world", 4)
+    session.break_at(1, tokens=0)
+    run = session.generate(" and then", 5, fresh=False, keep_logits=True)
+    session.steer(3, vector)
+    session.break_at(2, tokens=2)
+    run.resume()
+    assert (run.pause.layer, run.pause.token_step) == (2, 2)
+    session.unsteer()
+    session.break_at(0, tokens=3)
+    run.resume()
+    assert (run.pause.layer, run.pause.token_step) == (0, 3)
+    session.steer(1, 2 * vector)
+    return session, run
+
+
+def test_configuration_changed_at_pauses_moves_with_the_run():
+    """The replay takes each configuration on at the pause where it was changed, so the moved run stands at the
+    same pause with the same activations and configuration, and finishes as the unmoved one."""
+    source, target, alone = (Engine(device="cpu", deterministic=True) for _ in range(3))
     try:
         vector = torch.full((64,), 0.05)
-        session, run = paused_run(engine, vector)
-        session.steer(3, vector)  # a steering added while paused would act on the replay's earlier steps
-        with pytest.raises(SessionBusyError, match="changed since it began"):
-            engine.export_session(session.id)
-        session.unsteer()
-        session.steer(1, vector)
-        with pytest.raises(SessionBusyError, match="changed since it began"):
-            engine.export_session(session.id)  # the same edit again, but a new steering
-        assert run.finish().finished
+        session, run = reconfigured_run(source, vector)
+        unmoved, twin = reconfigured_run(alone, vector)
+        dj.load("tiny-llama", backend=target)
+        moved = target.import_session("tiny-llama", source.export_session(session.id))
+        assert target.run_snapshot(moved)["pause"] == run.pause.info
+        assert torch.equal(target.activation(moved), twin.pause.activation)
+        here, there = target.describe_session(moved), source.describe_session(session.id)
+        assert here["breakpoints"] == there["breakpoints"] and here["steering"] == there["steering"]
+        finish_alike(target, moved, run, twin)
     finally:
-        engine.shutdown()
+        for engine in (source, target, alone):
+            engine.shutdown()
 
 
 def kv_edited_run(engine: Engine):
@@ -409,7 +432,8 @@ def test_a_migrated_session_continues_bitwise_as_an_unmigrated_one(cluster):
 
 def test_a_session_migrated_mid_pause_finishes_as_an_unmigrated_run(cluster):
     """Through the cluster: a session paused at its third pause (edits at two, a step at one) moves to another
-    engine, stands at the same pause there, and finishes with the tokens and logits of a run that stayed."""
+    engine, stands at the same pause there, gets steering there and moves back, and finishes with the tokens and
+    logits of a run that stayed."""
     dj.load("tiny-llama", backend=cluster)
     vector = torch.full((64,), 0.05)
     session, run = paused_run(cluster, vector)
@@ -421,9 +445,9 @@ def test_a_session_migrated_mid_pause_finishes_as_an_unmigrated_run(cluster):
         assert (info["from"], info["to"], info["paused_run"]) == (before, target, run.id)
         assert where(cluster)[session.id] == target and session.status()["state"] == "paused"
         assert torch.equal(run.pause.activation, shown) and torch.equal(run.pause.original, twin.pause.original)
-        with pytest.raises(SessionBusyError, match="changed since it began"):
-            session.steer(3, vector) and session.migrate()
-        session.unsteer(session.steering[-1]["id"])
+        session.steer(3, vector)  # changed at the pause it stands at: moves back with it
+        stay.steer(3, vector)
+        assert session.migrate(engine=before)["paused_run"] == run.id and where(cluster)[session.id] == before
         run.finish()
         twin.finish()
         assert run.tokens == twin.tokens and torch.equal(run.logits, twin.logits)
