@@ -80,6 +80,38 @@ def test_a_split_goes_to_the_two_live_engines_with_the_most_room_the_host_first(
         split_pair([load(0), load(1, alive=False)], need=0)
 
 
+def test_a_split_models_stage_gone_or_restarted_empty_is_an_engine_lost_error_naming_it(monkeypatch):
+    """cluster/stage.py with Ray stood in for: the stage actor dead, or back (Ray restarted it) without the layers
+    (its session or model unknown there), fails the host's call with an EngineLostError naming the stage engine;
+    its own errors otherwise come back as they are."""
+    ray = pytest.importorskip("ray")
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from djinn_kernel.cluster.stage import ActorStage
+    from djinn_kernel.errors import ModelNotFoundError, SessionClosedError
+
+    class Actor:
+        class call:  # noqa: N801 - the shape of a Ray actor method
+            @staticmethod
+            def remote(*args):
+                return args
+
+    raised: list[BaseException] = []
+    monkeypatch.setattr(ray, "get", lambda ref: (_ for _ in ()).throw(raised[0]))
+    stage = ActorStage(Actor(), "tiny-llama:layers0-1", "gpu2")
+    for cause in (ActorDiedError(), RayTaskError("call", "", SessionClosedError("no session 3")),
+                  RayTaskError("call", "", ModelNotFoundError("not loaded"))):
+        raised[:] = [cause]
+        with pytest.raises(EngineLostError, match="engine gpu2, which serves the first layers of tiny-llama"):
+            stage.fork(3)
+    raised[:] = [RayTaskError("call", "", InvalidArgumentError("bad layer"))]
+    with pytest.raises(InvalidArgumentError, match="bad layer"):
+        stage.fork(3)
+    raised[:] = [RayTaskError("call", "", SessionClosedError("closed already"))]
+    with pytest.raises(SessionClosedError):
+        stage.close(3)  # the host closing it: the stage's own answer
+
+
 def test_dead_engines_never_get_a_session():
     engines = [load(0, alive=False), load(1, budget=10, sessions=(0,))]
     assert place("m", engines, NEED).engine == 1

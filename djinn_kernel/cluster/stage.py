@@ -2,8 +2,8 @@
 
 The host engine's remote layers call it from their forward, inside the host actor: each call is one Ray call to the
 stage's actor, with the hidden state, mask and position embeddings on the CPU (through Ray's object store) and the
-new hidden state back. Errors come back as they are raised there; a stage actor that has gone is an
-``EngineLostError`` naming it, which fails the host's run.
+new hidden state back. Errors come back as they are raised there; a stage actor that has gone, or came back
+restarted by Ray without the layers and their KV, is an ``EngineLostError`` naming it, which fails the host's run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DjinnError, EngineLostError
+from ..errors import DjinnError, EngineLostError, ModelNotFoundError, SessionClosedError
 
 
 class ActorStage:
@@ -28,16 +28,21 @@ class ActorStage:
         try:
             return ray.get(self.actor.call.remote(op, *args))
         except (ActorDiedError, ActorUnavailableError) as exc:
-            raise EngineLostError(
-                f"engine {self.name}, which serves the first layers of {self.model_id.split(':')[0]} for this split "
-                f"model, is gone ({type(exc).__name__}); load the split model again (djinn_kernel.load(..., "
-                f"split_at=...)) and open a new session"
-            ) from None
+            raise self._lost(f"is gone ({type(exc).__name__})") from None
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)
+            if isinstance(cause, (SessionClosedError, ModelNotFoundError)) and op != "close_session":
+                # Only the host closes a stage session: one the stage no longer has went with its process.
+                raise self._lost("restarted, without these layers' weights and KV") from None
             if isinstance(cause, DjinnError):
                 raise cause from None
             raise exc.as_instanceof_cause() from None
+
+    def _lost(self, what: str) -> EngineLostError:
+        return EngineLostError(
+            f"engine {self.name}, which serves the first layers of {self.model_id.split(':')[0]} for this split "
+            f"model, {what}; load the split model again (djinn_kernel.load(..., split_at=...)) and open a new session"
+        )
 
     def open(self) -> int:
         return self._call("open_session", self.model_id, "split")
