@@ -121,6 +121,7 @@ class PauseOps:
             if target >= len(paths):
                 raise InvalidTargetError("the last layer's output feeds no attention layer; break at its input")
             held = _held_before(run, pause)
+            _here(session, target, "the attention it computes")
             past, _ = context.read_kv(run.cache, target, held, loaded.model.config)
             rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
             if rotary is None:
@@ -160,7 +161,7 @@ class PauseOps:
         layers = len(session.model.anatomy.layer_paths)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -layers <= layer < layers:
             raise InvalidTargetError(f"layer must be a decoder layer index from 0 to {layers - 1}, not {layer!r}")
-        return layer % layers
+        return _here(session, layer % layers, "its keys and values")
 
     def logit_lens(
         self, sid: int, k: int = 5, position: int = -1, edit: Edit | None = None
@@ -208,3 +209,14 @@ class PauseOps:
                 for p, i in zip(top.values.tolist(), top.indices.tolist())
             ]
 
+
+def _here(session: SessionState, index: int, what: str) -> int:
+    """``index`` if this engine holds decoder layer ``index`` (not a split model's stage, split.py)."""
+    loaded = session.model
+    where = getattr(loaded.model.get_submodule(loaded.anatomy.layer_paths[index]), "runs_elsewhere", None)
+    if where:
+        raise InvalidTargetError(
+            f"decoder layer {index} runs on {where}, which holds {what}; read or edit them at a layer this engine "
+            f"holds, or pause at layer {index}'s input or output for its activations"
+        )
+    return index

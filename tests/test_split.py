@@ -145,6 +145,31 @@ def test_a_fork_of_a_split_session_forks_its_half_on_the_stage(engines):
     assert originals[1].generate(" so", 3, fresh=False).tokens == originals[0].generate(" so", 3, fresh=False).tokens
 
 
+def test_kv_and_attention_of_a_stage_layer_are_refused_at_a_pause_and_the_hosts_are_served(engines):
+    """A pause on the host can read and edit the KV of the host's layers and the attention of a host layer; the
+    stage's layers' KV is not here, so those are refused, saying where it is."""
+    sessions = started(engines)
+    for s in sessions:
+        s.break_at(0, tokens=1)  # its output feeds layer 1, on the stage
+        s.break_at(1, tokens=1)  # its output feeds layer 2, on the host
+    whole, split = (s.generate(" and", 4, fresh=False) for s in sessions)
+    with pytest.raises(InvalidTargetError, match="decoder layer 0 runs on another engine of this split model"):
+        split.pause.kv(0)
+    with pytest.raises(InvalidTargetError, match="decoder layer 1 runs on .* which holds its keys and values"):
+        split.pause.edit_kv(1, [0], keys=torch.zeros(2, 1, 16))
+    with pytest.raises(InvalidTargetError, match="decoder layer 1 runs on .* which holds the attention"):
+        split.pause.attention()
+    for run in (whole, split):
+        run.resume()
+    assert split.pause.layer == whole.pause.layer == 1
+    for mine, theirs in zip(split.pause.kv(3), whole.pause.kv(3)):
+        assert torch.equal(mine, theirs)
+    assert torch.equal(split.pause.attention(), whole.pause.attention())
+    for run in (whole, split):
+        run.finish()
+    assert whole.tokens == split.tokens
+
+
 def test_closing_a_split_session_closes_its_half_on_the_stage(engines):
     whole, host, stage = engines
     _, split = models(whole, host, stage)
