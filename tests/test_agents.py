@@ -274,6 +274,9 @@ def test_experiment_1_small_runs_on_the_cpu_in_two_parts(tmp_path):
     opened = json.loads(out.read_text())
     assert not opened["complete"] and opened["counts_done"] == [1, 2] and "exactness_check" not in opened
     assert "with hold, lru and at least one of signal" in run("--policies", "hold,signal").stdout
+    cut = run("--out", str(tmp_path / "cut.json"), "--until", "4", "--deadline", "0.001")
+    assert cut.returncode == 0 and "left open at the deadline" in cut.stdout
+    assert json.loads((tmp_path / "cut.json").read_text())["counts_done"] == []  # open, for --resume
     refused = run("--resume", str(out), "--arrival-rate", "3")
     assert refused.returncode != 0 and "other options (arrival_rate" in refused.stderr
     second = run("--resume", str(out))

@@ -425,6 +425,10 @@ def sweep(engine: Engine, model: Model, cfg: Config, seed: int, vocab: int, targ
             return False
         for repeat in range(cfg.repeats):
             if time.monotonic() - START > cfg.deadline_s:
+                if until is not None:  # a run in parts: the next part goes on from here
+                    log(f"left open at the deadline ({cfg.deadline_s:.0f} s) before {count} agents: continue with "
+                        f"--resume")
+                    return False
                 results.data["sweep_cut_off"] = f"deadline {cfg.deadline_s:.0f} s reached before {count} agents"
                 log(results.data["sweep_cut_off"])
                 return True
@@ -605,7 +609,8 @@ def parse_args() -> argparse.Namespace:
                     help=f"policies to sweep, e.g. hold,lru,signal (default all: {','.join(POLICIES)}); hold, lru "
                          f"and a signal-driven one at least, which the density ratios compare")
     ap.add_argument("--until", type=int, default=None,
-                    help="sweep the counts up to this one, then leave the run open (no exactness check) for --resume")
+                    help="sweep the counts up to this one, then leave the run open (no exactness check) for --resume; "
+                         "a run given --until also stays open when --deadline cuts it")
     ap.add_argument("--resume", default=None, metavar="JSON",
                     help="continue the open run in JSON (same options): its target, the counts it has not done, "
                          "then the exactness check; --out defaults to JSON")
