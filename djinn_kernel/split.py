@@ -13,11 +13,12 @@ computed to the stage, which runs its layer against its own KV cache for the ses
 state: the same arithmetic as the unsplit forward, so tokens and activations are bitwise equal. The stage keeps
 that KV in a session of its own (``Engine.run_layers``), under its own memory manager and budget. The host's cache
 holds a one-wide entry per remote layer (one value per token and layer: transformers counts an empty entry as no
-tokens), which records the layer's length, what transformers reads for positions and masks. Before a forward the stage crops its KV to the host's length, so a fresh run, a rewind or a
-cancelled run on the host leaves both agreeing.
+tokens), which records the layer's length, what transformers reads for positions and masks. Before a forward the
+stage crops its KV to the host's length, so a fresh run, a rewind or a cancelled run on the host leaves both
+agreeing.
 
 ``Stage`` is what the host calls: ``EngineStage`` for an engine in this process; the cluster backend passes one
-that calls an engine actor (cluster/worker.py). Consecutive remote layers share one call when the run does nothing
+that calls an engine actor (cluster/stage.py). Consecutive remote layers share one call when the run does nothing
 between them (``RemoteLayer``); a fork forks the stage's half too. Not yet: the fast path (a split model runs on the
 module path), moving a split session to another engine (refused), more than one stage.
 """
@@ -25,6 +26,7 @@ module path), moving a split session to another engine (refused), more than one 
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Protocol
 
 import torch
@@ -34,7 +36,7 @@ from . import hooks
 from .errors import InvalidArgumentError, SessionLostError
 
 ATTRIBUTE = "djinn_stage"  # the host's cache carries (stage, stage session id) for its remote layers
-AHEAD = "djinn_stage_ahead"  # and, within a forward, (last layer run, past) of the stretch the stage ran
+AHEAD = "djinn_stage_ahead"  # and, within a forward, (last layer run, its result) of the stretch the stage ran
 
 
 class Stage(Protocol):
@@ -105,15 +107,17 @@ class RemoteLayer(nn.Module):
         past = kv.get_seq_length(self.index)
         length = hidden_states.new_zeros((hidden_states.shape[0], 1, hidden_states.shape[1], 1))
         ahead = getattr(kv, AHEAD, None)
-        if ahead is not None and ahead[1] == past and self.index <= ahead[0]:
+        if ahead is not None and ahead[1]() is hidden_states and self.index <= ahead[0]:
             kv.update(length, length, self.index)  # an earlier layer of this forward ran this one: pass it on
             return hidden_states
         last = self._last(hooks.current())
         out = link.run(sid, self.index, last.index, past, hidden_states, attention_mask, position_ids,
-                       position_embeddings)
-        setattr(kv, AHEAD, (last.index, past))
+                       position_embeddings).to(hidden_states.device)
+        # The stretch's result is what the layers after this one receive, untouched (the run does nothing
+        # between them): a weak reference to it says "this forward, this stretch", and dies with the forward.
+        setattr(kv, AHEAD, (last.index, weakref.ref(out)))
         kv.update(length, length, self.index)
-        return out.to(hidden_states.device)
+        return out
 
     def _last(self, run: object) -> RemoteLayer:
         """The last remote layer this call can run through: up to a boundary the run watches (``Run.watches``;

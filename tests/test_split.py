@@ -116,6 +116,11 @@ def test_remote_layers_share_one_call_unless_the_run_watches_between_them(engine
     for run in runs:
         run.finish()
     assert counting.calls == [(0, 1), (0, 0), (1, 1), (0, 1), (0, 1)] and runs[0].tokens == runs[1].tokens
+    for s in sessions:  # back to the length the last forward started from: a new forward, a new stretch
+        s.delete()
+        s.rewind(s.status()["history_tokens"] - 2)
+    again = [s.generate("!", 3, fresh=False, keep_logits=True) for s in sessions]
+    assert again[0].tokens == again[1].tokens and torch.equal(again[0].logits, again[1].logits)
 
 
 def test_paging_both_halves_out_while_paused_loses_nothing(engines):
