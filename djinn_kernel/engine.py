@@ -755,7 +755,7 @@ class Engine(PauseOps):
             if session.cache is None:
                 session.cache = context.for_module_path(None, loaded.model.config)
             out = split.layers_forward(
-                split.layer_list(loaded.model), first, last, loaded.forward_call.cache_arg, session.cache, past,
+                loaded.model.get_submodule(loaded.anatomy.layers_path), first, last, loaded.forward_call.cache_arg, session.cache, past,
                 hidden.to(device), None if mask is None else mask.to(device), position_ids.to(device),
                 tuple(t.to(device) for t in position_embeddings),
             )

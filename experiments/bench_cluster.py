@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from bench_decode import hbm_bandwidth
 from bench_paging import LLAMA_SHAPES, environment, log
 
 SMALL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -198,20 +199,6 @@ def transfer_floor(ray: Any, nbytes: int, cuda_devices: int) -> dict[str, Any]:
             "device_legs": gpu,
             "what": "median of 3 (after 1 warm-up) of: cuda:0 -> host copy, ray.put + a Ray task in another "
                     "process receiving it, host -> cuda:1 copy (device legs only with 2 GPUs visible to the driver)"}
-
-
-def hbm_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB on this process's GPU (read + write), bytes per second: the HBM yardstick."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (time.perf_counter() - start)
 
 
 def split_decode(backend: Any, shape: dict, dtype: str, seed: int, max_positions: int, rng: random.Random,
@@ -383,7 +370,7 @@ def main() -> None:
     if have >= 2:
         split_shape = SMALL_SHAPE if small else LLAMA_SHAPES["70b"]
         pause_layer = 3 if small else 60
-        hbm = None if small else hbm_bandwidth()
+        hbm = None if small else hbm_bandwidth(torch.device("cuda"))
         log(f"split: {'tiny' if small else '70B'} shape over 2 engines, pause at layer {pause_layer}")
         backend = connect_cluster(engines=2, resource=resource, engine_options=engine_options, start_timeout=900)
         try:
