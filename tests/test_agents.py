@@ -259,9 +259,10 @@ def test_cli_takes_a_policy():
     assert build_parser().parse_args(["serve"]).policy == "lru"
 
 
-def test_experiment_1_small_runs_on_the_cpu_in_two_parts(tmp_path):
+def test_experiment_1_small_runs_on_the_cpu_in_two_parts_and_an_extension(tmp_path):
     """The sweep stops after a count and a second process finishes it (the device tool's calls are 10 minutes):
-    one target, every count's cells from one process, the exactness check at the end; other options are refused."""
+    one target, every count's cells from one process, the exactness check at the end; other options are refused.
+    A third process sweeps one more policy on the complete run, with its agents and target."""
     out = tmp_path / "exp1_small.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "experiments")])}
 
@@ -269,7 +270,8 @@ def test_experiment_1_small_runs_on_the_cpu_in_two_parts(tmp_path):
         return subprocess.run([sys.executable, str(ROOT / "experiments/exp1_agents/run.py"), "--small", *args],
                               env=env, capture_output=True, text=True, timeout=240)
 
-    first = run("--out", str(out), "--until", "2")
+    three = ("--policies", "hold,lru,signal")
+    first = run("--out", str(out), "--until", "2", *three)
     assert first.returncode == 0, first.stderr[-3000:]
     opened = json.loads(out.read_text())
     assert not opened["complete"] and opened["counts_done"] == [1, 2] and "exactness_check" not in opened
@@ -277,16 +279,33 @@ def test_experiment_1_small_runs_on_the_cpu_in_two_parts(tmp_path):
     cut = run("--out", str(tmp_path / "cut.json"), "--until", "4", "--deadline", "0.001")
     assert cut.returncode == 0 and "left open at the deadline" in cut.stdout
     assert json.loads((tmp_path / "cut.json").read_text())["counts_done"] == []  # open, for --resume
-    refused = run("--resume", str(out), "--arrival-rate", "3")
+    refused = run("--resume", str(out), "--arrival-rate", "3", *three)
     assert refused.returncode != 0 and "other options (arrival_rate" in refused.stderr
-    second = run("--resume", str(out))
+    assert "finish it with --resume" in run("--extend", str(out), "--policies", "signal-keep-short").stderr
+    second = run("--resume", str(out), *three)
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["complete"] and result["counts_done"] == [1, 2, 4] and result["target_s"] == opened["target_s"]
     assert [part["counts"] for part in result["parts"]] == [[1, 2], [4]] and "uncontended" in result["parts"][1]
     assert {c["agents"] for c in result["cells"]} == {1, 2, 4}
-    assert set(result["max_agents_at_target"]) == {"hold", "lru", "signal", "signal-keep-short"}
+    assert set(result["max_agents_at_target"]) == {"hold", "lru", "signal"}
     assert result["corrupted_rounds"] == 0 and result["failed_rounds"] == 0
     assert {"density_ratio_vs_hold", "density_ratio_vs_lru", "rounds", "counts"} <= set(result)
     assert all(c["repeats"] == 1 for c in result["counts"])
-    assert "nothing to resume" in run("--resume", str(out)).stderr
+    assert "nothing to resume" in run("--resume", str(out), *three).stderr
+
+    assert "has swept signal already" in run("--extend", str(out), "--policies", "signal").stderr
+    wider = tmp_path / "extended.json"
+    third = run("--extend", str(out), "--policies", "signal-keep-short", "--out", str(wider))
+    assert third.returncode == 0, third.stderr[-3000:]
+    extended = json.loads(wider.read_text())
+    assert extended["complete"] and extended["target_s"] == result["target_s"]
+    assert extended["parts"][2]["policies"] == ["signal-keep-short"] and extended["parts"][2]["counts"] == [1, 2, 4]
+    added = [c for c in extended["cells"] if c["policy"] == "signal-keep-short"]
+    assert [c["agents"] for c in added] == [1, 2, 4] and extended["counts_done"] == [1, 2, 4]
+    kept = [c for c in extended["cells"] if c["policy"] != "signal-keep-short"]
+    assert kept == result["cells"], "the extension leaves the run's own cells as they were"
+    assert set(extended["max_agents_at_target"]) == {"hold", "lru", "signal", "signal-keep-short"}
+    assert set(extended["density_ratios"]) == {"signal", "signal-keep-short"}
+    assert set(extended["exactness_check"]["policies"]) == {"hold", "lru", "signal", "signal-keep-short"}
+    assert extended["exactness_check"]["rounds_checked"] == 4 * 9 and extended["corrupted_rounds"] == 0

@@ -28,7 +28,9 @@ compute contention rather than memory: agents spent most of their time generatin
 Progress goes to stdout with timestamps, and the JSON at ``--out`` is rewritten after every cell (``complete``
 is false until the end). A sweep longer than one call of the device tool (10 minutes) runs in parts: ``--until N``
 stops after count N and leaves the run open; ``--resume JSON`` continues it in a new process, with the same
-model, agents, budget and target, and its own uncontended pass recorded beside the first's.
+model, agents, budget and target, and its own uncontended pass recorded beside the first's. ``--extend JSON
+--policies NAMES`` sweeps more policies on a complete run in the same way (same agents, arrival times and target),
+checks them, and summarizes over all its policies.
 
     PYTHONPATH=$PWD:$PWD/experiments python3 experiments/exp1_agents/run.py --out $OUT/exp1_h200.json   # GPU
     PYTHONPATH=$PWD:$PWD/experiments python3 experiments/exp1_agents/run.py --small --out /tmp/exp1.json  # CPU
@@ -409,17 +411,17 @@ def uncontended(engine: Engine, model: Model, agent_scripts: list[AgentScript], 
 
 
 def sweep(engine: Engine, model: Model, cfg: Config, seed: int, vocab: int, target_s: float, results: Results,
-          cuda: bool, until: int | None) -> bool:
-    """The counts not yet done (a resumed run did some), up to ``until``; True when no count is left."""
+          cuda: bool, until: int | None, policies: tuple[str, ...], todo: list[int]) -> bool:
+    """``policies`` at the counts ``todo`` (those a resumed run has not done; every count where an extension adds
+    policies), up to ``until``; True when no count is left."""
     cells, rows, done = results.data["cells"], results.data["rounds"], results.data["counts_done"]
-    misses = {p: 0 for p in cfg.policies}
+    misses = {p: 0 for p in policies}
     for entry in sorted(results.data["counts"], key=lambda c: c["agents"]):
-        misses[entry["policy"]] = 0 if entry["meets_target"] else misses[entry["policy"]] + 1
+        if entry["policy"] in misses:
+            misses[entry["policy"]] = 0 if entry["meets_target"] else misses[entry["policy"]] + 1
     pool = scripts(seed, max(cfg.counts), vocab, cfg.prompt_tokens, rounds=cfg.rounds, new_tokens=cfg.new_tokens,
                    tool_s=cfg.tool_s, result_tokens=cfg.result_tokens)
-    for count in cfg.counts:
-        if count in done:
-            continue
+    for count in todo:
         if until is not None and count > until:
             log(f"left open before {count} agents (--until {until}): continue with --resume")
             return False
@@ -433,17 +435,18 @@ def sweep(engine: Engine, model: Model, cfg: Config, seed: int, vocab: int, targ
                 log(results.data["sweep_cut_off"])
                 return True
             offsets = poisson_offsets(random.Random(seed + count + 1000 * repeat), count, count / cfg.arrival_rate)
-            for policy in cfg.policies:
+            for policy in policies:
                 if misses[policy] < 2:
                     cell(engine, model, pool[:count], offsets, policy, repeat, target_s, results, cfg, cuda)
             if cfg.control:
                 cell(engine, model, pool[:count], offsets, CONTROL, repeat, target_s, results, cfg, cuda)
-        for policy in cfg.policies:
+        for policy in policies:
             if misses[policy] < 2:
                 entry = pooled(cells, rows, policy, count, target_s)
                 results.data["counts"].append(entry)
                 misses[policy] = 0 if entry["meets_target"] else misses[policy] + 1
-        done.append(count)
+        if count not in done:
+            done.append(count)
         results.data["parts"][-1]["counts"].append(count)
         results.write()
     return True
@@ -493,9 +496,10 @@ def _cell(engine: Engine, model: Model, agents: list[AgentScript], offsets: list
     results.write()
 
 
-def exactness(device: torch.device, cfg: Config, seed: int, small: bool, results: Results) -> None:
-    """Each policy with a few short agents at once on a budget of 1.5 agents, deterministic mode; every round's
-    tokens against the same agent alone."""
+def exactness(device: torch.device, cfg: Config, seed: int, small: bool, results: Results,
+              policies: tuple[str, ...]) -> None:
+    """Each of ``policies`` with a few short agents at once on a budget of 1.5 agents, deterministic mode; every
+    round's tokens against the same agent alone. An extension's policies join the run's check."""
     net, _ = build_model(small, device, seed, dtype=torch.float32 if small else torch.bfloat16)
     vocab = net.config.vocab_size
     c = cfg.check
@@ -510,11 +514,12 @@ def exactness(device: torch.device, cfg: Config, seed: int, small: bool, results
         reference.append([r.tokens for r in outcome["agents"][0]["records"]])
     peak = per_token * max(script_tokens(s) for s in agent_scripts)
     room = admission_room(engine, MODEL + "-check", agent_scripts, fast=False)
-    budgets = {p: int(1.5 * peak) + room for p in cfg.policies}
-    budgets["hold"] = int((len(agent_scripts) + 1) * peak) + room  # hold never pages: checked for concurrency alone
-    check = {"agents": len(agent_scripts), "budget_bytes": budgets, "policies": {}}
-    corrupted = failed = checked = 0
-    for policy in cfg.policies:
+    budgets = {p: int(1.5 * peak) + room for p in policies}
+    if "hold" in budgets:  # hold never pages: checked for concurrency alone
+        budgets["hold"] = int((len(agent_scripts) + 1) * peak) + room
+    check = results.data.get("exactness_check") or {"agents": len(agent_scripts), "budget_bytes": {}, "policies": {}}
+    check["budget_bytes"].update(budgets)
+    for policy in policies:
         engine.memory.policy = make_policy(policy)
         engine.memory.budget = budgets[policy]
         outs_before = engine.memory.page_outs
@@ -532,12 +537,10 @@ def exactness(device: torch.device, cfg: Config, seed: int, small: bool, results
                 mine["rounds_checked"] += 1
                 mine["corrupted_rounds"] += r.tokens != tokens
         check["policies"][policy] = mine
-        corrupted += mine["corrupted_rounds"]
-        failed += mine["failed_rounds"]
-        checked += mine["rounds_checked"]
         log(f"exactness {policy}: {mine}")
     engine.shutdown()
-    check.update(corrupted_rounds=corrupted, failed_rounds=failed, rounds_checked=checked)
+    check.update({key: sum(mine[key] for mine in check["policies"].values())
+                  for key in ("corrupted_rounds", "failed_rounds", "rounds_checked")})
     results.data["exactness_check"] = check
     results.write()
 
@@ -579,12 +582,7 @@ def resumed(path: str, out: str, base: dict) -> Results:
         raise SystemExit(f"{path} cannot be resumed (written before its target was measured, or by an older "
                          f"script): start a new run")
 
-    def comparable(config: dict) -> dict:
-        return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "deadline_s"}
-
-    differs = sorted(k for k in {"mode", "seed"} if data.get(k) != base[k])
-    mine, theirs = comparable(base["config"]), comparable(data["config"])
-    differs += sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    differs = options_differ(data, base, ignore={"deadline_s"})
     if differs:
         raise SystemExit(f"{path} was run with other options ({', '.join(differs)}): resume with the same ones")
     done = set(data["counts_done"])
@@ -592,6 +590,35 @@ def resumed(path: str, out: str, base: dict) -> Results:
     data["rounds"] = [r for r in data["rounds"] if r["agents"] in done]
     log(f"resuming {path}: counts done {sorted(done)}, target {data['target_s']:.3f} s")
     return Results(out, data)
+
+
+def extended(path: str, out: str, base: dict, policies: tuple[str, ...]) -> Results:
+    """The complete run in ``path``, to sweep ``policies`` too with its counts, agents, arrival times and target.
+    Its mode, seed and config must be this run's but for the policies and the control cells (which do not depend
+    on the policy, so an extension does not run them again)."""
+    data = json.loads(Path(path).read_text())
+    if not data.get("complete"):
+        raise SystemExit(f"{path} is an open run: finish it with --resume before extending it")
+    already = sorted(set(policies) & set(data["config"]["policies"]))
+    if already:
+        raise SystemExit(f"{path} has swept {', '.join(already)} already: extend it with other policies")
+    differs = options_differ(data, base, ignore={"deadline_s", "policies", "control"})
+    if differs:
+        raise SystemExit(f"{path} was run with other options ({', '.join(differs)}): extend it with the same ones")
+    data["config"]["policies"] = [p for p in POLICIES if p in data["config"]["policies"] or p in policies]
+    data["definitions"] = base["definitions"]
+    log(f"extending {path} with {', '.join(policies)}: counts {data['counts_done']}, target {data['target_s']:.3f} s")
+    return Results(out, data)
+
+
+def options_differ(data: dict, base: dict, ignore: set[str]) -> list[str]:
+    """The options (mode, seed, config keys but ``ignore``) in which a run's JSON differs from this run's."""
+    def comparable(config: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in ignore}
+
+    differs = sorted(k for k in {"mode", "seed"} if data.get(k) != base[k])
+    mine, theirs = comparable(base["config"]), comparable(data["config"])
+    return differs + sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
 
 def parse_args() -> argparse.Namespace:
@@ -614,6 +641,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--resume", default=None, metavar="JSON",
                     help="continue the open run in JSON (same options): its target, the counts it has not done, "
                          "then the exactness check; --out defaults to JSON")
+    ap.add_argument("--extend", default=None, metavar="JSON",
+                    help="sweep the policies given by --policies (any not in it) on the complete run in JSON (same "
+                         "options) with its counts, agents and target; check them, and summarize over all its "
+                         "policies; --out defaults to JSON")
     return ap.parse_args()
 
 
@@ -636,10 +667,16 @@ def main() -> int:
         cfg = replace(cfg, deadline_s=args.deadline)
     if args.no_control:
         cfg = replace(cfg, control=False)
+    if args.extend and (args.resume or args.until or not args.policies):
+        log("--extend takes --policies (those to add) and neither --resume nor --until: an extension runs in one part")
+        return 2
     if args.policies:
         chosen = tuple(p for p in POLICIES if p in args.policies.split(","))
         unknown = set(args.policies.split(",")) - set(POLICIES)
-        if unknown or not {"hold", "lru"} <= set(chosen) or not set(chosen) & set(SIGNAL_DRIVEN):
+        if args.extend and (unknown or not chosen):
+            log(f"--policies {args.policies}: choose among {', '.join(POLICIES)}")
+            return 2
+        if not args.extend and (unknown or not {"hold", "lru"} <= set(chosen) or not set(chosen) & set(SIGNAL_DRIVEN)):
             log(f"--policies {args.policies}: choose among {', '.join(POLICIES)}, with hold, lru and at least one of "
                 f"{', '.join(SIGNAL_DRIVEN)} (the density ratios compare them)")
             return 2
@@ -676,13 +713,23 @@ def main() -> int:
                                                "(lru's); per policy in density_ratios",
             "corrupted_rounds": "rounds whose tokens differ from the same agent run alone (deterministic engine)",
             "failed_rounds": "rounds that raised or did not finish, in the sweep and in the exactness check",
-            "parts": "the processes that ran the sweep (one, or more with --until and --resume): each one's date, "
-                     "machine, counts, and (after the first) its own uncontended pass; the target is the first's",
+            "parts": "the processes that ran the sweep (one, or more with --until and --resume, or --extend): each "
+                     "one's date, machine, counts, policies, and (after the first) its own uncontended pass; the "
+                     "target is the first's",
         },
         "seed": args.seed, "cells": [], "rounds": [], "counts": [], "counts_done": [], "parts": [],
     }
-    results = resumed(args.resume, args.out or args.resume, header) if args.resume else Results(args.out, header)
-    results.data["parts"].append({"date_utc": header["date_utc"], "environment": header["environment"], "counts": []})
+    if args.resume:
+        results = resumed(args.resume, args.out or args.resume, header)
+    elif args.extend:
+        results = extended(args.extend, args.out or args.extend, header, cfg.policies)
+    else:
+        results = Results(args.out, header)
+    swept = cfg.policies
+    if args.extend:
+        cfg = replace(cfg, policies=tuple(results.data["config"]["policies"]), control=False)
+    results.data["parts"].append({"date_utc": header["date_utc"], "environment": header["environment"], "counts": [],
+                                  "policies": list(swept)})
     results.write()
 
     net, shape = build_model(small, device, args.seed, dtype=torch.float32 if small else torch.bfloat16)
@@ -708,7 +755,7 @@ def main() -> int:
     memory = {"session_budget_bytes": budget, "agent_peak_kv_bytes": agent_peak, "prompt_activation_bytes": prompt_room,
               "kv_bytes_per_token": model.info["kv_bytes_per_token"], "hold_capacity_agents": cfg.budget_agents,
               "fast_path": model.info["fast_path"]}
-    if args.resume and memory != results.data["memory"]:
+    if (args.resume or args.extend) and memory != results.data["memory"]:
         raise SystemExit(f"the memory set-up differs from the resumed run's ({memory} against "
                          f"{results.data['memory']}): resume with the same options, on the same kind of GPU")
     results.data["memory"] = memory
@@ -719,10 +766,10 @@ def main() -> int:
     cold = uncontended(engine, model, alone, cfg)
     base = uncontended(engine, model, alone, cfg)
     log(f"uncontended, first pass (new prompt lengths compile kernels): {cold}")
-    if args.resume:
+    if args.resume or args.extend:
         target_s = results.data["target_s"]
         results.data["parts"][-1].update(uncontended_cold=cold, uncontended=base)
-        log(f"uncontended here: {base}; the resumed run's target {target_s:.3f} s (its uncontended p99 "
+        log(f"uncontended here: {base}; the run's target {target_s:.3f} s (its uncontended p99 "
             f"{results.data['uncontended']['p99_s']:.3f} s against {base['p99_s']:.3f} s here)")
     else:
         target_s = 2 * base["p99_s"]
@@ -730,7 +777,8 @@ def main() -> int:
         log(f"uncontended: {base}; target p99 <= {target_s:.3f} s")
     results.write()
 
-    finished = sweep(engine, model, cfg, args.seed, vocab, target_s, results, cuda, args.until)
+    todo = list(cfg.counts) if args.extend else [c for c in cfg.counts if c not in results.data["counts_done"]]
+    finished = sweep(engine, model, cfg, args.seed, vocab, target_s, results, cuda, args.until, swept, todo)
     engine.shutdown()
     del engine, model, net
     gc.collect()
@@ -739,7 +787,7 @@ def main() -> int:
     if not finished:
         return 0
 
-    exactness(device, cfg, args.seed, small, results)
+    exactness(device, cfg, args.seed, small, results, swept)
 
     data = results.data
     found = {p: max_at_target(data["counts"], p) for p in cfg.policies}
