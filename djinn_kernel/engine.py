@@ -18,9 +18,11 @@ Lock order (every path takes them in this order, never backwards, so no cycle ca
 (``on_growth``) and their run's ``Handoff``; nothing waits for an executor while holding the manager's lock.
 
 The engine speaks in ids, plain dicts and tensors, so the in-process API and the daemon share it unchanged.
-Its parts live by responsibility: model registration (registry.py), session state (sessions.py), the fast
-path's step loop and runner (scheduler.py, runner.py), memory (memory.py), runs (executor.py, run_state.py),
-and what a driver does at a pause (inspection.py, mixed in as ``PauseOps``).
+Its parts live by responsibility: the engine's models (catalog.py, mixed in as ``ModelCatalog``; preparing one
+is registry.py's), session state (sessions.py), breakpoints, steering, recordings and SAEs (instruments.py,
+mixed in as ``InstrumentOps``), the fast path's step loop and runner (scheduler.py, runner.py), memory
+(memory.py), runs (executor.py, run_state.py), and what a driver does at a pause (inspection.py, mixed in as
+``PauseOps``). This module keeps sessions, runs and paging signals.
 """
 
 from __future__ import annotations
@@ -30,41 +32,35 @@ import os
 from collections import deque
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
-from torch import nn
 
-from . import conditions, context, hooks, migration, models, prefill, session_config, split
-from .anatomy import resolve_target
-from .breakpoints import SIDES, remove_by_id
+from . import context, hooks, migration, prefill, session_config, split
+from .catalog import ModelCatalog
 from .decode import Sampling
-from .edits import AddVector, Edit, SetPromptRows, check_coefficient, check_tensor
 from .errors import (
     DjinnError,
     EngineLostError,
     ExecutionError,
     InvalidArgumentError,
-    InvalidTargetError,
-    ModelNotFoundError,
     NotPausedError,
     OutOfMemoryError,
     RunFinishedError,
     SessionBusyError,
     SessionClosedError,
 )
-from .executor import PauseState, Replay, Run, Steering
+from .executor import PauseState, Replay, Run
 from .handoff import Command, Event
 from .inspection import PauseOps
+from .instruments import InstrumentOps
 from .memory import GiB, MiB, LRUPolicy, MemoryManager, PagingPolicy, Transfer, parse_bytes
 from .phases import PhaseSignals, check_expected
 from .policies import make_policy
-from .recording import Recorder, Recording
+from .recording import Recorder
 from .prefill import DEFAULT_CHUNK
-from .registry import LoadedModel, check_text, prepare
+from .registry import LoadedModel, check_text
 from .run_state import ENDED, RunState
 from .scheduler import fast_plan
-from .sae import SAE
 from .sessions import SessionState
 from .spill import SpillStore
 from .streaming import check_ring_slots
@@ -95,7 +91,7 @@ def default_memory(
                          spill=spill)
 
 
-class Engine(PauseOps):
+class Engine(ModelCatalog, InstrumentOps, PauseOps):
     """Loads models once and runs every session's forward passes. Thread-safe; see the module docstring."""
 
     def __init__(
@@ -161,141 +157,6 @@ class Engine(PauseOps):
         self._session_ids = itertools.count(1)
         self._lock = threading.RLock()
         self._load_lock = threading.Lock()
-
-    # models ---------------------------------------------------------------------------------------------
-    def load_model(self, name: str, dtype: str = "auto") -> dict[str, object]:
-        """Load ``name`` once; later calls (from any client) return the same model at once."""
-        wanted = models.parse_dtype(dtype)
-        with self._load_lock:
-            if isinstance(name, str) and name in self._models:  # resolve() says what else a name may not be
-                loaded = self._models[name]
-                have = next(loaded.model.parameters()).dtype
-                if wanted != "auto" and wanted != have:
-                    raise InvalidArgumentError(
-                        f"{name} is already loaded in {str(have).removeprefix('torch.')} and shared by every "
-                        f"session; load it with dtype='auto' (or that dtype)"
-                    )
-                return loaded.describe()
-            source = models.resolve(name, dtype=wanted, progress=self._progress)
-            return self._register(name, source)
-
-    def register_model(
-        self, name: str, model: nn.Module, tokenizer: object = None, eos_ids: tuple[int, ...] = ()
-    ) -> dict[str, object]:
-        """Serve a model built in code (e.g. a seeded random model of a real shape, created on the GPU).
-
-        Without a tokenizer, prompts must be token-id lists and runs report no text.
-        """
-        return self._register_new(name, models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code"))
-
-    def register_split(
-        self, name: str, model: nn.Module, remote: range, stage: split.Stage, tokenizer: object = None,
-        eos_ids: tuple[int, ...] = (),
-    ) -> dict[str, object]:
-        """Serve ``model`` with its decoder layers in ``remote`` run by ``stage``, another engine that serves
-        them (``register_stage`` there): sessions live here, and those layers' weights and KV live there
-        (split.py). Runs take the module path."""
-        split.cut_for_host(model, remote)
-        source = models.ModelSource(model.eval(), tokenizer, False, tuple(eos_ids), "in code, split")
-        return self._register_new(name, source, stage=stage)
-
-    def register_stage(self, name: str, model: nn.Module, served: range) -> dict[str, object]:
-        """Serve the decoder layers in ``served`` of ``model`` for a split model's host (``register_split`` on
-        the engine that holds its sessions); the other layers' weights are dropped here."""
-        split.cut_for_stage(model, served)
-        return self._register_new(name, models.ModelSource(model.eval(), None, False, (), "in code, stage"), fast=False)
-
-    def serve_split(self, name: str, split_at: int, stage: split.Stage, dtype: str = "auto") -> dict[str, object]:
-        """Load ``name`` as the host of a split: its first ``split_at`` decoder layers run on ``stage``, which
-        serves them (``serve_stage`` there, same arguments). Its id is ``split.host_id(name, split_at)``."""
-        return self._serve_part(name, split_at, dtype, stage)
-
-    def serve_stage(self, name: str, split_at: int, dtype: str = "auto") -> dict[str, object]:
-        """Load the first ``split_at`` decoder layers of ``name`` for a split's host (``serve_split``); its id is
-        ``split.stage_id(name, split_at)``."""
-        return self._serve_part(name, split_at, dtype, None)
-
-    def _serve_part(self, name: str, split_at: int, dtype: str, stage: split.Stage | None) -> dict[str, object]:
-        """One side of a split of ``name``, loaded by name: the host when ``stage`` is given, else the stage."""
-        model_id = split.stage_id(name, split_at) if stage is None else split.host_id(name, split_at)
-        with self._lock:
-            if model_id in self._models:
-                return self._models[model_id].describe()
-        source = models.resolve(name, dtype=models.parse_dtype(dtype), progress=self._progress)
-        layers = range(0, split.check_at(source.model, split_at))
-        if stage is None:
-            split.cut_for_stage(source.model, layers)
-        else:
-            split.cut_for_host(source.model, layers)
-        role = "stage" if stage is None else "split"
-        return self._register_new(model_id, replace(source, source=f"{source.source}, {role}"), fast=False, stage=stage)
-
-    def _register_new(
-        self, name: str, source: models.ModelSource, fast: bool | None = None, stage: split.Stage | None = None
-    ) -> dict[str, object]:
-        """Serve ``source`` as ``name``, which must be new; a split's host or stage takes the module path."""
-        with self._load_lock:
-            if name in self._models:
-                raise InvalidArgumentError(f"a model named {name!r} is already loaded; pick another name")
-            return self._register(name, source, fast=False if stage is not None else fast, stage=stage)
-
-    def _register(
-        self, name: str, source: models.ModelSource, fast: bool | None = None, stage: split.Stage | None = None
-    ) -> dict[str, object]:
-        loaded = prepare(
-            name, source, self.device, fast=self.fast if fast is None else fast, weight_budget=self.weight_memory,
-            ring_slots=self.ring_slots, prefill_chunk=self.prefill_chunk,
-        )
-        loaded.stage = stage
-        if loaded.ring is not None and self._progress is not None:
-            plan = loaded.ring.plan
-            self._progress(
-                f"djinn: {name} streams {len(plan.streamed)} of {loaded.anatomy.num_layers} decoder layers from host "
-                f"memory through {plan.slots} ring slots ({plan.device_bytes / GiB:.2f} GiB of weights on the device)"
-            )
-        if loaded.scheduler is not None and self.device.type == "cuda":
-            if self._progress is not None:
-                self._progress(f"djinn: compiling and capturing {name}'s decode step for batch sizes 1-64 (once)…")
-            loaded.scheduler.runner.warm_up()
-        self.memory.weights_loaded(loaded.weight_bytes if loaded.ring is None else loaded.ring.plan.device_bytes)
-        with self._lock:
-            self._models[name] = loaded
-        return loaded.describe()
-
-    def _model(self, model_id: str) -> LoadedModel:
-        with self._lock:
-            loaded = self._models.get(model_id)
-        if loaded is None:
-            raise ModelNotFoundError(f"model {model_id!r} is not loaded; load it first (djinn_kernel.load({model_id!r}))")
-        return loaded
-
-    def module_paths(self, model_id: str) -> list[str]:
-        return [name for name, _ in self._model(model_id).model.named_modules() if name]
-
-    def token_strings(self, model_id: str, token_ids: list[int]) -> list[str]:
-        """Each token id decoded on its own: labels for heatmap rows and token tables."""
-        loaded = self._model(model_id)
-        if not isinstance(token_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
-            raise InvalidArgumentError("token_ids must be a list of integers")
-        vocab = loaded.model.get_input_embeddings().num_embeddings
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidArgumentError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        if loaded.tokenizer is None:
-            return [f"#{t}" for t in token_ids]
-        return [loaded.tokenizer.decode([t]) for t in token_ids]
-
-    def tokenize(self, model_id: str, text: str) -> list[int]:
-        """The token ids of ``text`` as the model's tokenizer writes it, no special tokens and no chat template:
-        what patching and other position-wise comparisons take."""
-        loaded = self._model(model_id)
-        if not isinstance(text, str):
-            raise InvalidArgumentError(f"text must be a string, not {type(text).__name__}")
-        return loaded.words(text)
-
-    def models(self) -> list[dict[str, object]]:
-        with self._lock:
-            return [m.describe() for m in self._models.values()]
 
     # sessions -------------------------------------------------------------------------------------------
     def open_session(self, model_id: str, owner: str = "local") -> int:
@@ -365,155 +226,6 @@ class Engine(PauseOps):
             "run": None if run is None else run.snapshot(),
             "memory": self.memory.session_stats(sid),
         }
-
-    # breakpoints and steering ---------------------------------------------------------------------------
-    def _target(self, session: SessionState, target: int | str, side: str) -> tuple[str, int | None]:
-        if side not in SIDES:
-            raise InvalidArgumentError(f"side must be one of {SIDES}, not {side!r}")
-        loaded = session.model
-        path = resolve_target(loaded.model, loaded.anatomy, target)
-        loaded.dispatcher.ensure(path)
-        return path, loaded.anatomy.layer_index(path)
-
-    def add_breakpoint(
-        self,
-        sid: int,
-        target: int | str,
-        side: str = "output",
-        tokens: object = None,
-        max_hits: int | None = None,
-        when: str | None = None,
-    ) -> dict[str, object]:
-        """``when``: a condition (see conditions.py), parsed here so that a typo fails now, not mid-run."""
-        session = self._session(sid)
-        with session.lock:
-            path, layer = self._target(session, target, side)
-            condition = None if when is None else self._condition(session.model, when)
-            if condition is not None and condition.kind == "feature":
-                sae = session.saes.get(path) if side == "output" else None
-                if sae is None:
-                    raise InvalidArgumentError(
-                        f"{condition.text!r} reads the SAE attached at {path}'s output; attach one there first "
-                        f"(session.attach_sae({target!r}, folder))"
-                    )
-                if condition.index >= sae.W_enc.shape[1]:
-                    raise InvalidArgumentError(
-                        f"feature {condition.index} is outside the {sae.W_enc.shape[1]} features of the SAE at {path}"
-                    )
-            return session.breakpoints.add(path, layer, side, tokens, max_hits, condition).describe()
-
-    @staticmethod
-    def _condition(loaded: LoadedModel, when: object) -> conditions.Condition:
-        encode = None if loaded.tokenizer is None else loaded.words
-        vocab = loaded.model.get_input_embeddings().num_embeddings
-        condition = conditions.parse(when, encode, vocab, getattr(loaded.model.config, "hidden_size", None))
-        if condition.needs_lens and loaded.anatomy.unembed_path is None:
-            raise InvalidTargetError("this model has no output embedding Djinn can find, so no logit-lens condition")
-        return condition
-
-    def remove_breakpoint(self, sid: int, bp_id: int | None = None) -> list[int]:
-        session = self._session(sid)
-        with session.lock:
-            return session.breakpoints.remove(bp_id)
-
-    def add_steering(self, sid: int, target: int | str, edit: Edit, side: str = "output") -> dict[str, object]:
-        if not isinstance(edit, Edit):
-            raise InvalidArgumentError(f"steering needs an Edit (e.g. AddVector), not {type(edit).__name__}")
-        session = self._session(sid)
-        with session.lock:
-            path, layer = self._target(session, target, side)
-            if isinstance(edit, AddVector):  # checked now, not at the first forward of some later run
-                alpha = check_coefficient(edit.alpha, "alpha")
-                vector = self._check_width(session, edit.vector, layer, "steering vector")
-                edit = replace(edit, vector=vector, alpha=alpha)
-            elif isinstance(edit, SetPromptRows):  # the positions against each prompt, at generate
-                positions = edit.positions
-                listed = isinstance(positions, (tuple, list, range)) and all(type(p) is int for p in positions)
-                if not listed or not positions:
-                    raise InvalidArgumentError(f"positions must be a non-empty list of integers, not {positions!r}")
-                values = self._check_width(session, edit.values, layer, "values", len(positions))
-                edit = replace(edit, positions=tuple(positions), values=values)
-            steer = Steering(next(session._steer_ids), path, layer, side, edit.owned())
-            session.steering[steer.id] = steer
-            return steer.describe()
-
-    @staticmethod
-    def _check_width(
-        session: SessionState, value: object, layer: int | None, what: str, rows: int | None = None
-    ) -> object:
-        """Fail at ``steer`` time, not mid-generation, when a layer's width is known from the config: a vector
-        ``[hidden]``, or ``[rows, hidden]``; cast to the model's dtype and device (so the kept edit and the fast
-        path apply it as the model computes)."""
-        hidden = getattr(session.model.model.config, "hidden_size", None)
-        if layer is None or hidden is None:
-            return value
-        like = next(session.model.model.parameters())
-        shape = (hidden,) if rows is None else (rows, hidden)
-        return check_tensor(value, like=torch.empty(shape, dtype=like.dtype, device=like.device), what=what)
-
-    def remove_steering(self, sid: int, steer_id: int | None = None) -> list[int]:
-        session = self._session(sid)
-        with session.lock:
-            return remove_by_id(session.steering, steer_id, "steering")
-
-    def add_recording(self, sid: int, target: int | str, positions: object = None) -> dict[str, object]:
-        """Record ``target``'s output at every step of the session's later runs (recording.py), until removed."""
-        if positions is not None:
-            if isinstance(positions, int) and not isinstance(positions, bool):
-                positions = [positions]
-            if not isinstance(positions, (list, tuple, range)) or not positions or not all(
-                isinstance(p, int) and not isinstance(p, bool) for p in positions
-            ):
-                raise InvalidArgumentError(f"positions must be prompt positions (integers) or None, not {positions!r}")
-        session = self._session(sid)
-        with session.lock:
-            path, layer = self._target(session, target, "output")
-            if any(r.path == path for r in session.recordings.values()):
-                raise InvalidArgumentError(f"{path} is already recorded; remove that recording first")
-            recording = Recording(next(session._record_ids), path, layer, None if positions is None else tuple(positions))
-            session.recordings[recording.id] = recording
-            return recording.describe()
-
-    def remove_recording(self, sid: int, recording_id: int | None = None) -> list[int]:
-        session = self._session(sid)
-        with session.lock:
-            return remove_by_id(session.recordings, recording_id, "recording")
-
-    def recorded(self, sid: int) -> dict[str, torch.Tensor]:
-        """The last run's recorded rows by module path (CPU copies), once it has ended."""
-        session = self._session(sid)
-        run = session.run
-        if run is None or run.recorder is None:
-            raise InvalidArgumentError("the last run recorded nothing; add a recording with session.record(...)")
-        if run.state not in ENDED:
-            raise NotPausedError("recordings are available once the run has ended")
-        return run.recorder.result()
-
-    def attach_sae(
-        self, sid: int, target: int | str, weights: dict[str, torch.Tensor], apply_b_dec_to_input: bool = True
-    ) -> dict[str, object]:
-        """Attach a sparse autoencoder (its four tensors, sae.py) to ``target``'s output for this session's
-        pauses there (``features``); replaces one attached before."""
-        if not isinstance(weights, dict) or not isinstance(apply_b_dec_to_input, bool):
-            raise InvalidArgumentError("attach_sae takes the SAE's tensors by name and apply_b_dec_to_input (a bool)")
-        sae = SAE.checked(weights, apply_b_dec_to_input)
-        session = self._session(sid)
-        with session.lock:
-            path, _ = self._target(session, target, "output")
-            hidden = getattr(session.model.model.config, "hidden_size", None)
-            if hidden is not None and sae.d_in != hidden and path in session.model.anatomy.layer_paths:
-                raise InvalidArgumentError(f"the SAE reads {sae.d_in} dims; {path} gives {hidden}")
-            session.saes[path] = sae.to(session.model.device)
-            return {"path": path, "d_in": sae.d_in, "d_sae": sae.W_enc.shape[1]}
-
-    def detach_sae(self, sid: int, target: int | str) -> str:
-        """Detach the SAE at ``target``; returns its module path."""
-        session = self._session(sid)
-        with session.lock:
-            path, _ = self._target(session, target, "output")
-            if session.saes.pop(path, None) is None:
-                raise InvalidArgumentError(f"no SAE is attached at {path}")
-            return path
 
     # runs -----------------------------------------------------------------------------------------------
     def generate(
