@@ -381,10 +381,7 @@ class Engine(ModelCatalog, InstrumentOps, PauseOps):
         replayed there to the same pause); a running run is refused."""
         session = self._session(sid)
         if session.stage is not None:
-            raise InvalidArgumentError(
-                f"session {sid} is of a model split across engines, whose sessions cannot be moved to another engine "
-                f"yet (its KV is in two places); open another session and run it again there"
-            )
+            raise split.not_movable(sid, session.model.id)
         with session.lock:
             self._sync(session)
             run = session.run

@@ -181,6 +181,15 @@ def check_at(model: nn.Module, split_at: int) -> int:
     return split_at
 
 
+def not_movable(sid: int, model: str) -> InvalidArgumentError:
+    """Why session ``sid`` of the split ``model`` stays where it is: said by the engine and by a cluster's front,
+    which refuses before placing it anywhere, in the session ids each of them knows."""
+    return InvalidArgumentError(
+        f"session {sid} is of {model}, a model split across engines, whose sessions cannot be moved to another "
+        f"engine yet (its KV is in two places); open another session and run it again there"
+    )
+
+
 def host_id(name: str, split_at: int) -> str:
     """The model id of a split's host: sessions open on it."""
     return f"{name}:split{split_at}"

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine
-from ..split import host_id as split_id, stage_id
+from ..split import host_id as split_id, not_movable, stage_id
 from ..errors import (
     DjinnError,
     EngineLostError,
@@ -531,10 +531,7 @@ class ClusterBackend:
         source = placed.engine
         spec = self._spec(placed.model)
         if spec.host is not None:
-            raise InvalidArgumentError(
-                f"session {sid} is of {spec.name}, a model split across engines, whose sessions cannot be moved to "
-                f"another engine yet (its KV is in two places); open another session and run it again there"
-            )
+            raise not_movable(sid, spec.name)
         with self._place_lock:
             target = self._target(engine, source, spec)
             if target is source:
