@@ -28,7 +28,7 @@ import torch
 
 from .edits import check_positions
 from .errors import InvalidArgumentError, OutOfMemoryError
-from .memory import Extent, HostPool, MiB
+from .host_pool import Extent, HostPool, MiB
 from .taps import Tap
 
 

@@ -8,7 +8,8 @@ import torch
 import djinn_kernel as dj
 from conftest import DEVICE, PROMPT, budget_for, drain, make_engine, reference
 from djinn_kernel.engine import Engine
-from djinn_kernel.memory import GiB, MiB, HostPool, LRUPolicy, MemoryManager, parse_bytes
+from djinn_kernel.host_pool import HostPool
+from djinn_kernel.memory import GiB, MiB, LRUPolicy, MemoryManager, parse_bytes
 
 
 @pytest.mark.parametrize("text, value", [("16GiB", 16 * GiB), ("512MiB", 512 * MiB), ("2G", 2 * GiB), ("1e3", 1000), (7, 7)])
