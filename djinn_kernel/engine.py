@@ -31,6 +31,7 @@ import itertools
 import os
 from collections import deque
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -307,6 +308,7 @@ class Engine(ModelCatalog, InstrumentOps, PauseOps):
         chunk = self.prefill_chunk if prefill.chunked(session, bool(session.recordings)) else None
         kv = loaded.kv_bytes_per_token * total
         activations = loaded.prefill_bytes(prefill.pieces(len(input_ids), chunk)[0], kept + len(input_ids), fast)
+        admitting = time.perf_counter()
         try:
             self.memory.admit(sid, kv + activations)
         except OutOfMemoryError as exc:
@@ -317,6 +319,7 @@ class Engine(ModelCatalog, InstrumentOps, PauseOps):
                 + (" (fed whole, not in chunks: a breakpoint that may hit at token step 0, a recording or an "
                    "edit at given positions sees the prompt's forward whole)" if whole else "")
             ) from None
+        admit_s = time.perf_counter() - admitting
         if session.cache is not None:
             context.trim(session.cache, kept)
         if fast:
@@ -345,7 +348,7 @@ class Engine(ModelCatalog, InstrumentOps, PauseOps):
         run.replay = replay
         session.run = run
         if fast:
-            loaded.scheduler.submit(run, input_ids)
+            loaded.scheduler.submit(run, input_ids, admit_s=admit_s)
         else:
             session.worker.submit(run.execute)
         return self._await(run)

@@ -158,9 +158,11 @@ class Aborted(BaseException):
 class Timing:
     """Where a fast-path run's time went (scheduler.py): its own prompt forwards, the batched decode steps it took
     part in, steps it ran alone (it could pause), and other runs' prompt forwards it decoded a token in (riding
-    them, scheduler.py). The rest of its wall time is the request path and the step loop's host work. A
+    them, scheduler.py), after its admission (``admit_s``: its own KV paged back in and others paged out to make
+    room for it, memory.py). The rest of its wall time is the request path and the step loop's host work. A
     module-path run has none."""
 
+    admit_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0

@@ -137,8 +137,8 @@ class Scheduler:
         self.prefill_seconds = 0.0  # wall time of packed prefills and of batched decode steps (token pick included)
         self.decode_seconds = 0.0
 
-    def submit(self, run: Run, feed: list[int]) -> None:
-        run.timing = Timing()
+    def submit(self, run: Run, feed: list[int], admit_s: float = 0.0) -> None:
+        run.timing = Timing(admit_s=admit_s)
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"djinn-scheduler-{self._name}", daemon=True)

@@ -277,7 +277,7 @@ def test_experiment_1_small_runs_on_the_cpu_in_two_parts_and_an_extension(tmp_pa
     assert first.returncode == 0, first.stderr[-3000:]
     opened = json.loads(out.read_text())
     assert not opened["complete"] and opened["counts_done"] == [1, 2] and "exactness_check" not in opened
-    assert "with hold, lru and at least one of signal" in run("--policies", "hold,signal").stdout
+    assert "choose among hold, lru, signal" in run("--policies", "hold,sigal").stdout
     cut = run("--out", str(tmp_path / "cut.json"), "--until", "4", "--deadline", "0.001")
     assert cut.returncode == 0 and "left open at the deadline" in cut.stdout
     assert json.loads((tmp_path / "cut.json").read_text())["counts_done"] == []  # open, for --resume
@@ -311,3 +311,10 @@ def test_experiment_1_small_runs_on_the_cpu_in_two_parts_and_an_extension(tmp_pa
     assert set(extended["density_ratios"]) == {"signal", "signal-keep-short"}
     assert set(extended["exactness_check"]["policies"]) == {"hold", "lru", "signal", "signal-keep-short"}
     assert extended["exactness_check"]["rounds_checked"] == 4 * 9 and extended["corrupted_rounds"] == 0
+
+    alone = tmp_path / "diagnosis.json"  # some policies without their baselines: measured, no density ratios
+    fourth = run("--out", str(alone), "--counts", "2", "--policies", "signal")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    diagnosis = json.loads(alone.read_text())
+    assert diagnosis["complete"] and set(diagnosis["max_agents_at_target"]) == {"signal"}
+    assert diagnosis["density_ratio_vs_lru"] is None and diagnosis["density_ratios"] is None

@@ -147,6 +147,7 @@ def test_a_run_says_where_its_time_went_on_the_fast_path(kind, backends):
         timing = run.timing
         assert timing["decode_steps"] == 5, "the first token comes from the prefill, each other from a step"
         assert timing["prefill_s"] > 0 and timing["decode_s"] > 0 and timing["solo_s"] == 0
+        assert 0 < timing["admit_s"] < timing["prefill_s"] + timing["decode_s"], "admitting a tiny run is quick"
         s.break_at(1, tokens=2)
         paused = s.generate(PROMPTS[0], 6)
         paused.finish()

@@ -255,13 +255,17 @@ def round_rows(policy: str, count: int, outcome: dict) -> list[dict]:
 
 
 def time_split(rows: list[dict]) -> dict[str, float] | None:
-    """Where the rounds' wall time went, summed over the rounds (``Run.timing``): their own prompt forwards,
-    the decode steps they were in, steps alone, other agents' prompt forwards while they decoded, and the rest
-    (queueing for memory, the request path, the step loop's host work between steps)."""
+    """Where the rounds' wall time went, summed over the rounds (``Run.timing``): the admission that let each
+    start (its KV paged back in, others paged out for room), their own prompt forwards, the decode steps they were
+    in, steps alone, other agents' prompt forwards while they decoded; the driver's waits for memory between
+    refused admissions (``queued_s``); and the rest (the refused admissions themselves, the request path, the step
+    loop's host work between steps)."""
     timed = [r for r in rows if r["timing"]]
     if not timed:
         return None
-    parts = {key: sum(r["timing"][key] for r in timed) for key in ("prefill_s", "decode_s", "solo_s", "others_prefill_s")}
+    parts = {key: sum(r["timing"].get(key, 0.0) for r in timed)
+             for key in ("admit_s", "prefill_s", "decode_s", "solo_s", "others_prefill_s")}
+    parts["queued_s"] = sum(r["queued_s"] for r in timed)
     wall = sum(r["latency_s"] for r in timed)
     parts["rest_s"] = wall - sum(parts.values())
     steps = sum(r["timing"]["decode_steps"] for r in timed)
@@ -633,8 +637,8 @@ def parse_args() -> argparse.Namespace:
                     help=f"skip the {CONTROL} cell at each count (hold with room for every agent: compute alone)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds of script time after which no cell starts")
     ap.add_argument("--policies", default=None,
-                    help=f"policies to sweep, e.g. hold,lru,signal (default all: {','.join(POLICIES)}); hold, lru "
-                         f"and a signal-driven one at least, which the density ratios compare")
+                    help=f"policies to sweep, e.g. hold,lru,signal (default all: {','.join(POLICIES)}); the density "
+                         f"ratios need hold, lru and a signal-driven one (others are a diagnosis: no ratios)")
     ap.add_argument("--until", type=int, default=None,
                     help="sweep the counts up to this one, then leave the run open (no exactness check) for --resume; "
                          "a run given --until also stays open when --deadline cuts it")
@@ -673,12 +677,9 @@ def main() -> int:
     if args.policies:
         chosen = tuple(p for p in POLICIES if p in args.policies.split(","))
         unknown = set(args.policies.split(",")) - set(POLICIES)
-        if args.extend and (unknown or not chosen):
-            log(f"--policies {args.policies}: choose among {', '.join(POLICIES)}")
-            return 2
-        if not args.extend and (unknown or not {"hold", "lru"} <= set(chosen) or not set(chosen) & set(SIGNAL_DRIVEN)):
-            log(f"--policies {args.policies}: choose among {', '.join(POLICIES)}, with hold, lru and at least one of "
-                f"{', '.join(SIGNAL_DRIVEN)} (the density ratios compare them)")
+        if unknown or not chosen:
+            log(f"--policies {args.policies}: choose among {', '.join(POLICIES)} (the density ratios need hold, lru "
+                f"and at least one of {', '.join(SIGNAL_DRIVEN)})")
             return 2
         cfg = replace(cfg, policies=chosen)
     import transformers
@@ -793,15 +794,16 @@ def main() -> int:
     found = {p: max_at_target(data["counts"], p) for p in cfg.policies}
     best = {p: found[p]["agents"] for p in cfg.policies}
     signal_driven = [p for p in SIGNAL_DRIVEN if p in cfg.policies]
-    signal_best = max(best[p] for p in signal_driven)
+    compared = bool(signal_driven) and {"hold", "lru"} <= set(cfg.policies)  # else a diagnosis of some policies
+    signal_best = max((best[p] for p in signal_driven), default=0)
     check = data["exactness_check"]
     data.update(
         max_agents_at_target=best,
         max_agents_bounded_by_sweep={p: found[p]["bounded_by_sweep"] for p in cfg.policies},
-        density_ratio_vs_hold=ratio(signal_best, best["hold"]),
-        density_ratio_vs_lru=ratio(signal_best, best["lru"]),
+        density_ratio_vs_hold=ratio(signal_best, best["hold"]) if compared else None,
+        density_ratio_vs_lru=ratio(signal_best, best["lru"]) if compared else None,
         density_ratios={p: {"vs_hold": ratio(best[p], best["hold"]), "vs_lru": ratio(best[p], best["lru"])}
-                        for p in signal_driven},
+                        for p in signal_driven} if compared else None,
         corrupted_rounds=check["corrupted_rounds"],
         failed_rounds=check["failed_rounds"] + sum(c["failed_rounds"] for c in data["cells"]),
         hold_queued_or_out_of_memory=[
