@@ -304,7 +304,11 @@ def test_experiment_1_small_runs_on_the_cpu_in_two_parts_and_an_extension(tmp_pa
     assert extended["complete"] and extended["target_s"] == result["target_s"]
     assert extended["parts"][2]["policies"] == ["signal-keep-short"] and extended["parts"][2]["counts"] == [1, 2, 4]
     added = [c for c in extended["cells"] if c["policy"] == "signal-keep-short"]
-    assert [c["agents"] for c in added] == [1, 2, 4] and extended["counts_done"] == [1, 2, 4]
+    swept = [e for e in extended["counts"] if e["policy"] == "signal-keep-short"]
+    assert [c["agents"] for c in added] == [e["agents"] for e in swept] and extended["counts_done"] == [1, 2, 4]
+    # every count, unless the policy missed the target at the first two (a loaded machine can: the sweep's rule
+    # then stops it)
+    assert [e["agents"] for e in swept] == [1, 2, 4] or [e["meets_target"] for e in swept] == [False, False]
     kept = [c for c in extended["cells"] if c["policy"] != "signal-keep-short"]
     assert kept == result["cells"], "the extension leaves the run's own cells as they were"
     assert set(extended["max_agents_at_target"]) == {"hold", "lru", "signal", "signal-keep-short"}
