@@ -306,7 +306,7 @@ class Engine(ModelCatalog, InstrumentOps, PauseOps):
         sid = session.id
         fast = loaded.scheduler is not None and fast_plan(session, 0) is not None
         chunk = self.prefill_chunk if prefill.chunked(session, bool(session.recordings)) else None
-        kv = loaded.kv_bytes_per_token * total
+        kv = loaded.kv_bytes(total, fast)
         activations = loaded.prefill_bytes(prefill.pieces(len(input_ids), chunk)[0], kept + len(input_ids), fast)
         admitting = time.perf_counter()
         try:

@@ -250,6 +250,7 @@ class MemoryManager:
         self.page_outs = 0
         self.page_ins = 0
         self.overcommits = 0  # times a running session outgrew its reservation and nothing could be paged
+        self.growth_page_outs = 0  # page-outs made for a running session that outgrew its reservation (on its path)
         self._copying_out = 0  # page-outs that hold all their host extents and are copying into them
         self._cuda = self.device.type == "cuda"
         # One worker per lane: page-outs ("out"), page-ins from the host ("in") and from disk ("disk", reads and
@@ -449,14 +450,15 @@ class MemoryManager:
             f"close a session, or start the daemon with a larger --gpu-memory"
         )
 
-    def _evict_until(self, need: int, for_sid: int | None) -> bool:
+    def _evict_until(self, need: int, for_sid: int | None, on_growth: bool = False) -> bool:
         if self.charged_total() + need <= self.budget:
             return True
         for victim in self.policy.victims(list(self._sessions.values()), for_sid):
             # Each page-out releases the lock while it copies, so the list may be stale: check again.
             current = self._sessions.get(victim.sid) is victim and victim.lost is None
             if current and victim.moving is None and victim.holds == 0:
-                self.page_out(victim.sid)
+                if self.page_out(victim.sid) is not None and on_growth:
+                    self.growth_page_outs += 1
                 if self.charged_total() + need <= self.budget:
                     return True
         return False
@@ -471,7 +473,7 @@ class MemoryManager:
             if held <= session.reserved:
                 return
             session.reserved = held
-            if not self._evict_until(0, for_sid=sid):
+            if not self._evict_until(0, for_sid=sid, on_growth=True):
                 self.overcommits += 1
 
     def prefilled(self, sid: int, need: int) -> None:
@@ -761,6 +763,7 @@ class MemoryManager:
                 "page_outs": self.page_outs,
                 "page_ins": self.page_ins,
                 "overcommits": self.overcommits,
+                "growth_page_outs": self.growth_page_outs,
             }
 
 

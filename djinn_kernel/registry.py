@@ -51,6 +51,15 @@ class LoadedModel:
     ring: WeightRing | None = None  # the streamed layers' ring when the weights exceed the weight budget
     stage: Stage | None = None  # the engine that runs the layers of a model split across engines (split.py)
 
+    def kv_bytes(self, tokens: int, fast: bool) -> int:
+        """Device bytes ``tokens`` positions of KV take: whole blocks on the fast path (kv_blocks.py), which is
+        what its cache allocates, so a run admitted with this never outgrows its reservation at its last block
+        (outgrowing it pages others out from the step loop, holding up every row of the batch)."""
+        if fast and self.scheduler is not None:
+            shape = self.scheduler.runner.shape
+            return shape.block_bytes * shape.blocks_for(tokens)
+        return self.kv_bytes_per_token * tokens
+
     def prefill_bytes(self, new: int, context: int, fast: bool) -> int:
         """Device bytes the activations of a forward feeding ``new`` tokens up to ``context`` take, on the fast
         path or the module path (prefill.py); 0 when the config does not give the model's shape."""

@@ -110,7 +110,7 @@ def test_a_run_reserves_its_prompts_activations_and_returns_them_once_the_prompt
     backend = engine(fast, CHUNK)
     model = dj.load("tiny-llama", backend=backend)
     loaded = backend._model(model.info["id"])
-    kv = loaded.kv_bytes_per_token * (len(IDS) + NEW)
+    kv = loaded.kv_bytes(len(IDS) + NEW, fast)  # whole blocks on the fast path
     with model.session() as s:
         s.break_at(1, tokens=[0, 1])  # seen whole at step 0: the prompt's forward is not chunked
         run = s.generate(IDS, NEW)
@@ -120,7 +120,7 @@ def test_a_run_reserves_its_prompts_activations_and_returns_them_once_the_prompt
         run.resume()
         assert run.paused and run.pause.token_step == 1
         held = backend.memory.session(s.id).reserved
-        assert kv <= held < kv + whole, "the prompt is in: its activations' room went back (blocks round up the KV)"
+        assert kv <= held < kv + whole, "the prompt is in: its activations' room went back"
         run.finish()
     with model.session() as s:
         s.break_at(1, tokens=1)  # nothing sees token step 0: chunked
@@ -136,7 +136,7 @@ def test_a_run_reserves_its_prompts_activations_and_returns_them_once_the_prompt
 def test_a_prompt_fed_whole_that_cannot_fit_is_refused_clearly_and_a_chunked_one_runs(fast):
     probe = engine(fast, CHUNK)
     loaded = probe._model(dj.load("tiny-llama", backend=probe).info["id"])
-    kv = loaded.kv_bytes_per_token * (len(IDS) + NEW)
+    kv = loaded.kv_bytes(len(IDS) + NEW, fast)
     chunk, whole = loaded.prefill_bytes(CHUNK, len(IDS), fast), loaded.prefill_bytes(len(IDS), len(IDS), fast)
     probe.shutdown()
     backend = engine(fast, CHUNK, budget=kv + (chunk + whole) // 2)

@@ -308,7 +308,7 @@ def summarize(policy: str, count: int, outcome: dict, expected_rounds: int, targ
     }
 
 
-def swap_stats(engine: Engine, n_transfers: int, phases_before: dict) -> dict:
+def swap_stats(engine: Engine, n_transfers: int, phases_before: dict, growth_before: int) -> dict:
     moved = list(engine.memory.transfers)[n_transfers:]
     phases = engine.phases.stats()
     out = {d: [t for t in moved if t.direction == d] for d in ("out", "in")}
@@ -317,8 +317,10 @@ def swap_stats(engine: Engine, n_transfers: int, phases_before: dict) -> dict:
         "bytes_out": sum(t.nbytes for t in out["out"]), "bytes_in": sum(t.nbytes for t in out["in"]),
         "copy_seconds": sum(t.seconds for t in moved), "wall_seconds": sum(t.wall_seconds for t in moved),
         **{k: phases[k] - phases_before[k] for k in ("signalled_page_outs", "prefetches", "kept", "failed")},
+        "growth_page_outs": engine.memory.growth_page_outs - growth_before,
         "meaning": "page-ins include prefetches (off the agent's path) and admissions (on it); wall_seconds is "
-                   "the wall time of the page-outs and page-ins (the memory lock is released while the bytes move)",
+                   "the wall time of the page-outs and page-ins (the memory lock is released while the bytes move); "
+                   "growth_page_outs were made from the step loop for a run that outgrew its reservation",
     }
 
 
@@ -474,6 +476,7 @@ def _cell(engine: Engine, model: Model, agents: list[AgentScript], offsets: list
           target_s: float, results: Results, cfg: Config, cuda: bool) -> None:
     count = len(agents)
     n_transfers, phases_before = len(engine.memory.transfers), engine.phases.stats()
+    growth_before = engine.memory.growth_page_outs
     steps_before = step_stats(engine)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -481,7 +484,7 @@ def _cell(engine: Engine, model: Model, agents: list[AgentScript], offsets: list
     engine.phases.wait_idle(30)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     summary = summarize(policy, count, outcome, count * cfg.rounds, target_s,
-                     swap_stats(engine, n_transfers, phases_before), peak, engine.memory.budget)
+                     swap_stats(engine, n_transfers, phases_before, growth_before), peak, engine.memory.budget)
     summary["repeat"] = repeat
     summary["steps"] = steps_delta(steps_before, step_stats(engine), outcome["wall_s"])
     rows = round_rows(policy, count, outcome)
