@@ -58,19 +58,26 @@ def _builtin_net(name: str) -> torch.nn.Module:
 
 
 def budget_for(
-    runs: float, prompt_tokens: int, new_tokens: int, admitted_prompt: int | None = None, name: str = "tiny-llama"
+    runs: float, prompt_tokens: int, new_tokens: int, admitted_prompt: int | None = None, name: str = "tiny-llama",
+    fast: bool = False,
 ) -> int:
     """A session budget that holds ``runs`` runs' KV in all and the activations of a prompt of ``admitted_prompt``
     tokens (default ``prompt_tokens``), so that such a run is admitted (prefill.py: admission reserves a run's KV
     for its whole length and its prompt's activations, which go back once the prompt is in; a prompt under the
-    chunk goes in whole; on the CPU both paths cost the same)."""
+    chunk goes in whole; on the CPU both paths cost the same). ``fast``: the KV in whole blocks, at least one run's,
+    as the fast path allocates and admits it (kv_blocks.py)."""
+    from djinn_kernel.kv_blocks import BLOCK_TOKENS
     from djinn_kernel.prefill import ActivationCost
     from djinn_kernel.registry import kv_bytes_per_token
 
     net = _builtin_net(name)
     admitted = prompt_tokens if admitted_prompt is None else admitted_prompt
     activations = ActivationCost.of(net, torch.device(DEVICE), False).bytes(admitted, admitted)
-    return int(kv_bytes_per_token(net) * (prompt_tokens + new_tokens) * runs) + activations
+    tokens = (prompt_tokens + new_tokens) * runs
+    if fast:
+        blocks = max(-(-tokens // BLOCK_TOKENS), -(-(prompt_tokens + new_tokens) // BLOCK_TOKENS))
+        tokens = blocks * BLOCK_TOKENS
+    return int(kv_bytes_per_token(net) * tokens) + activations
 
 
 def pytest_configure(config):

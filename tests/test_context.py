@@ -73,7 +73,7 @@ def test_rewind_replays_a_continuation(kind, backends):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_idle_conversation_is_paged_under_pressure_and_comes_back_exact(kind, backends):
-    budget = budget_for(1.5, len(FIRST) + 4 + len(SECOND), 5, admitted_prompt=2 * len(FIRST))
+    budget = budget_for(1.5, len(FIRST) + 4 + len(SECOND), 5, admitted_prompt=2 * len(FIRST), fast=kind.endswith("fast"))
     model = dj.load("tiny-llama", backend=backends(kind, budget))
     expected = None
     with model.session() as a, model.session() as b:
