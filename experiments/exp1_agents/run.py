@@ -744,15 +744,19 @@ def main() -> int:
                    new_tokens=cfg.new_tokens, tool_s=cfg.tool_s, result_tokens=cfg.result_tokens)
     probe_per_token = 2 * net.config.num_hidden_layers * net.config.num_key_value_heads * (
         net.config.hidden_size // net.config.num_attention_heads) * next(net.parameters()).element_size()
-    agent_peak = probe_per_token * max(script_tokens(s) for s in pool)
-    budget = int(cfg.budget_agents * agent_peak)
+    peak_tokens = max(script_tokens(s) for s in pool)
+    budget = int(cfg.budget_agents * probe_per_token * peak_tokens)
     host = max(4 * budget, 64 * MiB) if small else 64 * GiB
     reserve = 0 if small else 24 * GiB  # the most the sweep pages at once, pinned before it starts
     t = time.monotonic()
     engine = make_engine(device, budget, host, reserve, deterministic=False)
-    log(f"engine: session budget {budget / GiB:.2f} GiB = {cfg.budget_agents} agents' peak KV "
-        f"({agent_peak / GiB:.3f} GiB); host pool {reserve / GiB:.0f} GiB pinned in {time.monotonic() - t:.1f} s")
+    pinned_s = time.monotonic() - t
     model = Model(engine, engine.register_model(MODEL, net))
+    # An agent's peak as admission counts it: the fast path reserves a round's KV in whole blocks (kv_blocks.py).
+    agent_peak = engine._model(MODEL).kv_bytes(peak_tokens, engine.fast)
+    budget = int(cfg.budget_agents * agent_peak)
+    log(f"engine: session budget {budget / GiB:.2f} GiB = {cfg.budget_agents} agents' peak KV "
+        f"({agent_peak / GiB:.3f} GiB); host pool {reserve / GiB:.0f} GiB pinned in {pinned_s:.1f} s")
     prompt_room = admission_room(engine, MODEL, pool, fast=True)
     budget = engine.memory.budget = budget + prompt_room
     log(f"plus {prompt_room / GiB:.3f} GiB: the activations of the longest prompt, which admission reserves with its KV")
